@@ -1,0 +1,422 @@
+"""The event model: what nodes and the coordinator record, and its binary encoding.
+
+Two classes of events exist:
+
+* **Data events** (`Write`, `Tick`) are recorded by a node. Each carries ``after``: the highest
+  coordinator sequence number (``gseq``) the node knew when it recorded the event. That stamp,
+  not any clock, places the event on the coordinator's timeline.
+* **Metadata events** (`Create`, `Open`, `Close`, `Mkdir`, `Rmdir`, `Unlink`, `Rename`,
+  `Truncate`, `SetAttr`, `Symlink`, `Acquire`, `Join`, `Leave`) are executed by the coordinator,
+  which numbers them with ``gseq``. The coordinator records one copy; the node that asked
+  (``origin``) records another. Both copies carry the same ``op_id`` and ``gseq``: matching them
+  is a *time mark*.
+
+Every event carries its ``source`` (who recorded it), a gap-free per-source ``seq`` starting at
+1, and ``wall``: the source's wall clock in nanoseconds. ``wall`` is untrusted and only shown to
+people; nothing orders by it.
+
+Paths are ``str`` relative to the volume root, normalised, never absolute, never containing
+``.``/``..`` components or NUL. Names that are not UTF-8 are carried with ``surrogateescape``
+(as ``os.fsdecode`` does) and encoded as raw bytes on the wire.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import msgpack
+
+from .errors import DecodeError, InvalidEvent, UnsafePath
+
+WIRE_VERSION = 1
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
+MAX_WRITE_BYTES = 8 * 1024 * 1024
+MAX_OFFSET = (1 << 63) - 1
+MAX_SEQ = (1 << 63) - 1
+MAX_OP_ID = 128
+MAX_ENCODED = MAX_WRITE_BYTES + 64 * 1024
+_SOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+def check_path(path: object, what: str = "path") -> str:
+    """Return ``path`` if it is a safe, normalised relative path; raise `UnsafePath` if not."""
+    if not isinstance(path, str):
+        raise UnsafePath(f"{what} must be a string, got {type(path).__name__}")
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError as exc:
+        raise UnsafePath(f"{what} {path!r} cannot be encoded as bytes: {exc.reason}") from None
+    if not raw:
+        raise UnsafePath(f"{what} is empty")
+    if len(raw) > MAX_PATH_BYTES:
+        raise UnsafePath(f"{what} is {len(raw)} bytes long, more than {MAX_PATH_BYTES}")
+    if b"\0" in raw:
+        raise UnsafePath(f"{what} {path!r} contains a NUL byte")
+    if raw.startswith(b"/"):
+        raise UnsafePath(f"{what} {path!r} is absolute")
+    for part in raw.split(b"/"):
+        if part in (b"", b".", b".."):
+            shown = "an empty" if not part else repr(part.decode())
+            raise UnsafePath(f"{what} {path!r} has {shown} component; it must be normalised")
+        if len(part) > MAX_NAME_BYTES:
+            raise UnsafePath(f"{what} {path!r} has a component longer than {MAX_NAME_BYTES} bytes")
+    return path
+
+
+def _check_int(value: object, name: str, low: int, high: int) -> None:
+    if type(value) is not int:
+        raise InvalidEvent(f"{name} must be an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise InvalidEvent(f"{name}={value} is outside {low}..{high}")
+
+
+def _check_source(value: object, name: str) -> None:
+    if not isinstance(value, str) or not _SOURCE_RE.match(value):
+        raise InvalidEvent(
+            f"{name} {value!r} is not a valid source name "
+            "(1-64 characters: letters, digits, '.', '_', '-'; not starting with a symbol)"
+        )
+
+
+# Field kinds used by validation and encoding.
+PATH, INT, OPT_INT, MODE = "path", "int", "opt_int", "mode"
+OPT_MODE, DATA, TARGET = "opt_mode", "data", "target"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """Base of all events: who recorded it, its place in that source's stream, its wall clock."""
+
+    source: str
+    seq: int
+    wall: int = 0
+
+    KIND: ClassVar[int] = 0
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def __post_init__(self) -> None:
+        _check_source(self.source, "source")
+        _check_int(self.seq, "seq", 1, MAX_SEQ)
+        _check_int(self.wall, "wall", -(1 << 63), (1 << 63) - 1)
+        for name, kind in self.SPEC:
+            _check_field(self, name, kind)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """Identity of this copy: (source, seq)."""
+        return (self.source, self.seq)
+
+
+def _check_field(ev: Event, name: str, kind: str) -> None:
+    value = getattr(ev, name)
+    label = f"{type(ev).__name__}.{name}"
+    if kind == PATH:
+        check_path(value, label)
+    elif kind == INT:
+        _check_int(value, label, 0, MAX_OFFSET)
+    elif kind == OPT_INT:
+        if value is not None:
+            _check_int(value, label, -(1 << 63), (1 << 63) - 1)
+    elif kind == MODE:
+        _check_int(value, label, 0, 0o7777)
+    elif kind == OPT_MODE:
+        if value is not None:
+            _check_int(value, label, 0, 0o7777)
+    elif kind == DATA:
+        if type(value) is not bytes:
+            raise InvalidEvent(f"{label} must be bytes, got {type(value).__name__}")
+        if len(value) > MAX_WRITE_BYTES:
+            raise InvalidEvent(f"{label} is {len(value)} bytes, more than {MAX_WRITE_BYTES}")
+    elif kind == TARGET:
+        if not isinstance(value, str):
+            raise InvalidEvent(f"{label} must be a string")
+        raw = os.fsencode(value)
+        if not raw or b"\0" in raw or len(raw) > MAX_PATH_BYTES:
+            raise InvalidEvent(f"{label} must be 1..{MAX_PATH_BYTES} bytes without NUL")
+    else:  # pragma: no cover - programming error
+        raise AssertionError(kind)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataEvent(Event):
+    """An event a node records on its own: placed after metadata event ``after`` (a gseq)."""
+
+    after: int
+
+    def __post_init__(self) -> None:
+        Event.__post_init__(self)
+        _check_int(self.after, "after", 0, MAX_SEQ)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Write(DataEvent):
+    """Bytes written at an offset of a file (direct I/O)."""
+
+    path: str
+    offset: int
+    data: bytes
+
+    KIND: ClassVar[int] = 1
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("offset", INT), ("data", DATA))
+
+    def __post_init__(self) -> None:
+        DataEvent.__post_init__(self)
+        if self.offset + len(self.data) > MAX_OFFSET:
+            raise InvalidEvent(f"Write.offset+len = {self.offset + len(self.data)} is too large")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tick(DataEvent):
+    """A node's progress mark: 'I have recorded everything up to here, and I know gseq after'."""
+
+    KIND: ClassVar[int] = 2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetaEvent(Event):
+    """A metadata operation, executed by the coordinator as number ``gseq``.
+
+    ``op_id`` is chosen by the node that asked (``origin``) and is unique per origin; the node's
+    copy and the coordinator's copy carry the same ``op_id`` and ``gseq``.
+    """
+
+    gseq: int
+    op_id: str
+    origin: str
+
+    def __post_init__(self) -> None:
+        Event.__post_init__(self)
+        _check_int(self.gseq, "gseq", 1, MAX_SEQ)
+        _check_source(self.origin, "origin")
+        if not isinstance(self.op_id, str) or not 0 < len(self.op_id) <= MAX_OP_ID:
+            raise InvalidEvent(f"op_id must be a string of 1..{MAX_OP_ID} characters")
+
+    def payload(self) -> tuple[Any, ...]:
+        """Everything that must agree between two copies of this operation."""
+        extra = tuple(getattr(self, name) for name, _ in self.SPEC)
+        return (self.KIND, self.gseq, self.op_id, self.origin, *extra)
+
+    def paths(self) -> tuple[str, ...]:
+        """The volume paths this operation touches."""
+        return tuple(getattr(self, name) for name, kind in self.SPEC if kind == PATH)
+
+
+_P = ((PATH, PATH),)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Create(MetaEvent):
+    """Create a new, empty regular file (it did not exist). The creator holds its write token."""
+
+    path: str
+    mode: int = 0o644
+    KIND: ClassVar[int] = 10
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("mode", MODE))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Open(MetaEvent):
+    """A node opened a file for writing. Changes nothing on disk; it is a time mark."""
+
+    path: str
+    KIND: ClassVar[int] = 11
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = _P
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Close(MetaEvent):
+    """A node closed a file it had open for writing. A time mark."""
+
+    path: str
+    KIND: ClassVar[int] = 12
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = _P
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Mkdir(MetaEvent):
+    path: str
+    mode: int = 0o755
+    KIND: ClassVar[int] = 13
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("mode", MODE))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rmdir(MetaEvent):
+    path: str
+    KIND: ClassVar[int] = 14
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = _P
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Unlink(MetaEvent):
+    """Remove a file or symlink (needs the file's write token)."""
+
+    path: str
+    KIND: ClassVar[int] = 15
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = _P
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rename(MetaEvent):
+    """Atomically rename ``path`` to ``dst``, replacing ``dst`` if it exists."""
+
+    path: str
+    dst: str
+    KIND: ClassVar[int] = 16
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("dst", PATH))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Truncate(MetaEvent):
+    """Set a file's size (needs the file's write token)."""
+
+    path: str
+    size: int
+    KIND: ClassVar[int] = 17
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("size", INT))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetAttr(MetaEvent):
+    """Change mode and/or times; ``None`` leaves that attribute alone."""
+
+    path: str
+    mode: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    KIND: ClassVar[int] = 18
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = (
+        (PATH, PATH),
+        ("mode", OPT_MODE),
+        ("atime_ns", OPT_INT),
+        ("mtime_ns", OPT_INT),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Symlink(MetaEvent):
+    """Create symlink ``path`` whose content is ``target`` (never followed by the replica)."""
+
+    path: str
+    target: str
+    KIND: ClassVar[int] = 19
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("target", TARGET))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Acquire(MetaEvent):
+    """The coordinator granted ``origin`` the write token of ``path``.
+
+    The previous holder stopped writing the file before the grant, so its writes carry
+    ``after < gseq`` and the new holder's carry ``after >= gseq``: a change of writer is a mark.
+    """
+
+    path: str
+    KIND: ClassVar[int] = 20
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = _P
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Join(MetaEvent):
+    """Node ``origin`` joined the cluster; from here on the merger waits for its stream."""
+
+    KIND: ClassVar[int] = 21
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Leave(MetaEvent):
+    """Node ``origin`` left the cluster cleanly; its copy is the last event of its stream."""
+
+    KIND: ClassVar[int] = 22
+
+
+EVENT_TYPES: dict[int, type[Event]] = {
+    cls.KIND: cls
+    for cls in (Write, Tick, Create, Open, Close, Mkdir, Rmdir, Unlink, Rename, Truncate,
+                SetAttr, Symlink, Acquire, Join, Leave)
+}
+_EXTRA: dict[type[Event], tuple[str, ...]] = {
+    cls: tuple(f.name for f in fields(cls) if f.name not in ("source", "seq", "wall")
+               and f.name not in {n for n, _ in cls.SPEC})
+    for cls in EVENT_TYPES.values()
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding: msgpack array [WIRE_VERSION, KIND, source, seq, wall, *extra, *spec fields]
+# where extra is ``after`` for data events and ``gseq, op_id, origin`` for metadata events.
+# Paths and symlink targets travel as raw bytes.
+
+
+def encode(event: Event) -> bytes:
+    """Encode one event to bytes."""
+    cls = type(event)
+    out: list[Any] = [WIRE_VERSION, cls.KIND, event.source, event.seq, event.wall]
+    out.extend(getattr(event, name) for name in _EXTRA[cls])
+    for name, kind in cls.SPEC:
+        value = getattr(event, name)
+        out.append(os.fsencode(value) if kind in (PATH, TARGET) else value)
+    return msgpack.packb(out, use_bin_type=True)
+
+
+def decode(raw: bytes) -> Event:
+    """Decode and validate one event; raise `DecodeError` / `InvalidEvent` saying what is wrong."""
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise DecodeError(f"expected bytes, got {type(raw).__name__}")
+    if len(raw) > MAX_ENCODED:
+        raise DecodeError(f"encoded event is {len(raw)} bytes, more than {MAX_ENCODED}")
+    try:
+        items = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True,
+                                max_bin_len=MAX_WRITE_BYTES, max_str_len=MAX_PATH_BYTES,
+                                max_array_len=64, max_map_len=0)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise DecodeError(f"not a valid encoded event: {exc}") from None
+    if not isinstance(items, list) or len(items) < 5:
+        raise DecodeError("encoded event must be an array of at least 5 items")
+    version, kind = items[0], items[1]
+    if version != WIRE_VERSION:
+        raise DecodeError(f"unsupported wire version {version!r} (this build speaks {WIRE_VERSION})")
+    cls = EVENT_TYPES.get(kind) if type(kind) is int else None
+    if cls is None:
+        raise DecodeError(f"unknown event kind {kind!r}")
+    names = ("source", "seq", "wall") + _EXTRA[cls]
+    spec = cls.SPEC
+    if len(items) != 2 + len(names) + len(spec):
+        raise DecodeError(
+            f"{cls.__name__} needs {2 + len(names) + len(spec)} items, got {len(items)}"
+        )
+    kwargs: dict[str, Any] = dict(zip(names, items[2 : 2 + len(names)], strict=True))
+    for (name, fkind), value in zip(spec, items[2 + len(names) :], strict=True):
+        if fkind in (PATH, TARGET):
+            if not isinstance(value, bytes):
+                raise DecodeError(f"{cls.__name__}.{name} must be bytes on the wire")
+            if b"\0" in value:
+                raise UnsafePath(f"{cls.__name__}.{name} contains a NUL byte")
+            value = os.fsdecode(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise DecodeError(f"{cls.__name__}: {exc}") from None
+
+
+def describe(event: Event) -> str:
+    """One human-readable line for logs and the timeline."""
+    cls = type(event)
+    head = f"{event.source}#{event.seq} {cls.__name__.lower()}"
+    if isinstance(event, MetaEvent):
+        head += f" g{event.gseq} by {event.origin}"
+    elif isinstance(event, DataEvent):
+        head += f" after g{event.after}"
+    parts = []
+    for name, _ in cls.SPEC:
+        value = getattr(event, name)
+        if name == "data":
+            parts.append(f"{len(value)}B")
+        elif value is not None:
+            parts.append(f"{name}={value!r}" if name != PATH else repr(value))
+    return head + (" " + " ".join(parts) if parts else "")

@@ -1,0 +1,221 @@
+"""The target directory: every change the applier makes, confined beneath one directory.
+
+Paths are resolved one component at a time relative to directory file descriptors, with
+``O_NOFOLLOW``: a symlink or a non-directory standing where a directory must be is refused with
+`TargetEscape`, so nothing outside the target is ever touched, whatever the target contains.
+Files are only opened if they are regular files (a FIFO or device swapped in is refused).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections import OrderedDict
+
+from ..durable import syncfs
+from ..errors import ApplyError, TargetEscape
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+MAX_OPEN_FILES = 256
+
+
+class Target:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.fspath(root)
+        try:
+            self.root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ApplyError(f"target directory {self.root} does not exist",
+                             hint="create it or pass an existing directory") from None
+        except NotADirectoryError:
+            raise ApplyError(f"target {self.root} is not a directory") from None
+        self._dirs: dict[str, int] = {}
+        self._files: OrderedDict[str, int] = OrderedDict()
+
+    # -- resolution --------------------------------------------------------------------------
+
+    def _dir(self, path: str) -> int:
+        """File descriptor of directory ``path`` ('' is the root), opened without following links."""
+        if not path:
+            return self.root_fd
+        fd = self._dirs.get(path)
+        if fd is not None:
+            return fd
+        head, _, name = path.rpartition("/")
+        parent = self._dir(head)
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise TargetEscape(f"{path!r} in the target is not a directory (a symlink or file "
+                                   "stands there); refusing to go through it") from None
+            if exc.errno == errno.ENOENT:
+                raise ApplyError(f"directory {path!r} is missing in the target") from None
+            raise ApplyError(f"cannot open directory {path!r} in the target: {exc}") from None
+        self._dirs[path] = fd
+        return fd
+
+    def parent(self, path: str) -> tuple[int, str]:
+        head, _, name = path.rpartition("/")
+        return self._dir(head), name
+
+    def _file(self, path: str) -> int:
+        fd = self._files.get(path)
+        if fd is not None:
+            self._files.move_to_end(path)
+            return fd
+        parent, name = self.parent(path)
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=parent)
+        except OSError as exc:
+            raise self._file_error(path, exc) from None
+        self._remember(path, fd)
+        return fd
+
+    def _remember(self, path: str, fd: int) -> None:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise TargetEscape(f"{path!r} in the target is not a regular file; refusing to write it")
+        self._files[path] = fd
+        if len(self._files) > MAX_OPEN_FILES:
+            _, old = self._files.popitem(last=False)
+            os.close(old)
+
+    @staticmethod
+    def _file_error(path: str, exc: OSError) -> ApplyError:
+        if exc.errno == errno.ELOOP:
+            return TargetEscape(f"{path!r} in the target is a symlink; refusing to write through it")
+        if exc.errno == errno.ENOENT:
+            return ApplyError(f"file {path!r} is missing in the target")
+        if exc.errno == errno.EISDIR:
+            return ApplyError(f"{path!r} in the target is a directory, expected a file")
+        return ApplyError(f"cannot open {path!r} in the target: {exc}")
+
+    def forget(self) -> None:
+        """Drop cached descriptors (after a change to the namespace)."""
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+
+    # -- operations --------------------------------------------------------------------------
+
+    def write(self, path: str, offset: int, data: bytes) -> None:
+        fd = self._file(path)
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def truncate(self, path: str, size: int) -> None:
+        os.ftruncate(self._file(path), size)
+
+    def create(self, path: str, mode: int, *, exist_ok: bool) -> None:
+        """Create an empty regular file; with ``exist_ok``, empty an existing one (replay)."""
+        parent, name = self.parent(path)
+        old = self._files.pop(path, None)
+        if old is not None:
+            os.close(old)
+        flags = _FILE_FLAGS | os.O_CREAT | os.O_TRUNC | (0 if exist_ok else os.O_EXCL)
+        try:
+            fd = os.open(name, flags, 0o600, dir_fd=parent)
+        except FileExistsError:
+            raise ApplyError(f"cannot create {path!r}: it exists in the target") from None
+        except OSError as exc:
+            raise self._file_error(path, exc) from None
+        self._remember(path, fd)
+        os.fchmod(fd, mode)
+
+    def mkdir(self, path: str, mode: int, *, exist_ok: bool) -> None:
+        parent, name = self.parent(path)
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent)
+        except FileExistsError:
+            if not exist_ok:
+                raise ApplyError(f"cannot create directory {path!r}: it exists in the target") from None
+        fd = self._dir(path)
+        os.fchmod(fd, mode)
+
+    def rmdir(self, path: str, *, missing_ok: bool) -> None:
+        parent, name = self.parent(path)
+        try:
+            os.rmdir(name, dir_fd=parent)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise ApplyError(f"cannot remove directory {path!r}: missing in the target") from None
+        except OSError as exc:
+            raise ApplyError(f"cannot remove directory {path!r} in the target: {exc}") from None
+        finally:
+            self.forget()
+
+    def unlink(self, path: str, *, missing_ok: bool) -> None:
+        parent, name = self.parent(path)
+        old = self._files.pop(path, None)
+        if old is not None:
+            os.close(old)
+        try:
+            os.unlink(name, dir_fd=parent)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise ApplyError(f"cannot remove {path!r}: missing in the target") from None
+        except IsADirectoryError:
+            raise ApplyError(f"cannot unlink {path!r}: it is a directory in the target") from None
+
+    def exists(self, path: str) -> bool:
+        parent, name = self.parent(path)
+        try:
+            os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def rename(self, src: str, dst: str) -> None:
+        sparent, sname = self.parent(src)
+        dparent, dname = self.parent(dst)
+        try:
+            os.rename(sname, dname, src_dir_fd=sparent, dst_dir_fd=dparent)
+        except OSError as exc:
+            raise ApplyError(f"cannot rename {src!r} to {dst!r} in the target: {exc}") from None
+        finally:
+            self.forget()
+
+    def setattr(self, path: str, mode: int | None, atime_ns: int | None, mtime_ns: int | None) -> None:
+        parent, name = self.parent(path)
+        try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        except OSError as exc:
+            raise self._file_error(path, exc) from None
+        try:
+            st = os.fstat(fd)
+            if mode is not None and not stat.S_ISLNK(st.st_mode):
+                # chmod through the O_PATH descriptor: never follows a symlink, works on any mode
+                os.chmod(f"/proc/self/fd/{fd}", mode)
+            if atime_ns is not None or mtime_ns is not None:
+                times = (st.st_atime_ns if atime_ns is None else atime_ns,
+                         st.st_mtime_ns if mtime_ns is None else mtime_ns)
+                os.utime(name, ns=times, dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(fd)
+
+    def symlink(self, path: str, target: str, *, replace: bool) -> None:
+        parent, name = self.parent(path)
+        try:
+            os.symlink(target, name, dir_fd=parent)
+        except FileExistsError:
+            if not replace:
+                raise ApplyError(f"cannot create symlink {path!r}: it exists in the target") from None
+            os.unlink(name, dir_fd=parent)
+            os.symlink(target, name, dir_fd=parent)
+
+    def sync(self) -> None:
+        """Make everything written so far durable."""
+        syncfs(self.root_fd)
+
+    def close(self) -> None:
+        self.forget()
+        os.close(self.root_fd)
