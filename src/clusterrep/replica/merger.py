@@ -35,6 +35,7 @@ COORDINATOR = "coordinator"
 
 class Merger:
     def __init__(self, position: Position | None = None, *, coordinator: str = COORDINATOR):
+        # gseq and members are kept current here; node cursors are in self._cursor
         self.position = position.copy() if position is not None else Position()
         self.coordinator = coordinator
         self._meta: dict[int, MetaEvent] = {}
@@ -153,7 +154,7 @@ class Merger:
                                          "(no Join before it, or after its Leave)")
                 del buf[c]
                 out.append(item)
-                pos.advance(item)
+                pos.applied += 1  # node cursors live in self._cursor while merging
                 c += 1
         finally:
             self._cursor[src] = c

@@ -105,12 +105,17 @@ class Target:
     # -- operations --------------------------------------------------------------------------
 
     def write(self, path: str, offset: int, data: bytes) -> None:
-        fd = self._file(path)
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view = view[n:]
+        fd = self._files.get(path)
+        if fd is None:
+            fd = self._file(path)
+        n = os.pwrite(fd, data, offset)
+        if n != len(data):  # short write: finish it
+            view = memoryview(data)[n:]
             offset += n
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view = view[n:]
+                offset += n
 
     def truncate(self, path: str, size: int) -> None:
         os.ftruncate(self._file(path), size)
