@@ -26,7 +26,10 @@ from clusterrep.replica.merger import Merger
 BLOCK = 4096
 
 
-def make_streams(nodes: int, events: int, file_mib: int, seed: int) -> tuple[list[Event], dict[str, list[Event]]]:
+Streams = dict[str, list[Event]]
+
+
+def make_streams(nodes: int, events: int, file_mib: int, seed: int) -> tuple[list[Event], Streams]:
     """Coordinator events (joins, a directory, one image per node) and each node's writes."""
     rng = random.Random(seed)
     names = [f"h{i + 1}" for i in range(nodes)]
@@ -97,15 +100,17 @@ def bench_baseline(streams: dict[str, list[Event]], workdir: Path, batch: int) -
     base = workdir / "baseline"
     base.mkdir()
     fds = {n: os.open(base / f"{n}.img", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) for n in streams}
-    work = [(fds[n], ev.offset, ev.data) for n, evs in streams.items() for ev in evs if isinstance(ev, Write)]
+    lists = {
+        n: [(fds[n], ev.offset, ev.data) for ev in evs if isinstance(ev, Write)]
+        for n, evs in streams.items()
+    }
     # same round-robin interleaving as the replica sees
     order: list[tuple[int, int, bytes]] = []
-    lists = {n: [(fds[n], ev.offset, ev.data) for ev in evs if isinstance(ev, Write)] for n, evs in streams.items()}
     longest = max(len(v) for v in lists.values())
     for i in range(0, longest, batch):
         for v in lists.values():
             order.extend(v[i:i + batch])
-    assert len(order) == len(work)
+    assert len(order) == sum(len(v) for v in lists.values())
     pwrite = os.pwrite
     start = time.perf_counter()
     for fd, offset, data in order:

@@ -67,6 +67,8 @@ class Merger:
                         raise ConflictingCopies(
                             f"two different events claim gseq {g}: {describe(old)} / {describe(ev)}"
                         )
+                elif src == coordinator:
+                    self.duplicates += 1
                 if src == coordinator:
                     continue
                 item: DataEvent | int = g
