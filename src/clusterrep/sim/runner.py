@@ -83,10 +83,15 @@ class _Replica:
         self.merger = Merger(self.applier.position)
         for chunk in self.received:  # the journal: everything received so far
             self.merger.add(chunk)
+        self._refeed_duplicates = self.merger.duplicates  # not the network's doing
+
+    @property
+    def network_duplicates(self) -> int:
+        return self.duplicates + self.merger.duplicates - self._refeed_duplicates
 
     def crash(self) -> None:
         self.crashes += 1
-        self.duplicates += self.merger.duplicates
+        self.duplicates = self.network_duplicates
         self.applier.target.close()  # no checkpoint: the process died
         self.start()
 
@@ -145,7 +150,7 @@ def run(cfg: SimConfig, workdir: str | Path, *, check_marks: bool = True,
         raise SimFailure(f"merge did not finish: {merger.pending} events pending; waiting for "
                          f"{merger.waiting_for()}")
     replica.applier.close()
-    report.duplicates = replica.duplicates + merger.duplicates
+    report.duplicates = replica.network_duplicates
     report.crashes = replica.crashes
     expected, actual = cluster.volume.snapshot(), read_tree(target)
     if expected != actual:
