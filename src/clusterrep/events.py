@@ -38,6 +38,8 @@ MAX_WRITE_BYTES = 8 * 1024 * 1024
 MAX_OFFSET = (1 << 63) - 1
 MAX_SEQ = (1 << 63) - 1
 MAX_OP_ID = 128
+MAX_TARGET_BYTES = 4095  # what Linux stores in a symlink
+_OP_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_OP_ID}}}\Z")
 MAX_ENCODED = MAX_WRITE_BYTES + 64 * 1024
 _SOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
@@ -52,6 +54,9 @@ def check_path(path: object, what: str = "path") -> str:
         raise UnsafePath(f"{what} {path!r} cannot be encoded as bytes: {exc.reason}") from None
     if not raw:
         raise UnsafePath(f"{what} is empty")
+    if os.fsdecode(raw) != path:
+        raise UnsafePath(f"{what} {path!r} is not in canonical form: escaped bytes that form "
+                         "valid UTF-8 must be given as the characters they encode")
     if len(raw) > MAX_PATH_BYTES:
         raise UnsafePath(f"{what} is {len(raw)} bytes long, more than {MAX_PATH_BYTES}")
     if b"\0" in raw:
@@ -134,9 +139,14 @@ def _check_field(ev: Event, name: str, kind: str) -> None:
     elif kind == TARGET:
         if not isinstance(value, str):
             raise InvalidEvent(f"{label} must be a string")
-        raw = os.fsencode(value)
-        if not raw or b"\0" in raw or len(raw) > MAX_PATH_BYTES:
-            raise InvalidEvent(f"{label} must be 1..{MAX_PATH_BYTES} bytes without NUL")
+        try:
+            raw = os.fsencode(value)
+        except UnicodeEncodeError as exc:
+            raise InvalidEvent(f"{label} {value!r} cannot be encoded as bytes: {exc.reason}") from None
+        if not raw or b"\0" in raw or len(raw) > MAX_TARGET_BYTES:
+            raise InvalidEvent(f"{label} must be 1..{MAX_TARGET_BYTES} bytes without NUL")
+        if os.fsdecode(raw) != value:
+            raise InvalidEvent(f"{label} {value!r} is not in canonical form")
     else:  # pragma: no cover - programming error
         raise AssertionError(kind)
 
@@ -192,8 +202,9 @@ class MetaEvent(Event):
         Event.__post_init__(self)
         _check_int(self.gseq, "gseq", 1, MAX_SEQ)
         _check_source(self.origin, "origin")
-        if not isinstance(self.op_id, str) or not 0 < len(self.op_id) <= MAX_OP_ID:
-            raise InvalidEvent(f"op_id must be a string of 1..{MAX_OP_ID} characters")
+        if not isinstance(self.op_id, str) or not _OP_ID_RE.match(self.op_id):
+            raise InvalidEvent(f"op_id {self.op_id!r} must be 1..{MAX_OP_ID} printable ASCII "
+                               "characters without spaces")
 
     def payload(self) -> tuple[Any, ...]:
         """Everything that must agree between two copies of this operation."""
@@ -378,7 +389,7 @@ def decode(raw: bytes) -> Event:
     if not isinstance(items, list) or len(items) < 5:
         raise DecodeError("encoded event must be an array of at least 5 items")
     version, kind = items[0], items[1]
-    if version != WIRE_VERSION:
+    if type(version) is not int or version != WIRE_VERSION:
         raise DecodeError(f"unsupported wire version {version!r} (this build speaks {WIRE_VERSION})")
     cls = EVENT_TYPES.get(kind) if type(kind) is int else None
     if cls is None:

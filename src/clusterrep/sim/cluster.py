@@ -45,6 +45,10 @@ BASE_WALL = 1_790_000_000 * 10**9  # a fixed epoch so runs are reproducible
 
 EventKey = tuple[Any, ...]  # ("g", gseq) or ("d", host, seq)
 
+# Marks whose origin holds the file's write token: nobody else can be writing the file at that
+# moment, so at such a mark the replica's copy of the file must be exactly the volume's.
+EXACT_MARKS = (Acquire, Create, Truncate)
+
 
 def related(a: str, b: str) -> bool:
     """True if the paths are equal or one lies beneath the other."""
@@ -91,6 +95,8 @@ class Cluster:
         self.vcs: dict[EventKey, tuple[int, ...]] = {}
         self.proc: dict[EventKey, tuple[int, int]] = {}  # key -> (process, index in process)
         self.host_keys: dict[str, list[EventKey]] = {h: [] for h in hosts}
+        # for marks that need the file's write token: the file as it was when the mark executed
+        self.mark_files: dict[int, tuple[str, tuple | None]] = {}
 
     # -- clocks ------------------------------------------------------------------------------
 
@@ -146,6 +152,8 @@ class Cluster:
         copy = cls(source=COORDINATOR, seq=g, wall=self.wall(None), gseq=g, op_id=op_id,
                    origin=host, **fields)
         self.volume.apply(copy)
+        if cls in EXACT_MARKS:
+            self.mark_files[g] = (copy.path, self.volume.snapshot_of(copy.path))  # type: ignore[attr-defined]
         self.streams[COORDINATOR].append(copy)
         key = ("g", g)
         self.events[key] = copy

@@ -5,7 +5,9 @@
 restarts it from its checkpoint, and checks:
 
 * at every metadata event applied (a mark), that the applied set is a consistent cut of the
-  happens-before order and that the target on disk equals the volume that cut stands for;
+  happens-before order and that the target on disk equals the volume that cut stands for; and
+  at a mark whose origin held the file's write token (acquire, create, truncate), that the file
+  is exactly as it was on the volume when the mark executed;
 * at the end, that the merger has nothing left and the target equals the volume byte for byte.
 """
 
@@ -166,6 +168,10 @@ def _check_mark(cluster: Cluster, applied: set[EventKey], target: Path, mark: Me
         raise SimFailure(f"at mark gseq {mark.gseq}: not a consistent cut: {problem}")
     expected = cluster.cut_state(applied).snapshot()
     actual = read_tree(target)
+    exact = cluster.mark_files.get(mark.gseq)
+    if exact is not None and actual.get(exact[0]) != exact[1]:
+        raise SimFailure(f"at mark gseq {mark.gseq} ({type(mark).__name__}): {exact[0]!r} is not "
+                         "exactly as it was on the volume when the mark executed")
     if expected != actual:
         raise SimFailure(f"at mark gseq {mark.gseq} ({type(mark).__name__}): target is not the "
                          "state of its cut:\n  " + "\n  ".join(diff(expected, actual)))

@@ -152,6 +152,17 @@ class Volume:
             del e[src]
             e[dst] = s
 
+    def snapshot_of(self, path: str) -> tuple | None:
+        """One entry in snapshot form (None if absent)."""
+        entry = self.entries.get(path)
+        if entry is None:
+            return None
+        if isinstance(entry, File):
+            return ("f", entry.mode, bytes(entry.data))
+        if isinstance(entry, Dir):
+            return ("d", entry.mode)
+        return ("l", entry.target)
+
     def snapshot(self) -> Snapshot:
         out: Snapshot = {}
         for path, entry in self.entries.items():
