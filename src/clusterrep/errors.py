@@ -56,14 +56,25 @@ class StampViolation(ClusterrepError):
 
 
 class ApplyError(ClusterrepError):
-    """The target directory refused an event (it differs from what the volume had)."""
+    """The target directory refused an event (it differs from what the volume had).
+
+    ``errno`` is the operating system's reason, for callers that must answer with one (the
+    coordinator executing a node's request).
+    """
 
     exit_code = 5
     hint = "the target diverged from the volume; run 'clusterrep verify' and resynchronise"
 
+    def __init__(self, message: str, *, hint: str | None = None, errno: int = 5) -> None:
+        super().__init__(message, hint=hint)
+        self.errno = errno
+
 
 class TargetEscape(ApplyError):
     """Applying a path would leave the target directory (a symlink or non-directory in the way)."""
+
+    def __init__(self, message: str, *, hint: str | None = None, errno: int = 40) -> None:
+        super().__init__(message, hint=hint, errno=errno)  # 40: ELOOP
 
     hint = "a symlink or file under the target stands where a directory must be; nothing was changed"
 

@@ -35,7 +35,7 @@ from clusterrep.events import (
     Write,
 )
 from clusterrep.replica.applier import Applier
-from clusterrep.replica.target import Target
+from clusterrep.confined import Target
 from clusterrep.sim.volume import Volume, read_tree
 
 COORD = "coordinator"

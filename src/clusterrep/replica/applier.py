@@ -33,6 +33,7 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from ..confined import Target
 from ..durable import atomic_write
 from ..errors import ApplyError, CheckpointError
 from ..events import (
@@ -49,7 +50,6 @@ from ..events import (
     describe,
 )
 from .position import Position
-from .target import Target
 
 CHECKPOINT = "checkpoint.json"
 _BARRIERS = (Unlink, Rmdir, Rename)

@@ -164,6 +164,10 @@ class Merger:
 
     # -- introspection -----------------------------------------------------------------------
 
+    def consumed(self, node: str) -> int:
+        """Highest seq of ``node``'s stream the merge has consumed (emitted or matched)."""
+        return self._cursor.get(node, 1) - 1
+
     @property
     def pending(self) -> int:
         """Events received and not yet emitted."""

@@ -13,8 +13,8 @@ import os
 import stat
 from collections import OrderedDict
 
-from ..durable import syncfs
-from ..errors import ApplyError, TargetEscape
+from .durable import syncfs
+from .errors import ApplyError, TargetEscape
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -52,8 +52,10 @@ class Target:
                 raise TargetEscape(f"{path!r} in the target is not a directory (a symlink or file "
                                    "stands there); refusing to go through it") from None
             if exc.errno == errno.ENOENT:
-                raise ApplyError(f"directory {path!r} is missing in the target") from None
-            raise ApplyError(f"cannot open directory {path!r} in the target: {exc}") from None
+                raise ApplyError(f"directory {path!r} is missing in the target",
+                                 errno=errno.ENOENT) from None
+            raise ApplyError(f"cannot open directory {path!r} in the target: {exc}",
+                             errno=exc.errno or errno.EIO) from None
         self._dirs[path] = fd
         return fd
 
@@ -77,7 +79,8 @@ class Target:
     def _remember(self, path: str, fd: int) -> None:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise TargetEscape(f"{path!r} in the target is not a regular file; refusing to write it")
+            raise TargetEscape(f"{path!r} in the target is not a regular file; refusing to write it",
+                               errno=errno.EINVAL)
         self._files[path] = fd
         if len(self._files) > MAX_OPEN_FILES:
             _, old = self._files.popitem(last=False)
@@ -88,10 +91,10 @@ class Target:
         if exc.errno == errno.ELOOP:
             return TargetEscape(f"{path!r} in the target is a symlink; refusing to write through it")
         if exc.errno == errno.ENOENT:
-            return ApplyError(f"file {path!r} is missing in the target")
+            return ApplyError(f"file {path!r} is missing in the target", errno=errno.ENOENT)
         if exc.errno == errno.EISDIR:
-            return ApplyError(f"{path!r} in the target is a directory, expected a file")
-        return ApplyError(f"cannot open {path!r} in the target: {exc}")
+            return ApplyError(f"{path!r} in the target is a directory, expected a file", errno=errno.EISDIR)
+        return ApplyError(f"cannot open {path!r} in the target: {exc}", errno=exc.errno or errno.EIO)
 
     def forget(self) -> None:
         """Drop cached descriptors (after a change to the namespace)."""
@@ -130,7 +133,7 @@ class Target:
         try:
             fd = os.open(name, flags, 0o600, dir_fd=parent)
         except FileExistsError:
-            raise ApplyError(f"cannot create {path!r}: it exists in the target") from None
+            raise ApplyError(f"cannot create {path!r}: it exists in the target", errno=errno.EEXIST) from None
         except OSError as exc:
             raise self._file_error(path, exc) from None
         self._remember(path, fd)
@@ -142,7 +145,8 @@ class Target:
             os.mkdir(name, 0o700, dir_fd=parent)
         except FileExistsError:
             if not exist_ok:
-                raise ApplyError(f"cannot create directory {path!r}: it exists in the target") from None
+                raise ApplyError(f"cannot create directory {path!r}: it exists in the target",
+                                 errno=errno.EEXIST) from None
         fd = self._dir(path)
         os.fchmod(fd, mode)
 
@@ -152,9 +156,11 @@ class Target:
             os.rmdir(name, dir_fd=parent)
         except FileNotFoundError:
             if not missing_ok:
-                raise ApplyError(f"cannot remove directory {path!r}: missing in the target") from None
+                raise ApplyError(f"cannot remove directory {path!r}: missing in the target",
+                                 errno=errno.ENOENT) from None
         except OSError as exc:
-            raise ApplyError(f"cannot remove directory {path!r} in the target: {exc}") from None
+            raise ApplyError(f"cannot remove directory {path!r} in the target: {exc}",
+                             errno=exc.errno or errno.EIO) from None
         finally:
             self.forget()
 
@@ -167,9 +173,11 @@ class Target:
             os.unlink(name, dir_fd=parent)
         except FileNotFoundError:
             if not missing_ok:
-                raise ApplyError(f"cannot remove {path!r}: missing in the target") from None
+                raise ApplyError(f"cannot remove {path!r}: missing in the target",
+                                 errno=errno.ENOENT) from None
         except IsADirectoryError:
-            raise ApplyError(f"cannot unlink {path!r}: it is a directory in the target") from None
+            raise ApplyError(f"cannot unlink {path!r}: it is a directory in the target",
+                             errno=errno.EISDIR) from None
 
     def exists(self, path: str) -> bool:
         parent, name = self.parent(path)
@@ -179,13 +187,19 @@ class Target:
             return False
         return True
 
+    def lstat(self, path: str) -> os.stat_result:
+        """``lstat`` of ``path`` (raises FileNotFoundError)."""
+        parent, name = self.parent(path)
+        return os.stat(name, dir_fd=parent, follow_symlinks=False)
+
     def rename(self, src: str, dst: str) -> None:
         sparent, sname = self.parent(src)
         dparent, dname = self.parent(dst)
         try:
             os.rename(sname, dname, src_dir_fd=sparent, dst_dir_fd=dparent)
         except OSError as exc:
-            raise ApplyError(f"cannot rename {src!r} to {dst!r} in the target: {exc}") from None
+            raise ApplyError(f"cannot rename {src!r} to {dst!r} in the target: {exc}",
+                             errno=exc.errno or errno.EIO) from None
         finally:
             self.forget()
 
@@ -213,7 +227,8 @@ class Target:
             os.symlink(target, name, dir_fd=parent)
         except FileExistsError:
             if not replace:
-                raise ApplyError(f"cannot create symlink {path!r}: it exists in the target") from None
+                raise ApplyError(f"cannot create symlink {path!r}: it exists in the target",
+                                 errno=errno.EEXIST) from None
             os.unlink(name, dir_fd=parent)
             os.symlink(target, name, dir_fd=parent)
 

@@ -1,0 +1,303 @@
+"""The replica service: receive -> journal -> merge -> apply -> checkpoint -> trim.
+
+Receiving (any number of connection threads) and applying (one thread) are decoupled by a queue:
+
+* `receive` validates a batch from one source completely (nothing of a bad batch is kept),
+  drops what was already received, refuses a gap, appends the rest to the journal, fsyncs
+  (group commit across connections), and only then reports it durable.
+* the apply thread feeds the merger, applies what it emits, checkpoints when idle or after a
+  bound, and then trims the journal of everything the checkpoint covers.
+
+On start-up the journal is re-read: the merger starts from the applier's checkpoint and the
+journal's events are fed to it again; those already applied are dropped by the position.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..durable import atomic_write
+from ..errors import ClusterrepError, InvalidEvent
+from ..events import Event, MetaEvent, decode
+from ..journal import Journal
+from .applier import Applier
+from .merger import COORDINATOR, Merger
+
+log = logging.getLogger("clusterrep.replica")
+
+
+class BatchRefused(ClusterrepError):
+    """A batch that cannot be accepted (invalid event, wrong source, gap)."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, next_seq: int) -> None:
+        super().__init__(message)
+        self.next_seq = next_seq
+
+
+@dataclass
+class SourceState:
+    received: int = 0  # highest seq durable here; every seq up to it is in the journal or applied
+    captured: int = 0  # highest seq the source says it has captured
+    reported_at: float = 0.0  # monotonic time of the last report from the source
+    connected: bool = False
+    bytes_received: int = 0
+    events_received: int = 0
+    pending_since: float | None = None  # when the oldest unapplied event of this source arrived
+    arrivals: deque[tuple[int, float]] = field(default_factory=deque)
+
+
+class ReplicaService:
+    def __init__(self, target: str | Path, state: str | Path, *, checkpoint_idle: float = 0.5,
+                 checkpoint_interval: float = 30.0) -> None:
+        self.state = Path(state)
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(self.state / "journal")
+        self.applier = Applier(target, self.state / "apply")
+        self.merger = Merger(self.applier.position)
+        self.sources: dict[str, SourceState] = {}
+        self.checkpoint_idle = checkpoint_idle
+        self.checkpoint_interval = checkpoint_interval
+        self.error: str | None = None
+        self.started = time.time()
+        self._lock = threading.Lock()  # received/journal append order
+        self._queue: queue.Queue[list[Event] | None] = queue.Queue()
+        self._index: deque[tuple[int, Event]] = deque()  # journal index -> event, unapplied
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        # the merger belongs to the apply thread; it publishes a snapshot for status readers
+        self._merge_view: dict[str, Any] = {"pending": 0, "waiting_for": [], "consumed": {}}
+        self._recover()
+        self._publish()
+        self._thread = threading.Thread(target=self._apply_loop, name="apply", daemon=True)
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        saved = self.state / "received.json"
+        if saved.exists():
+            for source, seq in json.loads(saved.read_text()).items():
+                self.sources.setdefault(source, SourceState()).received = int(seq)
+        count = 0
+        start = self.journal.first_index
+        while start < self.journal.next_index:
+            records = self.journal.read(start, max_bytes=64 << 20)
+            events = []
+            for index, raw in records:
+                ev = decode(raw)
+                st = self.sources.setdefault(ev.source, SourceState())
+                st.received = max(st.received, ev.seq)
+                self._index.append((index, ev))
+                events.append(ev)
+            self.merger.add(events)
+            count += len(events)
+            start = records[-1][0] + 1
+        if count:
+            log.info("recovered %d journaled events; resuming from checkpoint at gseq %d",
+                     count, self.applier.position.gseq)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._queue.put(None)
+        self._thread.join(10)
+        try:
+            if self.error is None:
+                self._checkpoint()
+        finally:
+            self.applier.target.close()
+            self.journal.close()
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def next_seq(self, source: str) -> int:
+        with self._lock:
+            return self.sources.setdefault(source, SourceState()).received + 1
+
+    def report(self, source: str, captured: int, connected: bool = True) -> int:
+        with self._lock:
+            st = self.sources.setdefault(source, SourceState())
+            st.captured = max(st.captured, captured)
+            st.reported_at = time.monotonic()
+            st.connected = connected
+            return st.received
+
+    def receive(self, source: str, raw_events: list[Any], captured: int) -> int:
+        """Make a batch durable; return the source's highest durable seq. All or nothing."""
+        if not isinstance(raw_events, list):
+            raise BatchRefused("batch events must be a list", self.next_seq(source))
+        events: list[Event] = []
+        size = 0
+        for raw in raw_events:
+            if not isinstance(raw, bytes):
+                raise BatchRefused("every event must be bytes", self.next_seq(source))
+            try:
+                ev = decode(raw)
+            except InvalidEvent as exc:
+                raise BatchRefused(f"invalid event from {source}: {exc}", self.next_seq(source)) from None
+            if ev.source != source:
+                raise BatchRefused(f"{source} sent an event of source {ev.source!r}",
+                                   self.next_seq(source))
+            if source == COORDINATOR and not isinstance(ev, MetaEvent):
+                raise BatchRefused("the coordinator sent a data event", self.next_seq(source))
+            events.append(ev)
+            size += len(raw)
+        with self._lock:
+            st = self.sources.setdefault(source, SourceState())
+            fresh = [(ev, raw) for ev, raw in zip(events, raw_events, strict=True) if ev.seq > st.received]
+            expect = st.received + 1
+            for ev, _ in fresh:
+                if ev.seq != expect:
+                    raise BatchRefused(f"gap in the stream of {source}: expected seq {expect}, "
+                                       f"got {ev.seq}", st.received + 1)
+                expect += 1
+            if fresh:
+                first = self.journal.append([raw for _, raw in fresh])
+                now = time.monotonic()
+                for i, (ev, _) in enumerate(fresh):
+                    self._index.append((first + i, ev))
+                st.arrivals.append((fresh[-1][0].seq, now))
+                if st.pending_since is None:
+                    st.pending_since = now
+        # fsync outside the lock so other sources' batches share the same fsync
+        self.journal.sync()
+        with self._lock:
+            if fresh:
+                st.received = max(st.received, fresh[-1][0].seq)
+                st.bytes_received += size
+                st.events_received += len(fresh)
+                self._queue.put([ev for ev, _ in fresh])
+                self._idle.clear()
+            st.captured = max(st.captured, captured, st.received)
+            st.reported_at = time.monotonic()
+            return st.received
+
+    # -- applying ----------------------------------------------------------------------------
+
+    def _apply_loop(self) -> None:
+        last_checkpoint = time.monotonic()
+        dirty = False
+        self._drain_and_apply()
+        while not self._stop.is_set():
+            try:
+                batch = self._queue.get(timeout=self.checkpoint_idle)
+            except queue.Empty:
+                batch = []
+            if batch is None:
+                break
+            if self.error is not None:
+                continue  # keep receiving (journaled, durable), apply nothing until fixed
+            try:
+                if batch:
+                    self.merger.add(batch)
+                    more = True
+                    while more:  # take whatever else is queued before applying
+                        try:
+                            nxt = self._queue.get_nowait()
+                        except queue.Empty:
+                            more = False
+                        else:
+                            if nxt is None:
+                                self._stop.set()
+                                more = False
+                            else:
+                                self.merger.add(nxt)
+                applied = self._drain_and_apply()
+                dirty = dirty or applied > 0
+                now = time.monotonic()
+                if dirty and (not batch or now - last_checkpoint > self.checkpoint_interval):
+                    self._checkpoint()
+                    last_checkpoint, dirty = now, False
+                if not batch and self._queue.empty():
+                    self._idle.set()
+            except ClusterrepError as exc:
+                self.error = str(exc)
+                log.critical("replica stopped applying: %s", exc)
+
+    def _drain_and_apply(self) -> int:
+        out = self.merger.drain()
+        if out:
+            self.applier.apply(out)
+        self._publish()
+        return len(out)
+
+    def _publish(self) -> None:
+        with self._lock:
+            names = list(self.sources)
+        view = {
+            "pending": self.merger.pending,
+            "waiting_for": self.merger.waiting_for(),
+            "consumed": {s: self.merger.consumed(s) for s in names},
+            "gseq": self.merger.position.gseq,
+        }
+        with self._lock:
+            self._merge_view = view
+
+    def _checkpoint(self) -> None:
+        """Checkpoint the applier, then forget and trim what the checkpoint covers."""
+        self.applier.checkpoint()
+        pos = self.applier.position
+        with self._lock:
+            while self._index and pos.already_applied(self._index[0][1]):
+                self._index.popleft()
+            upto = self._index[0][0] if self._index else self.journal.next_index
+            received = {s: st.received for s, st in self.sources.items()}
+            for source, st in self.sources.items():
+                applied = self.applied_seq(source)
+                while st.arrivals and st.arrivals[0][0] <= applied:
+                    st.arrivals.popleft()
+                st.pending_since = st.arrivals[0][1] if st.arrivals else None
+        # what was received must survive the trim: a restart must not ask for it again
+        atomic_write(self.state / "received.json", json.dumps(received).encode())
+        self.journal.trim(upto)
+
+    # -- status ------------------------------------------------------------------------------
+
+    def applied_seq(self, source: str) -> int:
+        """Highest seq of ``source`` the merge has consumed (applied, or a matched copy)."""
+        view = self._merge_view
+        if source == COORDINATOR:
+            return int(view.get("gseq", 0))
+        return int(view["consumed"].get(source, 0))
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._lock:
+            sources = {}
+            for name, st in sorted(self.sources.items()):
+                applied = self.applied_seq(name)
+                sources[name] = {
+                    "received": st.received,
+                    "captured": st.captured,
+                    "applied": applied,
+                    "connected": st.connected,
+                    "events_received": st.events_received,
+                    "bytes_received": st.bytes_received,
+                    "lag_events": max(0, st.captured - applied),
+                    "lag_seconds": round(now - st.pending_since, 3) if st.pending_since else 0.0,
+                    "report_age": round(now - st.reported_at, 3) if st.reported_at else None,
+                }
+            view = self._merge_view
+        return {
+            "gseq": self.applier.position.gseq,
+            "members": sorted(self.applier.position.members),
+            "applied_events": self.applier.position.applied,
+            "pending_events": view["pending"],
+            "queued_batches": self._queue.qsize(),
+            "waiting_for": view["waiting_for"],
+            "journal_bytes": self.journal.bytes_total,
+            "error": self.error,
+            "idle": self._idle.is_set() and self._queue.empty(),
+            "sources": sources,
+        }

@@ -1,0 +1,160 @@
+"""The shipper: sends a source's journal (its event stream) to the replica, forever.
+
+Used by node agents (their spool) and by the coordinator (its metadata stream). The journal's
+record index is the event's ``seq``. On every (re)connection the replica says which seq it needs
+next and the shipper resends from there, so a broken link loses nothing and duplicates nothing
+the replica cannot drop. Records are trimmed from the journal only once the replica has called
+them durable.
+
+Protocol (msgpack frames over an authenticated `wire.Connection`):
+
+    -> {"t": "hello", "source": NAME}            <- {"t": "welcome", "next": SEQ}
+    -> {"t": "batch", "events": [bytes...], "captured": N}   <- {"t": "ack", "durable": SEQ}
+    -> {"t": "beat", "captured": N}              <- {"t": "ack", "durable": SEQ}
+    <- {"t": "error", "message": TEXT, "next": SEQ}   (the replica refuses; resend from next)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from . import wire
+from .errors import ClusterrepError
+from .journal import Journal
+
+log = logging.getLogger("clusterrep.shipper")
+
+
+class ReplicaRefused(ClusterrepError):
+    """The replica refused a batch or the hello."""
+
+    exit_code = 7
+
+
+class Shipper:
+    def __init__(self, journal: Journal, replica: str, token: bytes, *, name: str, role: str,
+                 batch_bytes: int = 4 << 20, beat_interval: float = 0.2,
+                 retry_interval: float = 0.5) -> None:
+        self.journal = journal
+        self.replica = replica
+        self.token = token
+        self.name = name
+        self.role = role
+        self.batch_bytes = batch_bytes
+        self.beat_interval = beat_interval
+        self.retry_interval = retry_interval
+        self.durable = journal.first_index - 1
+        self.connected = False
+        self.last_error = ""
+        self.shipped_bytes = 0
+        self.shipped_events = 0
+        self._wake = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"shipper-{name}", daemon=True)
+        self._conn: wire.Connection | None = None
+
+    # -- control -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def notify(self) -> None:
+        """New records were appended: ship them now rather than at the next beat."""
+        with self._wake:
+            self._wake.notify()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self.notify()
+        conn = self._conn
+        if conn is not None:
+            conn.close()
+        self._thread.join(timeout)
+
+    @property
+    def captured(self) -> int:
+        return self.journal.next_index - 1
+
+    @property
+    def backlog(self) -> int:
+        """Events captured and not yet durable on the replica."""
+        return self.captured - self.durable
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._session()
+            except (ClusterrepError, OSError) as exc:
+                if self._stop.is_set():
+                    break
+                if str(exc) != self.last_error:
+                    log.warning("%s: shipping to replica %s: %s (retrying)", self.name,
+                                self.replica, exc)
+                self.last_error = str(exc)
+            finally:
+                self.connected = False
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+            self._stop.wait(self.retry_interval)
+
+    def _session(self) -> None:
+        conn = wire.connect(self.replica, self.token, name=self.name, role=self.role)
+        self._conn = conn
+        conn.send({"t": "hello", "source": self.name})
+        reply = self._reply(conn)
+        nxt = int(reply["next"])
+        if nxt < self.journal.first_index:
+            raise ReplicaRefused(
+                f"the replica needs seq {nxt} but this journal starts at "
+                f"{self.journal.first_index}: those events were trimmed after the replica "
+                "called them durable, so the replica lost them",
+                hint="resynchronise the replica (the replica's state directory was reset?)")
+        self._acked(nxt - 1)
+        self.connected = True
+        if self.last_error:
+            log.info("%s: connected to replica %s, resending from seq %d", self.name,
+                     self.replica, nxt)
+            self.last_error = ""
+        last_beat = 0.0
+        while not self._stop.is_set():
+            records: list[tuple[int, bytes]] = []
+            if nxt < self.journal.next_index:
+                records = self.journal.read(nxt, max_bytes=self.batch_bytes)
+            if records:
+                events = [raw for _, raw in records]
+                conn.send({"t": "batch", "events": events, "captured": self.captured})
+                reply = self._reply(conn)
+                nxt = records[-1][0] + 1
+                self.shipped_events += len(events)
+                self.shipped_bytes += sum(len(e) for e in events)
+                self._acked(int(reply["durable"]))
+                last_beat = time.monotonic()
+                continue
+            if time.monotonic() - last_beat >= self.beat_interval:
+                conn.send({"t": "beat", "captured": self.captured})
+                self._acked(int(self._reply(conn)["durable"]))
+                last_beat = time.monotonic()
+            with self._wake:
+                if self.journal.next_index <= nxt and not self._stop.is_set():
+                    self._wake.wait(self.beat_interval)
+
+    def _reply(self, conn: wire.Connection) -> dict[str, Any]:
+        reply = conn.recv(timeout=60.0)
+        if not isinstance(reply, dict):
+            raise ReplicaRefused(f"unexpected reply from the replica: {reply!r:.100}")
+        if reply.get("t") == "error":
+            raise ReplicaRefused(f"the replica refused: {reply.get('message')}")
+        if reply.get("t") not in ("welcome", "ack"):
+            raise ReplicaRefused(f"unexpected reply from the replica: {reply!r:.100}")
+        return reply
+
+    def _acked(self, durable: int) -> None:
+        if durable > self.durable:
+            self.durable = durable
+            self.journal.trim(durable + 1)
