@@ -88,3 +88,86 @@ class CheckpointError(ClusterrepError):
 
 class SimulatedCrash(Exception):
     """Raised by fault injection in tests to stop a component at a chosen point."""
+
+
+class ConfigError(ClusterrepError):
+    """A setting that cannot work: a malformed address, a missing or weak token file."""
+
+    exit_code = 2
+    hint = "check the command line options and the files they name"
+
+
+class AddressError(ConfigError, ValueError):
+    """An address that is not HOST:PORT, [IPv6]:PORT or :PORT."""
+
+    hint = "write addresses as HOST:PORT, [IPv6]:PORT, or :PORT for all interfaces"
+
+
+class WireError(ClusterrepError):
+    """A connection between clusterrep processes could not be made, was refused, or broke."""
+
+    exit_code = 7
+    hint = "check that the peer is running and reachable at that address"
+
+
+class ListenError(WireError):
+    """A server could not bind or listen on its address."""
+
+    hint = "choose another address or port, or stop the process that holds it"
+
+
+class AuthError(WireError):
+    """The handshake failed: a peer without the token, or one that does not speak the protocol."""
+
+    hint = "check that both sides use the same --token-file"
+
+
+class FrameError(WireError):
+    """A frame that is oversized, tampered with, replayed, out of order or not valid msgpack."""
+
+    hint = ("the connection was closed and nothing of the frame was used; the peer reconnects "
+            "and resends. If it repeats, check the network path and that both sides run the "
+            "same clusterrep version")
+
+
+class PeerClosed(WireError):
+    """The peer closed the connection (or it was closed locally) or the link broke."""
+
+    hint = "the peer went away or was stopped; reconnecting resends what was not acknowledged"
+
+
+class JournalError(ClusterrepError):
+    """The journal (a node's spool or the replica's journal) cannot do what was asked."""
+
+    exit_code = 8
+    hint = "check the state directory's file system; reopening the journal recovers what is on disk"
+
+
+class JournalCorrupt(JournalError):
+    """A journal record before the journal's tail fails its checksum, or segments are missing."""
+
+    hint = "the journal is damaged before its tail; restore it or start a new state directory"
+
+
+class JournalLocked(JournalError):
+    """Another process (or another open in this one) already uses this journal directory."""
+
+    hint = "stop the other clusterrep process using this state directory, or give this one its own"
+
+
+class JournalFull(JournalError):
+    """An append failed for lack of space (ENOSPC, EDQUOT); nothing of it was kept."""
+
+    hint = "free space on the journal's file system; the journal is unchanged and the append can be retried"
+
+
+class JournalTrimmed(JournalError):
+    """A read asked for records that were trimmed because they were no longer needed."""
+
+    hint = "those records were delivered and trimmed; resume from the journal's first index"
+
+
+class RecordTooLarge(JournalError, ValueError):
+    """A record bigger than the journal accepts (64 MiB)."""
+
+    hint = "split the data into smaller records"

@@ -8,9 +8,9 @@ import sys
 
 from .. import __version__
 from ..errors import ClusterrepError
-from . import sim
+from . import coordinator, node, replica, sim, status, verify
 
-COMMANDS = (sim,)
+COMMANDS = (replica, coordinator, node, status, verify, sim)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -285,7 +285,8 @@ class ReplicaService:
                     "events_received": st.events_received,
                     "bytes_received": st.bytes_received,
                     "lag_events": max(0, st.captured - applied),
-                    "lag_seconds": round(now - st.pending_since, 3) if st.pending_since else 0.0,
+                    "lag_seconds": round(now - st.pending_since, 3)
+                    if st.pending_since and applied < st.received else 0.0,
                     "report_age": round(now - st.reported_at, 3) if st.reported_at else None,
                 }
             view = self._merge_view

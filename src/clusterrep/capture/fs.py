@@ -1,0 +1,254 @@
+"""The capture file system: a FUSE pass-through over the volume that records every change.
+
+Reads and data writes go straight to the backing files (the *direct I/O* path); each write is
+recorded by the `NodeAgent` under the file's lock and write token. Metadata operations (create,
+open for writing, close, mkdir, rmdir, unlink, rename, truncate, chmod, utimens, symlink) are
+sent to the coordinator, which executes them on the volume; the agent records its own copy.
+
+Handlers may raise only OSError (mfusepy turns it into the errno); anything else is logged and
+answered with EIO, so a bug never takes the mount down. Nothing is cached by inode: every call
+resolves its path against the volume afresh (another host may have renamed or deleted it), and
+the mount is made with zero attribute/entry timeouts and without write-back caching, so a write
+is on the volume when the call returns and an open sees what other hosts wrote before it.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import mfusepy as fuse
+
+from ..node.agent import NodeAgent
+
+log = logging.getLogger("clusterrep.capture")
+F = TypeVar("F", bound=Callable[..., Any])
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
+FUSE_CAP_WRITEBACK_CACHE = 1 << 16
+
+# Shared-volume consistency and speed (measured, see docs/benchmarks.md):
+MOUNT_OPTIONS: dict[str, Any] = {
+    "attr_timeout": 0,  # sizes and modes changed by other hosts are seen at once
+    "entry_timeout": 0,  # names created, renamed or removed by other hosts too
+    "negative_timeout": 0,
+    "use_ino": True,
+}
+MAX_WRITE = 1 << 20  # 1 MiB write requests for sequential I/O (set in init: not a mount option)
+
+
+def guarded(func: F) -> F:
+    """Turn every non-OSError exception into EIO (logged), so the mount survives bugs."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except OSError:
+            raise
+        except Exception:
+            log.exception("capture: %s failed", func.__name__)
+            raise OSError(errno.EIO, "internal error in clusterrep capture") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class Handle:
+    ino: int
+    path: str
+    write: bool
+
+
+def rel(path: str) -> str:
+    return path.lstrip("/") or "."
+
+
+class CaptureFS(fuse.Operations):
+    use_ns = True
+
+    def __init__(self, volume: str, agent: NodeAgent) -> None:
+        self.volume = os.path.realpath(volume)
+        self.root = os.open(self.volume, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.agent = agent
+        self.handles: dict[int, Handle] = {}
+        self._lock = threading.Lock()
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if conn is not None:
+            conn.want &= ~FUSE_CAP_WRITEBACK_CACHE  # write-through only, whatever the default
+            conn.max_write = MAX_WRITE
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @guarded
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        st = os.fstat(fh) if fh is not None else os.stat(rel(path), dir_fd=self.root,
+                                                         follow_symlinks=False)
+        return {
+            "st_mode": st.st_mode, "st_nlink": st.st_nlink, "st_uid": st.st_uid,
+            "st_gid": st.st_gid, "st_size": st.st_size, "st_ino": st.st_ino,
+            "st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns,
+            "st_blocks": st.st_blocks, "st_blksize": st.st_blksize,
+        }
+
+    @guarded
+    def readdir(self, path: str, fh: int) -> list[str]:
+        fd = os.open(rel(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root)
+        try:
+            return [".", "..", *os.listdir(fd)]
+        finally:
+            os.close(fd)
+
+    @guarded
+    def readlink(self, path: str) -> str:
+        return os.readlink(rel(path), dir_fd=self.root)
+
+    @guarded
+    def statfs(self, path: str) -> dict[str, int]:
+        sv = os.statvfs(self.volume)
+        return {k: getattr(sv, k) for k in (
+            "f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail", "f_ffree",
+            "f_files", "f_flag", "f_frsize", "f_namemax")}
+
+    @guarded
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        return os.pread(fh, size, offset)
+
+    # -- files -------------------------------------------------------------------------------
+
+    def _register(self, fd: int, handle: Handle) -> int:
+        with self._lock:
+            self.handles[fd] = handle
+        return fd
+
+    @guarded
+    def create(self, path: str, mode: int, flags: int = os.O_WRONLY) -> int:
+        p = rel(path)
+        reply = self.agent.meta("create", path=p, mode=mode & 0o7777)
+        fd = os.open(p, (flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)) | os.O_CLOEXEC,
+                     dir_fd=self.root)
+        return self._register(fd, Handle(int(reply["ino"]), p, True))
+
+    @guarded
+    def open(self, path: str, flags: int) -> int:
+        p = rel(path)
+        writing = bool(flags & _WRITE_FLAGS)
+        if not writing:
+            fd = os.open(p, (flags & ~os.O_TRUNC) | os.O_CLOEXEC, dir_fd=self.root)
+            return self._register(fd, Handle(os.fstat(fd).st_ino, p, False))
+        reply = self.agent.meta("open", path=p)
+        if flags & os.O_TRUNC:
+            self.agent.meta("truncate", path=p, size=0)
+        fd = os.open(p, (flags & ~(os.O_TRUNC | os.O_CREAT | os.O_EXCL)) | os.O_CLOEXEC,
+                     dir_fd=self.root)
+        return self._register(fd, Handle(int(reply["ino"]), p, True))
+
+    @guarded
+    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        handle = self.handles.get(fh)
+        if handle is None or not handle.write:
+            raise OSError(errno.EBADF, "not open for writing")
+        return self.agent.write(handle.ino, handle.path, fh, data, offset)
+
+    @guarded
+    def truncate(self, path: str, length: int, fh: int | None = None) -> int:
+        self.agent.meta("truncate", path=rel(path), size=length)
+        return 0
+
+    @guarded
+    def flush(self, path: str, fh: int) -> int:
+        return 0
+
+    @guarded
+    def fsync(self, path: str, datasync: int, fh: int) -> int:
+        if datasync:
+            os.fdatasync(fh)
+        else:
+            os.fsync(fh)
+        return 0
+
+    @guarded
+    def release(self, path: str, fh: int) -> int:
+        with self._lock:
+            handle = self.handles.pop(fh, None)
+        try:
+            if handle is not None and handle.write:
+                current = self.agent.paths.get(handle.ino, handle.path)
+                try:
+                    self.agent.meta("close", path=current, ino=handle.ino)
+                except OSError as exc:
+                    log.warning("close of %s not recorded: %s", current, exc)
+        finally:
+            os.close(fh)
+        return 0
+
+    # -- namespace and attributes (through the coordinator) ----------------------------------
+
+    @guarded
+    def mkdir(self, path: str, mode: int) -> int:
+        self.agent.meta("mkdir", path=rel(path), mode=mode & 0o7777)
+        return 0
+
+    @guarded
+    def rmdir(self, path: str) -> int:
+        self.agent.meta("rmdir", path=rel(path))
+        return 0
+
+    @guarded
+    def unlink(self, path: str) -> int:
+        self.agent.meta("unlink", path=rel(path))
+        return 0
+
+    @guarded
+    def symlink(self, target: str, source: str) -> int:
+        # mfusepy: ``target`` is the new link's path, ``source`` its content
+        self.agent.meta("symlink", path=rel(target), target=source)
+        return 0
+
+    @guarded
+    def rename(self, old: str, new: str) -> int:
+        self.agent.meta("rename", path=rel(old), dst=rel(new))
+        return 0
+
+    @guarded
+    def chmod(self, path: str, mode: int) -> int:
+        self.agent.meta("setattr", path=rel(path), mode=mode & 0o7777)
+        return 0
+
+    @guarded
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
+        if times is None:
+            import time
+
+            now = time.time_ns()
+            times = (now, now)
+        self.agent.meta("setattr", path=rel(path), atime_ns=int(times[0]), mtime_ns=int(times[1]))
+        return 0
+
+    @guarded
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        # ownership is not replicated (see docs); pass it through so tools like tar work
+        os.chown(rel(path), uid, gid, dir_fd=self.root, follow_symlinks=False)
+        return 0
+
+    @guarded
+    def link(self, target: str, source: str) -> int:
+        raise OSError(errno.EOPNOTSUPP, "hard links are not supported on a replicated volume")
+
+    @guarded
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        raise OSError(errno.EOPNOTSUPP, "special files are not supported on a replicated volume")
+
+
+def mount(fs: CaptureFS, mountpoint: str, *, foreground: bool = True) -> None:
+    """Mount ``fs`` and serve until unmounted or signalled (libfuse handles SIGINT/SIGTERM)."""
+    fuse.FUSE(fs, mountpoint, foreground=foreground, nothreads=False, fsname="clusterrep",
+              **MOUNT_OPTIONS)

@@ -1,0 +1,36 @@
+"""`clusterrep coordinator`: run the metadata coordinator."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..coordinator.server import CoordinatorServer
+from ..coordinator.service import CoordinatorService
+from .common import add_token, add_verbose, serve_until_signalled, setup_logging, token
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "coordinator", help="run the coordinator (executes and numbers metadata operations)",
+        description="Execute every node's metadata operations on the volume in one serial "
+                    "order, number them (gseq), hand out per-file write tokens, and stream the "
+                    "numbered operations to the replica.")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address nodes connect to")
+    p.add_argument("--volume", required=True, metavar="DIR", help="the shared volume directory")
+    p.add_argument("--replica", required=True, metavar="HOST:PORT", help="the replica server")
+    p.add_argument("--state", required=True, metavar="DIR",
+                   help="the coordinator's stream journal and tables (created if missing)")
+    p.add_argument("--allow-existing", action="store_true",
+                   help="start on a non-empty volume (only if the replica already holds an "
+                        "identical copy; initial synchronisation is not implemented yet)")
+    add_token(p)
+    add_verbose(p)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose)
+    secret = token(args)
+    service = CoordinatorService(args.volume, args.state, allow_existing=args.allow_existing)
+    server = CoordinatorServer(service, args.listen, args.replica, secret)
+    return serve_until_signalled(server.start, server.stop, f"coordinator on {args.listen}")

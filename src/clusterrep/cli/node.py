@@ -1,0 +1,67 @@
+"""`clusterrep node`: run a node agent (FUSE capture over the volume)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from ..errors import ClusterrepError
+from .common import add_token, add_verbose, setup_logging, token
+
+log = logging.getLogger("clusterrep.node")
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "node", help="run a node agent: mount the capture file system over the volume",
+        description="Mount a FUSE pass-through of --volume at --mount. Applications (VMs) use "
+                    "--mount; every write goes straight to the volume and is recorded, metadata "
+                    "operations go through the coordinator. Events are spooled in --state and "
+                    "shipped to the replica. Stop with Ctrl-C or SIGTERM (unmounts).")
+    p.add_argument("--id", required=True, metavar="NAME",
+                   help="this node's name, unique in the cluster (letters, digits, . _ -)")
+    p.add_argument("--volume", required=True, metavar="DIR", help="the shared volume directory")
+    p.add_argument("--mount", required=True, metavar="DIR",
+                   help="where applications see the volume (created if missing)")
+    p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator")
+    p.add_argument("--replica", required=True, metavar="HOST:PORT", help="the replica server")
+    p.add_argument("--state", required=True, metavar="DIR", help="spool directory (created if missing)")
+    add_token(p)
+    add_verbose(p)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose)
+    secret = token(args)
+    from ..capture.check import check_fuse, check_mountpoint
+    from ..events import _SOURCE_RE
+
+    if not _SOURCE_RE.match(args.id) or args.id == "coordinator":
+        raise ClusterrepError(f"--id {args.id!r} is not a valid node name",
+                              hint="use 1-64 letters, digits, '.', '_', '-', not 'coordinator'")
+    if not os.path.isdir(args.volume):
+        raise ClusterrepError(f"volume {args.volume} is not a directory",
+                              hint="pass the directory all hosts share with --volume")
+    check_fuse()
+    os.makedirs(args.mount, exist_ok=True)
+    check_mountpoint(args.mount, args.volume)
+
+    from ..capture.fs import CaptureFS, mount
+    from ..node.agent import NodeAgent
+
+    agent = NodeAgent(args.id, args.coordinator, args.replica, args.state, secret)
+    try:
+        agent.start()
+    except OSError as exc:
+        agent.stop()
+        raise ClusterrepError(f"node {args.id} could not join the cluster: {exc}",
+                              hint="is the coordinator running, and is the token the same?") from None
+    log.info("node %s joined; mounting %s over %s", args.id, args.mount, args.volume)
+    try:
+        mount(CaptureFS(args.volume, agent), args.mount)
+    finally:
+        log.info("node %s unmounted; flushing", args.id)
+        agent.stop()
+    return 0

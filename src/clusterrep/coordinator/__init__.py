@@ -1,0 +1,1 @@
+"""The coordinator service: serial metadata execution, gseq, write tokens."""

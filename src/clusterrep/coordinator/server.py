@@ -1,0 +1,209 @@
+"""The coordinator's network face.
+
+Each node opens two authenticated connections:
+
+* role ``node``: requests, each ``{"id": N, "op": ...}``, answered ``{"id": N, ...}``; requests
+  run concurrently (a request waiting for a token recall must not hold up the node's others).
+  Ops: ``join``, ``leave``, ``meta`` (kind + fields), ``acquire`` (ino, path), ``ping``.
+  A failure is answered ``{"id": N, "errno": E, "message": TEXT}``.
+* role ``node-control``: the coordinator pushes ``{"t": "recall", "id": K, "ino": I}`` (answered
+  ``{"t": "released", "id": K}`` once the node has stopped writing that file) and
+  ``{"t": "gseq", "g": G}`` whenever the global sequence advanced, so idle nodes can tick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .. import wire
+from ..errors import ClusterrepError
+from ..events import encode
+from ..shipper import Shipper
+from .service import CoordinatorService, OpFailed
+
+log = logging.getLogger("clusterrep.coordinator")
+RECALL_TIMEOUT = 30.0
+
+
+class _Control:
+    """One node's control connection and the recalls waiting on it."""
+
+    def __init__(self, conn: wire.Connection) -> None:
+        self.conn = conn
+        self.waiting: dict[int, threading.Event] = {}
+        self.pushed = -1
+        self.closed = threading.Event()
+
+
+class CoordinatorServer:
+    def __init__(self, service: CoordinatorService, listen: str, replica: str, token: bytes) -> None:
+        self.service = service
+        self.server = wire.Server(listen, token, name="coordinator", role="coordinator",
+                                  handler=self._handle)
+        self.shipper = Shipper(service.journal, replica, token, name="coordinator", role="coordinator")
+        service.recaller = self._recall
+        service.on_record = self._recorded
+        self._controls: dict[str, _Control] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="coord-op")
+        self._stop = threading.Event()
+        self._changed = threading.Condition()
+        self._pusher = threading.Thread(target=self._push_gseq, name="gseq-push", daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.address
+
+    def start(self) -> None:
+        self.shipper.start()
+        self.server.start()
+        self._pusher.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
+        self.server.stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.shipper.stop()
+        self.service.close()
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _handle(self, conn: wire.Connection) -> None:
+        try:
+            if conn.peer_role == "node":
+                self._requests(conn)
+            elif conn.peer_role == "node-control":
+                self._control(conn)
+            else:
+                conn.send({"t": "error", "message": f"unknown role {conn.peer_role!r}"})
+        except wire.PeerClosed:
+            pass
+        except ClusterrepError as exc:
+            log.warning("connection from %s (%s) closed: %s", conn.peer_addr, conn.peer_name, exc)
+        finally:
+            conn.close()
+
+    def _requests(self, conn: wire.Connection) -> None:
+        node = conn.peer_name
+        while True:
+            msg = conn.recv()
+            if not isinstance(msg, dict) or not isinstance(msg.get("id"), int):
+                conn.send({"errno": errno.EINVAL, "message": "request must be a map with an id"})
+                return
+            self._pool.submit(self._answer, conn, node, msg)
+
+    def _answer(self, conn: wire.Connection, node: str, msg: dict[str, Any]) -> None:
+        try:
+            reply = self._dispatch(node, msg)
+        except OpFailed as exc:
+            reply = {"errno": exc.errno, "message": str(exc)}
+        except ClusterrepError as exc:
+            log.error("request %r from %s failed: %s", msg.get("op"), node, exc)
+            reply = {"errno": errno.EIO, "message": str(exc)}
+        except Exception as exc:  # a bug must not take the coordinator down
+            log.exception("request %r from %s crashed", msg.get("op"), node)
+            reply = {"errno": errno.EIO, "message": f"internal error: {exc}"}
+        reply["id"] = msg["id"]
+        with contextlib.suppress(ClusterrepError, OSError):
+            conn.send(reply)
+
+    def _dispatch(self, node: str, msg: dict[str, Any]) -> dict[str, Any]:
+        svc = self.service
+        op = msg.get("op")
+        op_id = msg.get("op_id", "")
+        if op == "ping":
+            return {"gseq": svc.gseq}
+        if op == "join":
+            ev = svc.join(node, op_id)
+            return {"gseq": svc.gseq, "event": None if ev is None else encode(ev)}
+        if op == "leave":
+            ev = svc.leave(node, op_id)
+            return {"gseq": svc.gseq, "event": None if ev is None else encode(ev)}
+        if node not in svc.members:
+            raise OpFailed(f"node {node} has not joined", errno.EPERM)
+        if op == "acquire":
+            ino, path = msg.get("ino"), msg.get("path")
+            if not isinstance(ino, int) or not isinstance(path, str):
+                raise OpFailed("acquire needs ino and path", errno.EINVAL)
+            return svc.acquire(node, op_id, ino, path)
+        if op == "meta":
+            fields = msg.get("fields")
+            if not isinstance(fields, dict) or not isinstance(msg.get("kind"), str):
+                raise OpFailed("meta needs kind and fields", errno.EINVAL)
+            return svc.execute(node, msg["kind"], op_id, dict(fields))
+        raise OpFailed(f"unknown op {op!r}", errno.EINVAL)
+
+    # -- control links: recalls and gseq pushes ----------------------------------------------
+
+    def _control(self, conn: wire.Connection) -> None:
+        node = conn.peer_name
+        ctl = _Control(conn)
+        with self._lock:
+            old = self._controls.get(node)
+            self._controls[node] = ctl
+        if old is not None:
+            old.conn.close()
+        log.info("node %s control link up from %s", node, conn.peer_addr)
+        try:
+            while True:
+                msg = conn.recv()
+                if isinstance(msg, dict) and msg.get("t") == "released":
+                    event = ctl.waiting.pop(msg.get("id"), None)
+                    if event is not None:
+                        event.set()
+        finally:
+            ctl.closed.set()
+            for event in list(ctl.waiting.values()):
+                event.set()
+            with self._lock:
+                if self._controls.get(node) is ctl:
+                    del self._controls[node]
+                    self.service.node_gone(node)  # its tokens died with the link
+            log.info("node %s control link down", node)
+
+    def _recall(self, node: str, ino: int) -> None:
+        with self._lock:
+            ctl = self._controls.get(node)
+        if ctl is None:
+            return  # not connected: it holds no tokens
+        rid = next(self._ids)
+        done = threading.Event()
+        ctl.waiting[rid] = done
+        try:
+            ctl.conn.send({"t": "recall", "id": rid, "ino": ino})
+        except (ClusterrepError, OSError):
+            return
+        if not done.wait(RECALL_TIMEOUT):
+            ctl.waiting.pop(rid, None)
+            raise OpFailed(f"node {node} did not release the write token of inode {ino} within "
+                           f"{RECALL_TIMEOUT:.0f} s", errno.ETIMEDOUT)
+
+    def _recorded(self) -> None:
+        self.shipper.notify()
+        with self._changed:
+            self._changed.notify_all()
+
+    def _push_gseq(self) -> None:
+        while not self._stop.is_set():
+            with self._changed:
+                self._changed.wait(0.1)
+            self._stop.wait(0.02)  # at most ~50 pushes a second: ticks stay cheap
+            g = self.service.gseq
+            with self._lock:
+                controls = list(self._controls.values())
+            for ctl in controls:
+                if ctl.pushed < g:
+                    try:
+                        ctl.conn.send({"t": "gseq", "g": g})
+                        ctl.pushed = g
+                    except (ClusterrepError, OSError):
+                        pass

@@ -1,0 +1,336 @@
+"""The coordinator: the metadata owner of the volume.
+
+It executes every metadata operation of every node in one serial order, numbers them (`gseq`,
+the index of the event in the coordinator's journal, so never reused across restarts), and
+records its copy of each in that journal, which a `Shipper` streams to the replica.
+
+It also owns the **write tokens**. A node must hold a file's token to write it. Before an
+operation that changes a file's content or name (truncate, unlink, rename, and handing the token
+to another writer), the coordinator recalls the token from whoever holds it (the requesting node
+included) and waits until the holder has stopped writing and recorded its writes. So the old
+writer's writes carry ``after < gseq`` of the operation and every later write needs a new
+`Acquire`, numbered after it: the change of writer is a mark. See docs/architecture.md.
+
+Files are identified by inode number while open (``ino``): another node may rename a file a node
+has open, and the coordinator tells the writer the current path when it acquires the token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..confined import Target
+from ..durable import atomic_write
+from ..errors import ApplyError, ClusterrepError, InvalidEvent
+from ..events import (
+    Acquire,
+    Close,
+    Create,
+    Join,
+    Leave,
+    MetaEvent,
+    Mkdir,
+    Open,
+    Rename,
+    Rmdir,
+    SetAttr,
+    Symlink,
+    Truncate,
+    Unlink,
+    encode,
+)
+from ..journal import Journal
+from ..replica.merger import COORDINATOR
+
+log = logging.getLogger("clusterrep.coordinator")
+
+KINDS: dict[str, type[MetaEvent]] = {
+    "create": Create, "open": Open, "close": Close, "mkdir": Mkdir, "rmdir": Rmdir,
+    "unlink": Unlink, "rename": Rename, "truncate": Truncate, "setattr": SetAttr,
+    "symlink": Symlink,
+}
+
+
+class OpFailed(ClusterrepError):
+    """A node's request failed; ``errno`` goes back to the node (and to the application)."""
+
+    def __init__(self, message: str, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class VolumeNotEmpty(ClusterrepError):
+    """The volume holds files but the replica was never synchronised with it."""
+
+    exit_code = 2
+
+
+# recall(node, ino) blocks until ``node`` has released the token of ``ino`` (or is gone)
+Recaller = Callable[[str, int], None]
+
+
+class CoordinatorService:
+    def __init__(self, volume: str | Path, state: str | Path, *, allow_existing: bool = False) -> None:
+        self.volume_path = Path(volume)
+        if not self.volume_path.is_dir():
+            raise ClusterrepError(f"volume {volume} is not a directory",
+                                  hint="pass the directory all hosts share with --volume")
+        self.state = Path(state)
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(self.state / "stream")
+        if self.journal.next_index == 1 and not allow_existing and any(self.volume_path.iterdir()):
+            raise VolumeNotEmpty(
+                f"volume {volume} is not empty and this coordinator has never run on it",
+                hint="start from an empty volume (initial synchronisation of existing files is "
+                     "not implemented yet), or pass --allow-existing if the replica already "
+                     "holds an identical copy")
+        self.vol = Target(self.volume_path)
+        self.gseq = self.journal.next_index - 1
+        self.members: set[str] = set()
+        members_file = self.state / "members.json"
+        if members_file.exists():
+            self.members = set(json.loads(members_file.read_text()))
+        self.paths: dict[int, str] = {}  # ino -> current path, for files opened for writing
+        self.holders: dict[int, str] = {}  # ino -> node holding the write token
+        self.lock = threading.RLock()
+        self.recaller: Recaller | None = None
+        self.on_record: Callable[[], None] | None = None  # wakes the shipper
+        self.ops = 0
+
+    def close(self) -> None:
+        self.vol.close()
+        self.journal.close()
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def _record(self, cls: type[MetaEvent], origin: str, op_id: str, **fields: Any) -> MetaEvent:
+        """Number and journal an event (lock held). The caller syncs before replying."""
+        g = self.gseq + 1
+        ev = cls(source=COORDINATOR, seq=g, wall=time.time_ns(), gseq=g, op_id=op_id,
+                 origin=origin, **fields)
+        index = self.journal.append([encode(ev)])
+        if index != g:  # pragma: no cover - journal invariant
+            raise ClusterrepError(f"coordinator journal index {index} != gseq {g}")
+        self.gseq = g
+        self.ops += 1
+        return ev
+
+    def _durable(self) -> None:
+        self.journal.sync()
+        if self.on_record is not None:
+            self.on_record()
+
+    def _validate(self, cls: type[MetaEvent], origin: str, op_id: str, fields: dict[str, Any]) -> None:
+        try:
+            cls(source=COORDINATOR, seq=1, gseq=1, op_id=op_id, origin=origin, **fields)
+        except InvalidEvent as exc:
+            raise OpFailed(str(exc), 22) from None  # EINVAL: nothing executed
+        except TypeError as exc:
+            raise OpFailed(f"bad fields for {cls.__name__}: {exc}", 22) from None
+
+    # -- membership --------------------------------------------------------------------------
+
+    def join(self, node: str, op_id: str) -> MetaEvent | None:
+        with self.lock:
+            if node in self.members:
+                return None
+            self._validate(Join, node, op_id, {})
+            ev = self._record(Join, node, op_id)
+            self.members.add(node)
+            atomic_write(self.state / "members.json", json.dumps(sorted(self.members)).encode())
+        self._durable()
+        log.info("node %s joined at gseq %d", node, ev.gseq)
+        return ev
+
+    def leave(self, node: str, op_id: str) -> MetaEvent | None:
+        with self.lock:
+            if node not in self.members:
+                return None
+            ev = self._record(Leave, node, op_id)
+            self.members.discard(node)
+            for ino in [i for i, h in self.holders.items() if h == node]:
+                del self.holders[ino]
+            atomic_write(self.state / "members.json", json.dumps(sorted(self.members)).encode())
+        self._durable()
+        return ev
+
+    def node_gone(self, node: str) -> None:
+        """The node's control link broke: it dropped its tokens, so do we."""
+        with self.lock:
+            for ino in [i for i, h in self.holders.items() if h == node]:
+                del self.holders[ino]
+
+    # -- tokens ------------------------------------------------------------------------------
+
+    def _free(self, inos: Callable[[], list[int]], action: Callable[[], Any]) -> Any:
+        """Run ``action`` under the lock once no node holds a token of ``inos()``."""
+        while True:
+            with self.lock:
+                busy = [(ino, self.holders[ino]) for ino in inos() if ino in self.holders]
+                if not busy:
+                    return action()
+            for ino, holder in busy:
+                self._recall(holder, ino)
+
+    def _recall(self, holder: str, ino: int) -> None:
+        if self.recaller is not None:
+            self.recaller(holder, ino)
+        with self.lock:
+            if self.holders.get(ino) == holder:
+                del self.holders[ino]
+
+    def _resolve(self, ino: int, hint: str) -> str | None:
+        """The current path of file ``ino`` (None if it no longer has one)."""
+        path = self.paths.get(ino)
+        if path is not None:
+            return path
+        try:
+            st = self.vol.lstat(hint)
+        except (OSError, ApplyError):
+            st = None
+        if st is not None and st.st_ino == ino and stat.S_ISREG(st.st_mode):
+            self.paths[ino] = hint
+            return hint
+        for dirpath, _dirs, files in os.walk(self.volume_path):  # rare: a restart lost the map
+            for name in files:
+                full = os.path.join(dirpath, name)
+                if os.lstat(full).st_ino == ino:
+                    rel = os.path.relpath(full, self.volume_path)
+                    self.paths[ino] = rel
+                    return rel
+        return None
+
+    def acquire(self, node: str, op_id: str, ino: int, hint: str) -> dict[str, Any]:
+        """Make ``node`` the writer of ``ino``. Returns gseq, the current path, and the event."""
+        while True:
+            with self.lock:
+                path = self._resolve(ino, hint)
+                if path is None:
+                    return {"gone": True, "gseq": self.gseq}
+                holder = self.holders.get(ino)
+                if holder == node:
+                    return {"gseq": self.gseq, "path": path, "event": None}
+                if holder is None:
+                    self._validate(Acquire, node, op_id, {"path": path})
+                    ev = self._record(Acquire, node, op_id, path=path)
+                    self.holders[ino] = node
+                    break
+            self._recall(holder, ino)
+        self._durable()
+        return {"gseq": ev.gseq, "path": path, "event": encode(ev)}
+
+    # -- metadata operations -----------------------------------------------------------------
+
+    def execute(self, node: str, kind: str, op_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """Execute one metadata operation for ``node``; raise `OpFailed` with an errno."""
+        cls = KINDS.get(kind)
+        if cls is None:
+            raise OpFailed(f"unknown operation {kind!r}", 22)
+        ino_hint = fields.pop("ino", None)
+        self._validate(cls, node, op_id, fields)
+        try:
+            result = self._execute(node, cls, op_id, fields, ino_hint)
+        except ApplyError as exc:
+            raise OpFailed(str(exc), exc.errno) from None
+        except OSError as exc:
+            raise OpFailed(f"{kind} failed: {exc}", exc.errno or 5) from None
+        self._durable()
+        return result
+
+    def _ino_of(self, path: str) -> int | None:
+        try:
+            st = self.vol.lstat(path)
+        except (OSError, ApplyError):
+            return None
+        return st.st_ino if stat.S_ISREG(st.st_mode) else None
+
+    def _under(self, path: str) -> list[int]:
+        return [ino for ino, p in self.paths.items() if p == path or p.startswith(path + "/")]
+
+    def _execute(self, node: str, cls: type[MetaEvent], op_id: str, f: dict[str, Any],
+                 ino_hint: Any) -> dict[str, Any]:
+        vol = self.vol
+        if cls is Truncate:
+            path = f["path"]
+
+            def truncate() -> dict[str, Any]:
+                vol.truncate(path, f["size"])
+                return self._done(Truncate, node, op_id, f)
+            return self._free(lambda: [i for i in [self._ino_of(path)] if i is not None], truncate)
+        if cls is Unlink:
+            path = f["path"]
+
+            def unlink() -> dict[str, Any]:
+                ino = self._ino_of(path)
+                vol.unlink(path, missing_ok=False)
+                if ino is not None:
+                    self.paths.pop(ino, None)
+                return self._done(Unlink, node, op_id, f)
+            return self._free(lambda: [i for i in [self._ino_of(path)] if i is not None], unlink)
+        if cls is Rename:
+            return self._free(lambda: self._rename_inos(f["path"], f["dst"]),
+                              lambda: self._rename(node, op_id, f))
+        with self.lock:
+            if cls is Create:
+                vol.create(f["path"], f.get("mode", 0o644), exist_ok=False)
+                ino = vol.lstat(f["path"]).st_ino
+                self.paths[ino] = f["path"]
+                result = self._done(Create, node, op_id, f)
+                self.holders[ino] = node  # the creator holds the token
+                result["ino"] = ino
+                return result
+            if cls is Mkdir:
+                vol.mkdir(f["path"], f.get("mode", 0o755), exist_ok=False)
+            elif cls is Rmdir:
+                vol.rmdir(f["path"], missing_ok=False)
+            elif cls is Symlink:
+                vol.symlink(f["path"], f["target"], replace=False)
+            elif cls is SetAttr:
+                vol.setattr(f["path"], f.get("mode"), f.get("atime_ns"), f.get("mtime_ns"))
+            elif cls is Open:
+                st = vol.lstat(f["path"])
+                if not stat.S_ISREG(st.st_mode):
+                    raise OpFailed(f"{f['path']!r} is not a regular file", 21)
+                self.paths[st.st_ino] = f["path"]
+                result = self._done(Open, node, op_id, f)
+                result["ino"] = st.st_ino
+                return result
+            elif cls is Close and isinstance(ino_hint, int):
+                path = self._resolve(ino_hint, f["path"])
+                if path is None:
+                    return {"gseq": self.gseq, "event": None}  # unlinked meanwhile
+                f = {**f, "path": path}
+            return self._done(cls, node, op_id, f)
+
+    def _done(self, cls: type[MetaEvent], node: str, op_id: str, f: dict[str, Any]) -> dict[str, Any]:
+        ev = self._record(cls, node, op_id, **f)
+        return {"gseq": ev.gseq, "event": encode(ev)}
+
+    def _rename_inos(self, src: str, dst: str) -> list[int]:
+        inos = self._under(src)
+        for p in (src, dst):
+            ino = self._ino_of(p)
+            if ino is not None:
+                inos.append(ino)
+        return inos
+
+    def _rename(self, node: str, op_id: str, f: dict[str, Any]) -> dict[str, Any]:
+        src, dst = f["path"], f["dst"]
+        replaced = self._ino_of(dst)
+        self.vol.rename(src, dst)
+        if replaced is not None:
+            self.paths.pop(replaced, None)
+        for ino, p in list(self.paths.items()):
+            if p == src:
+                self.paths[ino] = dst
+            elif p.startswith(src + "/"):
+                self.paths[ino] = dst + p[len(src):]
+        return self._done(Rename, node, op_id, f)

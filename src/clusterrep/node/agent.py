@@ -1,0 +1,228 @@
+"""The node agent's core, independent of FUSE: recording, stamping, tokens, metadata calls.
+
+Rules it keeps (docs/architecture.md, "Rules the nodes and the coordinator follow"):
+
+* every event goes to the spool with the next ``seq``; data events carry ``after`` = the highest
+  gseq this node knows, and that value is raised *before* anything else is recorded once a reply
+  or push tells us a higher one;
+* a data write happens under the file's lock, together with its record, and only while the node
+  holds the file's write token; a recall takes the same lock, so once the node answers "released"
+  every write it made to that file is recorded;
+* a metadata operation's own copy is recorded when the coordinator's reply arrives (possibly
+  after other threads' events: the merger does not mind).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import itertools
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..events import DataEvent, Event, MetaEvent, Tick, Write, decode, encode
+from ..journal import Journal
+from ..shipper import Shipper
+from .client import ControlLink, CoordinatorClient
+
+log = logging.getLogger("clusterrep.node")
+
+
+class NodeAgent:
+    def __init__(self, name: str, coordinator: str, replica: str, state: str | Path,
+                 token: bytes) -> None:
+        self.name = name
+        self.state = Path(state)
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.spool = Journal(self.state / "spool")
+        self.client = CoordinatorClient(coordinator, token, name)
+        self.control = ControlLink(coordinator, token, name, on_recall=self._recalled,
+                                   on_gseq=self.learn, on_down=self._drop_tokens)
+        self.shipper = Shipper(self.spool, replica, token, name=name, role="node")
+        self.known = 0
+        self._ticked = 0
+        self._rec = threading.Lock()
+        self._tokens: set[int] = set()
+        self._locks: dict[int, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self.paths: dict[int, str] = {}  # ino -> current volume path, as the coordinator says
+        self._ops = itertools.count(1)
+        self._op_prefix = f"{name}-{time.time_ns():x}"
+        self.writes = 0
+        self.bytes_written = 0
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Join the cluster (once per node lifetime) and start shipping and control."""
+        self.shipper.start()
+        self.control.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                reply = self.client.call("join", op_id=self._op_id())
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.info("waiting for the coordinator: %s", exc)
+                time.sleep(0.5)
+        self.learn(int(reply["gseq"]))
+        if reply.get("event"):
+            self._record_copy(reply["event"])
+        if not self.control.up.wait(max(0.0, deadline - time.monotonic())):
+            raise OSError(errno.ETIMEDOUT, "control link to the coordinator did not come up")
+
+    def stop(self, drain_timeout: float = 10.0) -> None:
+        """Stop; first give the shipper ``drain_timeout`` seconds to ship what is captured."""
+        deadline = time.monotonic() + drain_timeout
+        while self.shipper.backlog > 0 and self.shipper.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.shipper.backlog > 0:
+            log.warning("%d events not yet on the replica stay in the spool %s; they are shipped "
+                        "when this node starts again", self.shipper.backlog, self.state / "spool")
+        self.control.stop()
+        self.client.close()
+        self.shipper.stop()
+        self.spool.sync()
+        self.spool.close()
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def _op_id(self) -> str:
+        return f"{self._op_prefix}-{next(self._ops)}"
+
+    def _append(self, make: Any) -> Event:
+        with self._rec:
+            ev = make(self.spool.next_index)
+            self.spool.append([encode(ev)])
+        self.shipper.notify()
+        return ev
+
+    def learn(self, g: int) -> None:
+        """The coordinator told us gseq ``g`` exists; stamp everything from now on with it."""
+        tick = False
+        with self._rec:
+            if g > self.known:
+                self.known = g
+            if self.known > self._ticked:
+                self._ticked = self.known
+                tick = True
+        if tick:
+            self._append(lambda seq: Tick(source=self.name, seq=seq, wall=time.time_ns(),
+                                          after=self.known))
+
+    def _record_copy(self, raw: bytes) -> MetaEvent:
+        ev = decode(raw)
+        assert isinstance(ev, MetaEvent)
+
+        def copy(seq: int) -> MetaEvent:
+            self._ticked = max(self._ticked, ev.gseq)  # the copy shows gseq: no tick needed
+            return dataclasses.replace(ev, source=self.name, seq=seq, wall=time.time_ns())
+        return self._append(copy)  # type: ignore[return-value]
+
+    # -- metadata ----------------------------------------------------------------------------
+
+    def meta(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Run a metadata operation through the coordinator; record our copy. OSError on failure."""
+        reply = self.client.call("meta", kind=kind, op_id=self._op_id(), fields=fields)
+        with self._rec:  # raise known before this thread or any other records more
+            self.known = max(self.known, int(reply["gseq"]))
+        if reply.get("event"):
+            self._record_copy(reply["event"])
+        self.learn(int(reply["gseq"]))
+        if kind == "create" and isinstance(reply.get("ino"), int):
+            ino = reply["ino"]
+            with self.lock(ino):
+                self._tokens.add(ino)  # the creator holds the token
+            self.paths[ino] = fields["path"]
+        elif kind == "open" and isinstance(reply.get("ino"), int):
+            self.paths.setdefault(reply["ino"], fields["path"])
+        elif kind == "rename":
+            self._renamed(fields["path"], fields["dst"])
+        return reply
+
+    def _renamed(self, src: str, dst: str) -> None:
+        for ino, p in list(self.paths.items()):
+            if p == src:
+                self.paths[ino] = dst
+            elif p.startswith(src + "/"):
+                self.paths[ino] = dst + p[len(src):]
+
+    # -- tokens and writes -------------------------------------------------------------------
+
+    def lock(self, ino: int) -> threading.Lock:
+        with self._locks_guard:
+            lk = self._locks.get(ino)
+            if lk is None:
+                lk = self._locks[ino] = threading.Lock()
+            return lk
+
+    def _recalled(self, ino: int) -> None:
+        with self.lock(ino):
+            self._tokens.discard(ino)
+
+    def _drop_tokens(self) -> None:
+        for ino in list(self._tokens):
+            with self.lock(ino):
+                self._tokens.discard(ino)
+
+    def _acquire(self, ino: int, hint: str) -> str | None:
+        reply = self.client.call("acquire", ino=ino, path=hint, op_id=self._op_id())
+        with self._rec:
+            self.known = max(self.known, int(reply["gseq"]))
+        if reply.get("gone"):
+            return None
+        if reply.get("event"):
+            self._record_copy(reply["event"])
+        self.paths[ino] = reply["path"]
+        with self.lock(ino):
+            self._tokens.add(ino)
+        self.learn(int(reply["gseq"]))
+        return str(reply["path"])
+
+    def write(self, ino: int, hint: str, fd: int, data: bytes, offset: int) -> int:
+        """Write to the backing file and record it, holding the token and the file's lock."""
+        import os
+
+        while True:
+            if ino not in self._tokens:
+                path = self._acquire(ino, self.paths.get(ino, hint))
+                if path is None:
+                    # the file was deleted on the volume: write to the orphan, record nothing
+                    return os.pwrite(fd, data, offset)
+            with self.lock(ino):
+                if ino not in self._tokens:
+                    continue  # recalled between acquire and lock: ask again
+                n = os.pwrite(fd, data, offset)
+                if n:
+                    path = self.paths[ino]
+                    chunk = data if n == len(data) else bytes(data[:n])
+                    self._append(lambda seq, p=path, c=chunk: self._write_event(seq, p, offset, c))
+                    self.writes += 1
+                    self.bytes_written += n
+                return n
+
+    def _write_event(self, seq: int, path: str, offset: int, data: bytes) -> Write:
+        self._ticked = self.known  # (record lock held) this event shows what we know
+        return Write(source=self.name, seq=seq, wall=time.time_ns(), after=self.known,
+                     path=path, offset=offset, data=data)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": self.name,
+            "known_gseq": self.known,
+            "captured": self.spool.next_index - 1,
+            "durable_on_replica": self.shipper.durable,
+            "backlog_events": self.shipper.backlog,
+            "connected": self.shipper.connected,
+            "tokens": len(self._tokens),
+            "writes": self.writes,
+            "bytes_written": self.bytes_written,
+        }
+
+
+__all__ = ["DataEvent", "NodeAgent"]

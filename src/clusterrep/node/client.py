@@ -1,0 +1,146 @@
+"""The node's links to the coordinator.
+
+`CoordinatorClient` carries requests: many threads may call `call` at once; each request has an
+id and a reader thread hands every reply to the thread waiting for it. A broken link is
+reconnected on the next call; a request in flight when the link broke fails with EIO (the
+application sees an I/O error; the operation may or may not have run, as on NFS).
+
+`ControlLink` receives recalls and gseq pushes and answers recalls.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .. import wire
+from ..errors import ClusterrepError
+
+log = logging.getLogger("clusterrep.node")
+
+
+class CoordinatorClient:
+    def __init__(self, addr: str, token: bytes, name: str, *, timeout: float = 60.0) -> None:
+        self.addr, self.token, self.name, self.timeout = addr, token, name, timeout
+        self._conn: wire.Connection | None = None
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, list[Any]] = {}  # id -> [Event, reply]
+        self._closed = False
+
+    def _connection(self) -> wire.Connection:
+        with self._lock:
+            if self._conn is None:
+                if self._closed:
+                    raise OSError(errno.ESHUTDOWN, "node agent is stopping")
+                conn = wire.connect(self.addr, self.token, name=self.name, role="node")
+                self._conn = conn
+                threading.Thread(target=self._read, args=(conn,), name="coord-reader",
+                                 daemon=True).start()
+            return self._conn
+
+    def _read(self, conn: wire.Connection) -> None:
+        try:
+            while True:
+                msg = conn.recv()
+                if isinstance(msg, dict):
+                    slot = self._waiting.pop(msg.get("id"), None)  # type: ignore[arg-type]
+                    if slot is not None:
+                        slot[1] = msg
+                        slot[0].set()
+        except (ClusterrepError, OSError) as exc:
+            if not self._closed:
+                log.warning("link to coordinator %s lost: %s", self.addr, exc)
+        finally:
+            with self._lock:
+                if self._conn is conn:
+                    self._conn = None
+            conn.close()
+            for slot in list(self._waiting.values()):
+                slot[0].set()  # reply stays None: the caller fails with EIO
+
+    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one request and wait for its reply; raise OSError(errno) if it failed."""
+        try:
+            conn = self._connection()
+        except (ClusterrepError, OSError) as exc:
+            raise OSError(errno.EIO, f"coordinator {self.addr} unreachable: {exc}") from None
+        rid = next(self._ids)
+        slot: list[Any] = [threading.Event(), None]
+        self._waiting[rid] = slot
+        try:
+            conn.send({"id": rid, "op": op, **fields})
+        except (ClusterrepError, OSError) as exc:
+            self._waiting.pop(rid, None)
+            raise OSError(errno.EIO, f"coordinator {self.addr}: {exc}") from None
+        if not slot[0].wait(self.timeout):
+            self._waiting.pop(rid, None)
+            raise OSError(errno.ETIMEDOUT, f"coordinator {self.addr} did not answer {op}")
+        reply = slot[1]
+        if reply is None:
+            raise OSError(errno.EIO, f"link to coordinator lost during {op}")
+        if "errno" in reply:
+            raise OSError(int(reply["errno"]), str(reply.get("message", "")))
+        return reply
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class ControlLink:
+    """Keeps the control connection up; calls ``on_recall(ino)`` and ``on_gseq(g)``."""
+
+    def __init__(self, addr: str, token: bytes, name: str, *, on_recall: Callable[[int], None],
+                 on_gseq: Callable[[int], None], on_down: Callable[[], None]) -> None:
+        self.addr, self.token, self.name = addr, token, name
+        self.on_recall, self.on_gseq, self.on_down = on_recall, on_gseq, on_down
+        self.up = threading.Event()
+        self._stop = threading.Event()
+        self._conn: wire.Connection | None = None
+        self._thread = threading.Thread(target=self._run, name="control", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._conn is not None:
+            self._conn.close()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn = wire.connect(self.addr, self.token, name=self.name, role="node-control")
+            except (ClusterrepError, OSError) as exc:
+                log.debug("control link: %s", exc)
+                self._stop.wait(0.5)
+                continue
+            self._conn = conn
+            self.up.set()
+            try:
+                while True:
+                    msg = conn.recv()
+                    if not isinstance(msg, dict):
+                        continue
+                    if msg.get("t") == "recall" and isinstance(msg.get("ino"), int):
+                        self.on_recall(msg["ino"])
+                        conn.send({"t": "released", "id": msg.get("id")})
+                    elif msg.get("t") == "gseq" and isinstance(msg.get("g"), int):
+                        self.on_gseq(msg["g"])
+            except (ClusterrepError, OSError) as exc:
+                if not self._stop.is_set():
+                    log.warning("control link to coordinator lost: %s", exc)
+            finally:
+                self.up.clear()
+                conn.close()
+                self.on_down()
+            self._stop.wait(0.2)

@@ -1,0 +1,953 @@
+"""Authenticated, framed, integrity-protected TCP connections between clusterrep processes.
+
+The replica server, the coordinator and the node agents talk through this module (blocking
+sockets, one thread per connection). Every connection starts with a mutual challenge-response
+handshake on a shared token, which never crosses the wire; every frame after it carries a
+counter and a tag, so a peer without the token cannot connect, and a frame that was altered,
+replayed, reordered or dropped on the way is refused, never delivered.
+
+Handshake frames are ``[u32 length][msgpack map]``, at most 4 KiB each (``H`` is HMAC-SHA256,
+``sn``/``cn`` are 32 random bytes chosen by the server/client)::
+
+    S->C  {"hello": "clusterrep", "version": 1, "nonce": sn, "name": ..., "role": ...}
+    C->S  {"name", "role", "nonce": cn, "mac": H(token, "client\\0" sn cn name "\\0" role)}
+    S->C  {"ok": True, "mac": H(token, "server\\0" cn sn)}    or    {"error": "..."}
+
+Session frames, with key ``K = H(token, "session\\0" sn cn)``::
+
+    [u32 L][u64 counter][msgpack payload][16-byte tag]      L = 8 + len(payload) + 16
+    tag = H(K, direction + counter + payload)[:16]          direction: b"C" client->server,
+                                                                       b"S" server->client
+
+Counters start at 1 and grow by exactly one per frame and direction.
+
+Frames are authenticated, not encrypted: event data crosses the network in clear. Where the
+network is not trusted, run the connections through a VPN or an encrypting tunnel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hmac
+import ipaddress
+import logging
+import math
+import os
+import re
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from .errors import (
+    AddressError,
+    AuthError,
+    ConfigError,
+    FrameError,
+    ListenError,
+    PeerClosed,
+    WireError,
+)
+
+__all__ = [
+    "MAX_FRAME",
+    "AddressError",
+    "AuthError",
+    "ConfigError",
+    "Connection",
+    "FrameError",
+    "ListenError",
+    "PeerClosed",
+    "Server",
+    "WireError",
+    "accept",
+    "connect",
+    "load_token",
+    "parse_addr",
+]
+
+log = logging.getLogger("clusterrep.wire")
+
+MAX_FRAME = 64 * 1024 * 1024      # default limit on one frame's payload
+PROTOCOL = "clusterrep"
+VERSION = 1
+NONCE_BYTES = 32
+TAG_BYTES = 16
+MIN_TOKEN_CHARS = 32
+HANDSHAKE_LIMIT = 4096            # largest handshake frame (payload bytes)
+
+_OVERHEAD = 8 + TAG_BYTES         # counter and tag around each payload
+_MIN_BODY = _OVERHEAD + 1         # the smallest msgpack value is one byte
+_MAX_LENGTH = 0xFFFFFFFF          # what the u32 length field can say
+_LEN = struct.Struct(">I")
+_HEAD = struct.Struct(">IQ")
+_CLIENT, _SERVER = b"C", b"S"
+_BUF_START = 256 * 1024           # receive buffer of a new connection
+_BUF_KEEP = 16 * 1024 * 1024      # a frame larger than this gets a buffer of its own, not kept
+_TOKEN_FILE_LIMIT = 4096
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}\Z")
+_ROLE_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
+_LABEL_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
+_PORT_RE = re.compile(r"[0-9]{1,5}\Z")
+_TOKEN_HINT = "check that both sides use the same --token-file"
+
+
+# ---------------------------------------------------------------------------------------------
+# Addresses and tokens
+
+
+def parse_addr(text: str, *, allow_port_zero: bool = False) -> tuple[str, int]:
+    """Split ``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (all interfaces) into ``(host, port)``.
+
+    Port 0 ("any free port") is refused unless ``allow_port_zero``: it only makes sense for a
+    server that reports the port it got. Raises `AddressError` saying what is wrong.
+    """
+    if not isinstance(text, str):
+        raise AddressError(f"an address must be a string like HOST:PORT, got {type(text).__name__}")
+    shown = text
+    text = text.strip()
+    if not text:
+        raise AddressError("the address is empty; expected HOST:PORT")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise AddressError(f"address {shown!r} opens '[' but never closes it")
+        host, rest = text[1:end], text[end + 1 :]
+        if not rest.startswith(":"):
+            raise AddressError(f"address {shown!r} has no port after ']'; expected [IPv6]:PORT")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise AddressError(f"address {shown!r}: {host!r} is not an IPv6 address") from None
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise AddressError(f"address {shown!r} has no port; expected HOST:PORT")
+        if ":" in host:
+            raise AddressError(f"address {shown!r}: an IPv6 address must be in brackets, "
+                               f"e.g. [{host}]:{port_text}")
+        host = host or "0.0.0.0"
+        if not _valid_host(host):
+            raise AddressError(f"address {shown!r}: {host!r} is not a valid host name or IPv4 address")
+    return host, _parse_port(port_text, shown, allow_port_zero)
+
+
+def _valid_host(host: str) -> bool:
+    if len(host) > 253:
+        return False
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    return all(_LABEL_RE.match(label) for label in labels)
+
+
+def _parse_port(text: str, shown: str, allow_zero: bool) -> int:
+    if not text:
+        raise AddressError(f"address {shown!r} has no port number after ':'")
+    if not _PORT_RE.match(text):
+        raise AddressError(f"address {shown!r}: port {text!r} is not a number")
+    return _check_port(int(text), shown, allow_zero)
+
+
+def _check_port(port: int, shown: str, allow_zero: bool) -> int:
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise AddressError(f"address {shown!r}: port {port} is outside {low}..65535")
+    return port
+
+
+def _normalise_addr(addr: str | tuple[str, int], *, allow_port_zero: bool = False) -> tuple[str, int]:
+    """Accept ``"HOST:PORT"`` or ``(host, port)``; return a checked ``(host, port)``."""
+    if isinstance(addr, str):
+        return parse_addr(addr, allow_port_zero=allow_port_zero)
+    if (not isinstance(addr, tuple) or len(addr) != 2 or not isinstance(addr[0], str)
+            or type(addr[1]) is not int):
+        raise AddressError(f"an address must be 'HOST:PORT' or a (host, port) tuple, got {addr!r}")
+    host, port = addr
+    return host or "0.0.0.0", _check_port(port, format_addr(host, port), allow_port_zero)
+
+
+def format_addr(host: str, port: int) -> str:
+    """``host:port`` for logs and messages, with brackets around an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def load_token(path: str | Path) -> bytes:
+    """Read the shared secret: one line of at least 32 characters (surrounding whitespace dropped).
+
+    Raises `ConfigError` if the file is missing, unreadable, empty, too short, or holds more
+    than one non-empty line. Like ssh, warns (but goes on) if group or others may read it.
+    """
+    path = Path(path)
+    make = f"create one with: openssl rand -base64 48 > {path} && chmod 600 {path}"
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            raw = f.read(_TOKEN_FILE_LIMIT + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"token file {path} does not exist", hint=make) from None
+    except PermissionError:
+        raise ConfigError(f"cannot read token file {path}: permission denied",
+                          hint="run as a user that may read it, or fix its owner") from None
+    except IsADirectoryError:
+        raise ConfigError(f"token file {path} is a directory", hint=make) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read token file {path}: {exc.strerror or exc}", hint=make) from None
+    if mode & 0o077:
+        log.warning("token file %s may be read by group or others (mode %04o); "
+                    "run: chmod 600 %s", path, mode & 0o7777, path)
+    return _parse_token(raw, path, make)
+
+
+def _parse_token(raw: bytes, path: Path, make: str) -> bytes:
+    if len(raw) > _TOKEN_FILE_LIMIT:
+        raise ConfigError(f"token file {path} is larger than {_TOKEN_FILE_LIMIT} bytes; "
+                          "it must hold one line", hint=make)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"token file {path} is not UTF-8 text", hint=make) from None
+    text = text.strip()
+    if not text:
+        raise ConfigError(f"token file {path} is empty", hint=make)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        raise ConfigError(f"token file {path} holds {len(lines)} non-empty lines; it must hold one",
+                          hint="keep only the secret, on one line")
+    if len(text) < MIN_TOKEN_CHARS:
+        raise ConfigError(f"the token in {path} is {len(text)} characters long; "
+                          f"it must be at least {MIN_TOKEN_CHARS}", hint=make)
+    return text.encode("utf-8")
+
+
+def _check_token(token: bytes) -> None:
+    if not isinstance(token, bytes) or len(token) < MIN_TOKEN_CHARS:
+        raise ConfigError(f"the token must be bytes of at least {MIN_TOKEN_CHARS} characters",
+                          hint="read it with wire.load_token(path)")
+
+
+def _check_identity(name: str, role: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"name {name!r} is not valid (1-128 characters: letters, digits and "
+                          "'._:@-', starting with a letter or digit)")
+    if not isinstance(role, str) or not _ROLE_RE.match(role):
+        raise ConfigError(f"role {role!r} is not valid (1-32 characters: lower-case letters, "
+                          "digits, '_' and '-', starting with a letter)")
+
+
+def _check_max_frame(max_frame: int) -> None:
+    if type(max_frame) is not int or not 1 <= max_frame <= _MAX_LENGTH - _OVERHEAD:
+        raise ConfigError(f"max_frame={max_frame!r} must be an integer in 1..{_MAX_LENGTH - _OVERHEAD}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cryptographic pieces (small and separate, so tests can craft frames by hand)
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    h = hmac.new(key, digestmod="sha256")
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def _client_mac(token: bytes, snonce: bytes, cnonce: bytes, name: str, role: str) -> bytes:
+    """The client's proof that it knows the token, bound to both nonces and its identity."""
+    return _mac(token, b"client\0", snonce, cnonce, name.encode(), b"\0", role.encode())
+
+
+def _server_mac(token: bytes, snonce: bytes, cnonce: bytes) -> bytes:
+    """The server's proof that it knows the token, bound to both nonces."""
+    return _mac(token, b"server\0", cnonce, snonce)
+
+
+def _session_key(token: bytes, snonce: bytes, cnonce: bytes) -> bytes:
+    """The key that tags every frame of one connection (fresh per connection)."""
+    return _mac(token, b"session\0", snonce, cnonce)
+
+
+class _Tagger:
+    """Tags for one direction of a session; the HMAC key schedule is computed once."""
+
+    __slots__ = ("_base",)
+
+    def __init__(self, key: bytes, direction: bytes) -> None:
+        self._base = hmac.new(key, direction, digestmod="sha256")
+
+    def tag(self, counter: bytes | memoryview, payload: bytes | memoryview) -> bytes:
+        h = self._base.copy()
+        h.update(counter)
+        h.update(payload)
+        return h.digest()[:TAG_BYTES]
+
+
+def _frame_parts(tagger: _Tagger, counter: int, payload: bytes) -> tuple[bytes, bytes, bytes]:
+    """A session frame as (length + counter, payload, tag), ready for one ``sendmsg``."""
+    head = _HEAD.pack(_OVERHEAD + len(payload), counter)
+    return head, payload, tagger.tag(head[4:], payload)
+
+
+def _seal(key: bytes, direction: bytes, counter: int, payload: bytes) -> bytes:
+    """One complete session frame as bytes."""
+    return b"".join(_frame_parts(_Tagger(key, direction), counter, payload))
+
+
+def _pack_plain(obj: Any) -> bytes:
+    """A handshake frame: length and msgpack payload, no counter or tag."""
+    payload = msgpack.packb(obj, use_bin_type=True)
+    return _LEN.pack(len(payload)) + payload
+
+
+def _unpack(payload: bytes | memoryview) -> Any:
+    """Decode one msgpack value; the limits keep a hostile payload from costing more than its size."""
+    size = len(payload)
+    return msgpack.unpackb(payload, raw=False, strict_map_key=False, max_str_len=size,
+                           max_bin_len=size, max_array_len=size, max_map_len=size, max_ext_len=size)
+
+
+_UNPACK_ERRORS = (ValueError, TypeError, msgpack.UnpackException)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading frames
+
+
+class _Reader:
+    """Reads length-prefixed frames from a blocking socket into a reused buffer.
+
+    Small frames are read many at a time; a large frame's body is read straight into place. A
+    timeout leaves every byte read so far in the buffer, so the next call resumes the frame.
+    """
+
+    def __init__(self, sock: socket.socket, peer: str) -> None:
+        self._sock = sock
+        self._peer = peer
+        self._buf = bytearray(_BUF_START)
+        self._view = memoryview(self._buf)
+        self._start = 0                      # first unconsumed byte
+        self._end = 0                        # end of the bytes received
+        self._big: memoryview | None = None  # body of a frame too large to keep a buffer for
+        self._big_have = 0
+
+    def frame(self, *, limit: int, minimum: int, deadline: float | None, what: str) -> memoryview:
+        """The body of the next frame (after its length). Valid until the next call.
+
+        The length is checked against ``minimum``/``limit`` before any of the body is awaited,
+        so a hostile length costs nothing. Raises `FrameError`, `PeerClosed`, `TimeoutError`.
+        """
+        if self._big is not None:
+            return self._finish_big(deadline)
+        while self._end - self._start < 4:
+            if self._end == len(self._buf):
+                self._compact()
+            self._end += self._recv(self._view[self._end :], deadline)
+        (length,) = _LEN.unpack_from(self._buf, self._start)
+        if length > limit:
+            raise FrameError(f"{what} from {self._peer} claims {length} bytes, more than "
+                             f"the limit of {limit}")
+        if length < minimum:
+            raise FrameError(f"{what} from {self._peer} claims {length} bytes, less than "
+                             f"the minimum of {minimum}")
+        total = 4 + length
+        if total > len(self._buf):
+            if total > _BUF_KEEP:
+                self._start_big(length)
+                return self._finish_big(deadline)
+            self._grow(total)
+        elif self._start + total > len(self._buf):
+            self._compact()
+        # Read a large body only up to its end: the next frame then starts at offset 0 and no
+        # bytes ever need moving. Small frames are read as many as fit.
+        upto = self._start + total if total > _BUF_START // 4 else len(self._buf)
+        while self._end - self._start < total:
+            self._end += self._recv(self._view[self._end : upto], deadline)
+        body = self._view[self._start + 4 : self._start + total]
+        self._start += total
+        if self._start == self._end:
+            self._start = self._end = 0
+        return body
+
+    def _grow(self, total: int) -> None:
+        size = min(max(total, 2 * len(self._buf)), _BUF_KEEP)
+        buf = bytearray(size)
+        have = self._end - self._start
+        buf[:have] = self._view[self._start : self._end]
+        self._buf, self._view = buf, memoryview(buf)
+        self._start, self._end = 0, have
+
+    def _compact(self) -> None:
+        have = self._end - self._start
+        self._view[:have] = self._view[self._start : self._end]
+        self._start, self._end = 0, have
+
+    def _start_big(self, length: int) -> None:
+        big = memoryview(bytearray(length))
+        have = self._end - self._start - 4
+        big[:have] = self._view[self._start + 4 : self._end]
+        self._big, self._big_have = big, have
+        self._start = self._end = 0
+
+    def _finish_big(self, deadline: float | None) -> memoryview:
+        big = self._big
+        assert big is not None
+        while self._big_have < len(big):
+            self._big_have += self._recv(big[self._big_have :], deadline)
+        self._big = None
+        return big
+
+    def _recv(self, view: memoryview, deadline: float | None) -> int:
+        """Receive at least one byte into ``view``; wait no later than ``deadline``."""
+        while True:
+            try:
+                if deadline is None:
+                    n = self._sock.recv_into(view)
+                else:
+                    n = self._sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                self._wait(deadline)
+                continue
+            except OSError as exc:
+                raise PeerClosed(f"connection with {self._peer} broke: {exc.strerror or exc}") from None
+            if n == 0:
+                raise self._eof()
+            return n
+
+    def _wait(self, deadline: float | None) -> None:
+        assert deadline is not None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        poller = select.poll()
+        try:
+            poller.register(self._sock, select.POLLIN)
+        except (ValueError, OSError):
+            raise PeerClosed(f"connection with {self._peer} is closed") from None
+        if not poller.poll(math.ceil(remaining * 1000)):
+            raise TimeoutError
+
+    def _eof(self) -> PeerClosed:
+        if self._big is not None or self._end > self._start:
+            return PeerClosed(f"{self._peer} closed the connection in the middle of a frame")
+        return PeerClosed(f"{self._peer} closed the connection")
+
+
+def _send_parts(sock: socket.socket, parts: tuple[bytes, ...]) -> None:
+    """Send ``parts`` as one stream write without joining them (no copy of a large payload)."""
+    total = sum(len(p) for p in parts)
+    sent = sock.sendmsg(parts)
+    if sent < total:  # interrupted part way: finish the rest the simple way
+        sock.sendall(memoryview(b"".join(parts))[sent:])
+
+
+def _tune(sock: socket.socket) -> None:
+    """Small frames (acks) go out at once; a dead peer is eventually noticed."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def _peer_of(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "unknown peer"
+    return format_addr(host, port)
+
+
+# ---------------------------------------------------------------------------------------------
+# Connections
+
+
+class Connection:
+    """An authenticated, framed, integrity-protected connection.
+
+    Built by `connect` (client side) or `accept` / `Server` (server side), never directly.
+    ``send`` may be called from several threads at once; ``recv`` from one thread at a time
+    (calls are serialised). ``close`` from any thread wakes a blocked ``send`` or ``recv``.
+    """
+
+    def __init__(self, sock: socket.socket, reader: _Reader, key: bytes, *, client: bool,
+                 peer_name: str, peer_role: str, peer_addr: str, max_frame: int) -> None:
+        self.peer_name = peer_name
+        self.peer_role = peer_role
+        self.peer_addr = peer_addr
+        self.max_frame = max_frame
+        self._sock = sock
+        self._reader = reader
+        mine, theirs = (_CLIENT, _SERVER) if client else (_SERVER, _CLIENT)
+        self._send_tagger = _Tagger(key, mine)
+        self._recv_tagger = _Tagger(key, theirs)
+        self._send_counter = 0
+        self._recv_counter = 0
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.peer_role} {self.peer_name} at {self.peer_addr}>"
+
+    @property
+    def who(self) -> str:
+        """The peer as logs show it: role, name and address."""
+        return f"{self.peer_role} {self.peer_name} ({self.peer_addr})"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def send(self, obj: Any) -> None:
+        """Send one msgpack-serialisable value (dicts, lists, bytes, str, int, float, bool, None).
+
+        Tuples arrive as lists. Raises `FrameError` if the encoding exceeds ``max_frame``,
+        `PeerClosed` if the connection is closed or breaks, ``TypeError`` for values msgpack
+        cannot encode.
+        """
+        payload = msgpack.packb(obj, use_bin_type=True)
+        if len(payload) > self.max_frame:
+            raise FrameError(f"cannot send {len(payload)} bytes to {self.who} in one frame: the "
+                             f"limit is {self.max_frame}", hint="send the data in smaller batches")
+        with self._send_lock:
+            if self._closed:
+                raise PeerClosed(f"connection with {self.who} is closed")
+            self._send_counter += 1
+            parts = _frame_parts(self._send_tagger, self._send_counter, payload)
+            try:
+                _send_parts(self._sock, parts)
+            except OSError as exc:
+                was_closed = self._closed
+                self.close()
+                if was_closed:
+                    raise PeerClosed(f"connection with {self.who} was closed") from None
+                raise PeerClosed(f"cannot send to {self.who}: {exc.strerror or exc}") from None
+
+    def recv(self, timeout: float | None = None) -> Any:
+        """Receive the next value; wait at most ``timeout`` seconds (``None``: for ever).
+
+        Raises ``TimeoutError`` if no whole frame arrived in time (the connection stays usable,
+        nothing is lost), `PeerClosed` when the peer closed the connection, `FrameError` for a
+        frame that is oversized, tampered with, replayed, out of order or not msgpack (then the
+        connection is closed: the stream can no longer be trusted).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._recv_lock:
+            if self._closed:
+                raise PeerClosed(f"connection with {self.who} is closed")
+            try:
+                body = self._reader.frame(limit=self.max_frame + _OVERHEAD, minimum=_MIN_BODY,
+                                          deadline=deadline, what="frame")
+                return self._open(body)
+            except TimeoutError:
+                raise TimeoutError(f"no frame from {self.who} within {timeout:g}s") from None
+            except WireError as exc:
+                was_closed = self._closed
+                self.close()
+                if was_closed and isinstance(exc, PeerClosed):
+                    raise PeerClosed(f"connection with {self.who} was closed") from None
+                raise
+
+    def _open(self, body: memoryview) -> Any:
+        """Check one frame's tag and counter, then decode its payload."""
+        n = len(body)
+        counter_bytes, payload, tag = body[:8], body[8 : n - TAG_BYTES], body[n - TAG_BYTES :]
+        expected = self._recv_counter + 1
+        if not hmac.compare_digest(self._recv_tagger.tag(counter_bytes, payload), tag):
+            raise FrameError(f"frame {expected} from {self.who} failed its integrity check: "
+                             "tampered with or corrupted on the way")
+        counter = int.from_bytes(counter_bytes, "big")
+        if counter < expected:
+            raise FrameError(f"replayed or reordered frame from {self.who}: counter {counter}, "
+                             f"expected {expected}")
+        if counter > expected:
+            raise FrameError(f"{counter - expected} frame(s) from {self.who} missing (dropped): "
+                             f"counter {counter}, expected {expected}")
+        self._recv_counter = counter
+        try:
+            return _unpack(payload)
+        except _UNPACK_ERRORS as exc:
+            raise FrameError(f"frame {counter} from {self.who} is not valid msgpack: {exc}") from None
+
+    def close(self) -> None:
+        """Close the connection (idempotent). Wakes any thread blocked in ``send``/``recv``."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Handshake
+
+
+def _read_hello(reader: _Reader, deadline: float, peer: str, stage: str, timeout: float) -> dict[str, Any]:
+    """One handshake frame, decoded; it must be a map."""
+    try:
+        body = reader.frame(limit=HANDSHAKE_LIMIT, minimum=1, deadline=deadline,
+                            what=f"{stage} frame")
+    except TimeoutError:
+        raise AuthError(f"{peer} sent no {stage} within {timeout:g}s",
+                        hint="is it a clusterrep endpoint? check the address") from None
+    except FrameError as exc:
+        raise FrameError(f"{exc.args[0]}; it does not speak the clusterrep protocol",
+                         hint="check the address: something else answers there") from None
+    try:
+        msg = _unpack(body)
+    except _UNPACK_ERRORS:
+        raise FrameError(f"{peer} sent a {stage} that is not valid msgpack; it does not speak "
+                         "the clusterrep protocol", hint="check the address") from None
+    if not isinstance(msg, dict):
+        raise AuthError(f"{peer} sent a malformed {stage}: not a map",
+                        hint="check the address and that both sides run clusterrep")
+    return msg
+
+
+def _expect(msg: dict[str, Any], spec: dict[str, type], peer: str, stage: str) -> None:
+    """Every key of ``spec`` present in ``msg`` with exactly that type."""
+    for key, kind in spec.items():
+        if key not in msg:
+            raise AuthError(f"{peer} sent a malformed {stage}: no {key!r}",
+                            hint="check that both sides run the same clusterrep version")
+        if type(msg[key]) is not kind:
+            raise AuthError(f"{peer} sent a malformed {stage}: {key!r} is "
+                            f"{type(msg[key]).__name__}, not {kind.__name__}",
+                            hint="check that both sides run the same clusterrep version")
+    for key in ("nonce", "mac"):
+        if key in spec and len(msg[key]) != NONCE_BYTES:
+            raise AuthError(f"{peer} sent a malformed {stage}: {key!r} is {len(msg[key])} bytes, "
+                            f"not {NONCE_BYTES}")
+
+
+def _check_peer_identity(msg: dict[str, Any], peer: str, stage: str) -> None:
+    if not _NAME_RE.match(msg["name"]) or not _ROLE_RE.match(msg["role"]):
+        raise AuthError(f"{peer} sent a malformed {stage}: invalid name {msg['name']!r:.80} "
+                        f"or role {msg['role']!r:.40}")
+
+
+def connect(addr: str | tuple[str, int], token: bytes, *, name: str, role: str,
+            timeout: float = 10.0, max_frame: int = MAX_FRAME) -> Connection:
+    """Connect to a clusterrep server and authenticate both ways.
+
+    ``timeout`` bounds the TCP connect and, separately, the handshake. Raises `WireError`
+    (cannot connect), `AuthError` (the server refused us, or does not know the token itself),
+    `FrameError` (something else answers there), `ConfigError` (bad arguments).
+    """
+    host, port = _normalise_addr(addr)
+    shown = format_addr(host, port)
+    _check_identity(name, role)
+    _check_token(token)
+    _check_max_frame(max_frame)
+    sock = _open_socket(host, port, shown, timeout)
+    try:
+        sock.settimeout(None)
+        _tune(sock)
+        return _client_handshake(sock, token, name, role, timeout, max_frame, _peer_of(sock))
+    except OSError as exc:
+        _close_quietly(sock)
+        raise PeerClosed(f"server {shown} broke the connection during the handshake: "
+                         f"{exc.strerror or exc}") from None
+    except BaseException:
+        _close_quietly(sock)
+        raise
+
+
+def _open_socket(host: str, port: int, shown: str, timeout: float) -> socket.socket:
+    try:
+        return socket.create_connection((host, port), timeout=timeout)
+    except TimeoutError:
+        raise WireError(f"cannot connect to {shown}: no answer within {timeout:g}s",
+                        hint="check the address, that the server runs, and firewalls") from None
+    except ConnectionRefusedError:
+        raise WireError(f"cannot connect to {shown}: connection refused",
+                        hint="is the server running and listening on that address?") from None
+    except socket.gaierror as exc:
+        raise WireError(f"cannot connect to {shown}: cannot resolve {host!r}: {exc.strerror}",
+                        hint="check the host name") from None
+    except OSError as exc:
+        raise WireError(f"cannot connect to {shown}: {exc.strerror or exc}") from None
+
+
+def _client_handshake(sock: socket.socket, token: bytes, name: str, role: str, timeout: float,
+                      max_frame: int, shown: str) -> Connection:
+    deadline = time.monotonic() + timeout
+    reader = _Reader(sock, f"server {shown}")
+    peer = f"server {shown}"
+    hello = _read_hello(reader, deadline, peer, "hello", timeout)
+    if "error" in hello:
+        raise AuthError(f"{peer} refused the connection: {hello['error']!r:.200}")
+    if hello.get("hello") != PROTOCOL:
+        raise AuthError(f"{peer} is not a clusterrep server (its greeting is {hello!r:.100})",
+                        hint="check the address")
+    _expect(hello, {"version": int, "nonce": bytes, "name": str, "role": str}, peer, "hello")
+    if hello["version"] != VERSION:
+        raise AuthError(f"{peer} speaks wire version {hello['version']}; this build speaks {VERSION}",
+                        hint="run the same clusterrep version on both sides")
+    _check_peer_identity(hello, peer, "hello")
+    snonce, cnonce = hello["nonce"], os.urandom(NONCE_BYTES)
+    sock.sendall(_pack_plain({"name": name, "role": role, "nonce": cnonce,
+                              "mac": _client_mac(token, snonce, cnonce, name, role)}))
+    peer = f"server {shown} ({hello['role']} {hello['name']})"
+    reply = _read_hello(reader, deadline, peer, "reply", timeout)
+    if "error" in reply:
+        raise AuthError(f"{peer} refused us: {reply['error']!r:.200}", hint=_TOKEN_HINT)
+    _expect(reply, {"ok": bool, "mac": bytes}, peer, "reply")
+    if not reply["ok"] or not hmac.compare_digest(reply["mac"], _server_mac(token, snonce, cnonce)):
+        raise AuthError(f"{peer} failed authentication: it does not know our token",
+                        hint=f"{_TOKEN_HINT}, and that {shown} is really the clusterrep server")
+    return Connection(sock, reader, _session_key(token, snonce, cnonce), client=True,
+                      peer_name=hello["name"], peer_role=hello["role"], peer_addr=shown,
+                      max_frame=max_frame)
+
+
+def accept(sock: socket.socket, token: bytes, *, name: str, role: str, timeout: float = 10.0,
+           max_frame: int = MAX_FRAME) -> Connection:
+    """Authenticate the client on an already-accepted socket (the server side of the handshake).
+
+    ``timeout`` bounds the whole handshake. A refused peer is told so where that helps, logged
+    (warning, with its address and the reason), its socket closed, and the error raised:
+    `AuthError` (wrong token, malformed or slow handshake), `FrameError` (not the protocol),
+    `PeerClosed` (it went away).
+    """
+    _check_identity(name, role)
+    _check_token(token)
+    _check_max_frame(max_frame)
+    shown = _peer_of(sock)
+    try:
+        sock.settimeout(None)
+        _tune(sock)
+        return _server_handshake(sock, token, name, role, timeout, max_frame, shown)
+    except (WireError, OSError) as exc:
+        if isinstance(exc, OSError):
+            exc = PeerClosed(f"peer {shown} broke the connection during the handshake: "
+                             f"{exc.strerror or exc}")
+        log.warning("refused peer %s: %s", shown, exc.args[0])
+        _close_quietly(sock)
+        raise exc from None
+    except BaseException:
+        _close_quietly(sock)
+        raise
+
+
+def _server_handshake(sock: socket.socket, token: bytes, name: str, role: str, timeout: float,
+                      max_frame: int, shown: str) -> Connection:
+    deadline = time.monotonic() + timeout
+    peer = f"peer {shown}"
+    reader = _Reader(sock, peer)
+    snonce = os.urandom(NONCE_BYTES)
+    sock.sendall(_pack_plain({"hello": PROTOCOL, "version": VERSION, "nonce": snonce,
+                              "name": name, "role": role}))
+    try:
+        msg = _read_hello(reader, deadline, peer, "handshake", timeout)
+        _expect(msg, {"name": str, "role": str, "nonce": bytes, "mac": bytes}, peer, "handshake")
+        _check_peer_identity(msg, peer, "handshake")
+    except (AuthError, FrameError):
+        _tell(sock, "handshake refused")
+        raise
+    cnonce = msg["nonce"]
+    if not hmac.compare_digest(msg["mac"], _client_mac(token, snonce, cnonce, msg["name"], msg["role"])):
+        _tell(sock, "authentication failed")
+        raise AuthError(f"peer {shown} failed authentication: wrong token "
+                        f"(it claimed to be {msg['role']} {msg['name']})", hint=_TOKEN_HINT)
+    sock.sendall(_pack_plain({"ok": True, "mac": _server_mac(token, snonce, cnonce)}))
+    return Connection(sock, reader, _session_key(token, snonce, cnonce), client=False,
+                      peer_name=msg["name"], peer_role=msg["role"], peer_addr=shown,
+                      max_frame=max_frame)
+
+
+def _tell(sock: socket.socket, error: str) -> None:
+    """Best effort: tell a refused peer why, without waiting on it."""
+    with contextlib.suppress(OSError):
+        sock.send(_pack_plain({"error": error}), socket.MSG_DONTWAIT)
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Server
+
+
+class Server:
+    """Listens on HOST:PORT; each accepted connection is authenticated in its own thread and then
+    handed to ``handler(conn)`` in that thread.
+
+    Refused peers are logged with their address and reason; nothing of theirs reaches the
+    handler. The connection is closed when the handler returns (or raises: that is logged).
+    ``timeout`` bounds each handshake. ``stop()`` closes the listening socket and every
+    connection, and joins every thread it started.
+    """
+
+    def __init__(self, addr: str | tuple[str, int], token: bytes, *, name: str, role: str,
+                 handler: Callable[[Connection], None], max_frame: int = MAX_FRAME,
+                 timeout: float = 10.0) -> None:
+        self.address: tuple[str, int] = _normalise_addr(addr, allow_port_zero=True)
+        _check_token(token)
+        _check_identity(name, role)
+        _check_max_frame(max_frame)
+        self._token = token
+        self._name = name
+        self._role = role
+        self._handler = handler
+        self._max_frame = max_frame
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._listener: socket.socket | None = None
+        self._wake: tuple[socket.socket, socket.socket] | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._threads: set[threading.Thread] = set()
+        self._pending: set[socket.socket] = set()  # sockets still in their handshake
+        self._conns: set[Connection] = set()
+
+    def __repr__(self) -> str:
+        return f"<Server {self._role} {self._name} on {format_addr(*self.address)}>"
+
+    def start(self) -> None:
+        """Bind and listen (``SO_REUSEADDR``), then accept in a daemon thread."""
+        if self._listener is not None or self._stopping.is_set():
+            raise RuntimeError(f"{self!r} was already started")
+        self._listener = _listen(*self.address)
+        self.address = self._listener.getsockname()[:2]
+        self._wake = socket.socketpair()
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name=f"wire-accept-{format_addr(*self.address)}", daemon=True)
+        self._accept_thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, close every connection, join every thread (each up to ``timeout``)."""
+        self._stopping.set()
+        if self._accept_thread is not None and self._wake is not None:
+            self._wake[1].send(b"x")
+            self._accept_thread.join(timeout)
+        for sock in (self._listener, *(self._wake or ())):
+            if sock is not None:
+                sock.close()
+        with self._lock:
+            pending, conns = list(self._pending), list(self._conns)
+            threads = list(self._threads)
+        for sock in pending:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # its thread closes it
+        for conn in conns:
+            conn.close()
+        end = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, end - time.monotonic()))
+            if thread.is_alive():
+                log.warning("%r: thread %s did not finish within %gs of stop()", self, thread.name,
+                            timeout)
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None and self._wake is not None
+        listener = self._listener
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        poller.register(self._wake[0], select.POLLIN)
+        while not self._stopping.is_set():
+            poller.poll()
+            if self._stopping.is_set():
+                break
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as exc:
+                if self._stopping.is_set():
+                    break
+                log.error("%r: accept failed: %s", self, exc.strerror or exc)
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._stopping.wait(0.1)  # out of resources: do not spin
+                continue
+            sock.setblocking(True)
+            self._spawn(sock)
+
+    def _spawn(self, sock: socket.socket) -> None:
+        thread = threading.Thread(target=self._serve, args=(sock,), daemon=True,
+                                  name=f"wire-conn-{_peer_of(sock)}")
+        with self._lock:
+            if self._stopping.is_set():
+                sock.close()
+                return
+            self._threads.add(thread)
+            self._pending.add(sock)
+        thread.start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        try:
+            try:
+                conn = accept(sock, self._token, name=self._name, role=self._role,
+                              timeout=self._timeout, max_frame=self._max_frame)
+            except WireError:
+                return  # accept() logged it and closed the socket
+            finally:
+                with self._lock:
+                    self._pending.discard(sock)
+            with self._lock:
+                if self._stopping.is_set():
+                    conn.close()
+                    return
+                self._conns.add(conn)
+            try:
+                self._handler(conn)
+            except Exception:
+                log.exception("%r: handler for %s failed", self, conn.who)
+            finally:
+                conn.close()
+                with self._lock:
+                    self._conns.discard(conn)
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or `ListenError` saying why not."""
+    shown = format_addr(host, port)
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {shown}: cannot resolve {host!r}: {exc.strerror}",
+                          hint="use an address of this machine, or :PORT for all interfaces") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(f"cannot listen on {shown}: address already in use",
+                              hint="another process (perhaps another clusterrep) listens there; "
+                                   "stop it or choose another port") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ListenError(f"cannot listen on {shown}: no such address on this machine",
+                              hint="use an address of this machine, or :PORT for all interfaces"
+                              ) from None
+        if exc.errno == errno.EACCES:
+            raise ListenError(f"cannot listen on {shown}: permission denied",
+                              hint="ports below 1024 need privileges; choose a higher port") from None
+        raise ListenError(f"cannot listen on {shown}: {exc.strerror or exc}") from None
+    return sock
