@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import mfusepy as fuse
 
+from ..errors import ClusterrepError
 from ..node.agent import NodeAgent
 
 log = logging.getLogger("clusterrep.capture")
@@ -78,10 +79,12 @@ class CaptureFS(fuse.Operations):
         self.agent = agent
         self.handles: dict[int, Handle] = {}
         self._lock = threading.Lock()
+        self.mounted = False
 
     # -- life cycle --------------------------------------------------------------------------
 
     def init_with_config(self, conn: Any, config: Any) -> None:
+        self.mounted = True
         if conn is not None:
             conn.want &= ~FUSE_CAP_WRITEBACK_CACHE  # write-through only, whatever the default
             conn.max_write = MAX_WRITE
@@ -250,5 +253,12 @@ class CaptureFS(fuse.Operations):
 
 def mount(fs: CaptureFS, mountpoint: str, *, foreground: bool = True) -> None:
     """Mount ``fs`` and serve until unmounted or signalled (libfuse handles SIGINT/SIGTERM)."""
-    fuse.FUSE(fs, mountpoint, foreground=foreground, nothreads=False, fsname="clusterrep",
-              **MOUNT_OPTIONS)
+    try:
+        fuse.FUSE(fs, mountpoint, foreground=foreground, nothreads=False, fsname="clusterrep",
+                  **MOUNT_OPTIONS)
+    except RuntimeError as exc:
+        # libfuse returns non-zero when its loop ended by a signal; that is a clean stop once
+        # the mount is gone
+        if not fs.mounted or os.path.ismount(mountpoint):
+            raise ClusterrepError(f"FUSE failed on {mountpoint}: {exc}") from None
+        log.debug("FUSE loop ended (%s)", exc)

@@ -8,9 +8,9 @@ import sys
 
 from .. import __version__
 from ..errors import ClusterrepError
-from . import coordinator, node, replica, sim, status, verify
+from . import coordinator, demo, node, replica, sim, status, verify
 
-COMMANDS = (replica, coordinator, node, status, verify, sim)
+COMMANDS = (replica, coordinator, node, status, verify, demo, sim)
 
 
 def build_parser() -> argparse.ArgumentParser:

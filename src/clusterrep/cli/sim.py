@@ -26,7 +26,7 @@ clusterrep demo: a simulated cluster driving the real replica engine.
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    for name in ("sim", "demo"):
+    for name in ("sim",):
         p = sub.add_parser(
             name,
             help="run a simulated cluster through the real merger and applier" if name == "sim"

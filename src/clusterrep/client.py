@@ -1,0 +1,52 @@
+"""Asking the replica server what it has: status, and waiting until it has caught up."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from . import wire
+from .errors import ClusterrepError
+
+
+def fetch_status(replica: str, secret: bytes) -> dict[str, Any]:
+    conn = wire.connect(replica, secret, name=f"cli-{os.getpid()}", role="client")
+    try:
+        conn.send({"t": "status"})
+        reply = conn.recv(timeout=30)
+    finally:
+        conn.close()
+    if not isinstance(reply, dict) or reply.get("t") != "status":
+        raise ClusterrepError(f"unexpected answer from the replica: {reply!r:.200}")
+    return reply["status"]
+
+
+def pending(st: dict[str, Any], since: float) -> list[str]:
+    """Why the replica is not caught up (empty when it is). ``since``: seconds waited so far."""
+    out: list[str] = []
+    if st.get("error"):
+        out.append(f"applying stopped: {st['error']}")
+    for name, s in st["sources"].items():
+        if s["applied"] < s["captured"]:
+            out.append(f"{name}: applied up to seq {s['applied']} of {s['captured']} captured "
+                       f"({s['received']} received)")
+        elif s["connected"] and (s["report_age"] is None or s["report_age"] > since):
+            out.append(f"{name}: no report from it since the wait began")
+    if st["pending_events"] or st["queued_batches"]:
+        out.append(f"{st['pending_events']} events received but not yet applied")
+    out.extend(f"merge waits for {w}" for w in st.get("waiting_for") or [])
+    return out
+
+
+def wait_for(replica: str, secret: bytes, timeout: float) -> tuple[bool, list[str], dict[str, Any]]:
+    start = time.monotonic()
+    time.sleep(0.3)  # let every source report at least once after we started
+    while True:
+        st = fetch_status(replica, secret)
+        why = pending(st, time.monotonic() - start)
+        if not why:
+            return True, [], st
+        if time.monotonic() - start > timeout:
+            return False, why, st
+        time.sleep(0.1)

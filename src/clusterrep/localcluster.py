@@ -1,0 +1,160 @@
+"""A whole cluster on one machine, as real processes: replica, coordinator and node agents.
+
+Used by `clusterrep demo` and by the integration tests. Each part is a separate
+``python -m clusterrep ...`` process on loopback with its own state directory; every node mounts
+the capture file system over the one shared volume directory. Logs go to ``workdir/logs``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import wire
+from .client import fetch_status, wait_for
+from .errors import ClusterrepError
+from .verify import Difference, compare_trees
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalCluster:
+    def __init__(self, workdir: str | Path, nodes: tuple[str, ...] = ("h1", "h2"), *,
+                 clock_offsets: dict[str, str] | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.nodes = nodes
+        self.clock_offsets = clock_offsets or {}
+        self.volume = self.workdir / "volume"
+        self.target = self.workdir / "replica"
+        self.logs = self.workdir / "logs"
+        self.token_file = self.workdir / "token"
+        self.replica_addr = f"127.0.0.1:{free_port()}"
+        self.coordinator_addr = f"127.0.0.1:{free_port()}"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        for d in (self.volume, self.target, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+        if not self.token_file.exists():
+            self.token_file.write_text(secrets.token_hex(24) + "\n")
+            self.token_file.chmod(0o600)
+        self.token = wire.load_token(self.token_file)
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def mount(self, node: str) -> Path:
+        return self.workdir / f"mnt-{node}"
+
+    def _spawn(self, name: str, args: list[str], prefix: list[str] | None = None) -> None:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
+        cmd = (prefix or []) + [sys.executable, "-m", "clusterrep", *args,
+                                "--token-file", str(self.token_file)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=log, env=env,
+                                            start_new_session=True)
+
+    def _wait_port(self, name: str, addr: str, timeout: float) -> None:
+        host, port = addr.rsplit(":", 1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive(name)
+            try:
+                with socket.create_connection((host, int(port)), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise ClusterrepError(f"{name} did not start listening on {addr} within {timeout:g} s",
+                              hint=f"see {self.logs / name}.log")
+
+    def _check_alive(self, name: str) -> None:
+        proc = self.procs[name]
+        if proc.poll() is not None:
+            tail = (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
+            raise ClusterrepError(f"{name} exited with status {proc.returncode}:\n{tail}")
+
+    def start_replica(self, timeout: float = 30.0) -> None:
+        self._spawn("replica", ["replica", "--listen", self.replica_addr, "--target",
+                                str(self.target), "--state", str(self.workdir / "state-replica")])
+        self._wait_port("replica", self.replica_addr, timeout)
+
+    def start_coordinator(self, timeout: float = 30.0) -> None:
+        self._spawn("coordinator", ["coordinator", "--listen", self.coordinator_addr, "--volume",
+                                    str(self.volume), "--replica", self.replica_addr, "--state",
+                                    str(self.workdir / "state-coordinator")])
+        self._wait_port("coordinator", self.coordinator_addr, timeout)
+
+    def start_node(self, node: str, timeout: float = 30.0) -> None:
+        prefix: list[str] = []
+        offset = self.clock_offsets.get(node)
+        if offset:
+            if shutil.which("faketime") is None:
+                raise ClusterrepError("faketime is needed to skew a node's clock",
+                                      hint="apt-get install faketime")
+            prefix = ["faketime", "-f", offset]
+        mnt = self.mount(node)
+        self._spawn(node, ["node", "--id", node, "--volume", str(self.volume), "--mount", str(mnt),
+                           "--coordinator", self.coordinator_addr, "--replica", self.replica_addr,
+                           "--state", str(self.workdir / f"state-{node}")], prefix)
+        deadline = time.monotonic() + timeout
+        while not os.path.ismount(mnt):
+            self._check_alive(node)
+            if time.monotonic() > deadline:
+                raise ClusterrepError(f"node {node} did not mount {mnt} within {timeout:g} s",
+                                      hint=f"see {self.logs / node}.log")
+            time.sleep(0.05)
+
+    def start(self) -> LocalCluster:
+        self.start_replica()
+        self.start_coordinator()
+        for node in self.nodes:
+            self.start_node(node)
+        return self
+
+    def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        proc = self.procs.get(name)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if name in self.nodes and os.path.ismount(self.mount(name)):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mount(name))], check=False)
+        del self.procs[name]
+        return proc.returncode
+
+    def stop(self) -> None:
+        for name in [n for n in self.procs if n in self.nodes]:
+            self.stop_process(name)
+        for name in ("coordinator", "replica"):
+            self.stop_process(name)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return fetch_status(self.replica_addr, self.token)
+
+    def wait(self, timeout: float = 60.0) -> tuple[bool, list[str], dict[str, Any]]:
+        return wait_for(self.replica_addr, self.token, timeout)
+
+    def verify(self) -> list[Difference]:
+        return list(compare_trees(self.volume, self.target))
