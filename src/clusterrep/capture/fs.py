@@ -18,6 +18,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,10 +104,18 @@ class CaptureFS(fuse.Operations):
         }
 
     @guarded
-    def readdir(self, path: str, fh: int) -> list[str]:
+    def readdir(self, path: str, fh: int) -> list[Any]:
+        # with use_ino the kernel drops entries whose inode is 0: give the real ones
         fd = os.open(rel(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root)
         try:
-            return [".", "..", *os.listdir(fd)]
+            here = os.fstat(fd)
+            out: list[Any] = [(".", {"st_mode": here.st_mode, "st_ino": here.st_ino}, 0),
+                              ("..", {"st_mode": stat.S_IFDIR, "st_ino": 1}, 0)]
+            with os.scandir(fd) as it:
+                for entry in it:
+                    st = entry.stat(follow_symlinks=False)
+                    out.append((entry.name, {"st_mode": st.st_mode, "st_ino": st.st_ino}, 0))
+            return out
         finally:
             os.close(fd)
 
