@@ -36,7 +36,7 @@ def test_plain_os_calls_through_both_mounts(identical, cluster: LocalCluster) ->
     identical(cluster)
 
 
-def test_concurrent_writers_on_one_file_are_recorded_in_volume_order(identical, cluster: LocalCluster) -> None:
+def test_concurrent_writers_on_one_file_are_recorded_in_volume_order(identical, cluster) -> None:
     """Several threads write overlapping ranges of one file: the replica ends equal."""
     path = cluster.mount("h1") / "shared.img"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -75,8 +75,8 @@ FIO = ["fio", "--ioengine=psync", "--bs=4k", "--size=16m", "--verify=crc32c",
 
 
 def _fio(name: str, filename: Path, rw: str, seed: int) -> None:
-    result = subprocess.run(FIO + [f"--name={name}", f"--filename={filename}", f"--rw={rw}",
-                                   f"--randseed={seed}"], capture_output=True, text=True)
+    args = [*FIO, f"--name={name}", f"--filename={filename}", f"--rw={rw}", f"--randseed={seed}"]
+    result = subprocess.run(args, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
