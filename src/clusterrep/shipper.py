@@ -109,6 +109,12 @@ class Shipper:
         conn.send({"t": "hello", "source": self.name})
         reply = self._reply(conn)
         nxt = int(reply["next"])
+        if nxt > self.journal.next_index:
+            raise ReplicaRefused(
+                f"the replica already has seq {nxt - 1} from {self.name}, but this journal ends at "
+                f"{self.journal.next_index - 1}: this source's state was reset or restored from an "
+                "older copy, and its new events would be taken for duplicates",
+                hint="give this node a new --id, or reset the replica")
         if nxt < self.journal.first_index:
             raise ReplicaRefused(
                 f"the replica needs seq {nxt} but this journal starts at "
@@ -125,7 +131,12 @@ class Shipper:
         while not self._stop.is_set():
             records: list[tuple[int, bytes]] = []
             if nxt < self.journal.next_index:
+                if self.journal.durable_index <= nxt:
+                    # never let the replica hold an event this source could lose in a crash:
+                    # it would reuse the seq and the replica would drop the new event
+                    self.journal.sync()
                 records = self.journal.read(nxt, max_bytes=self.batch_bytes)
+                records = [r for r in records if r[0] < self.journal.durable_index]
             if records:
                 events = [raw for _, raw in records]
                 conn.send({"t": "batch", "events": events, "captured": self.captured})

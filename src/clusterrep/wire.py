@@ -349,10 +349,10 @@ class _Reader:
             self._end += self._recv(self._view[self._end :], deadline)
         (length,) = _LEN.unpack_from(self._buf, self._start)
         if length > limit:
-            raise FrameError(f"{what} from {self._peer} claims {length} bytes, more than "
+            raise FrameError(f"{self._peer} sent a {what} that claims {length} bytes, more than "
                              f"the limit of {limit}")
         if length < minimum:
-            raise FrameError(f"{what} from {self._peer} claims {length} bytes, less than "
+            raise FrameError(f"{self._peer} sent a {what} that claims {length} bytes, less than "
                              f"the minimum of {minimum}")
         total = 4 + length
         if total > len(self._buf):
@@ -569,7 +569,8 @@ class Connection:
         try:
             return _unpack(payload)
         except _UNPACK_ERRORS as exc:
-            raise FrameError(f"frame {counter} from {self.who} is not valid msgpack: {exc}") from None
+            raise FrameError(f"frame {counter} from {self.who} is not valid msgpack: "
+                             f"{exc or type(exc).__name__}") from None
 
     def close(self) -> None:
         """Close the connection (idempotent). Wakes any thread blocked in ``send``/``recv``."""
@@ -719,11 +720,11 @@ def accept(sock: socket.socket, token: bytes, *, name: str, role: str, timeout: 
     `AuthError` (wrong token, malformed or slow handshake), `FrameError` (not the protocol),
     `PeerClosed` (it went away).
     """
-    _check_identity(name, role)
-    _check_token(token)
-    _check_max_frame(max_frame)
     shown = _peer_of(sock)
     try:
+        _check_identity(name, role)
+        _check_token(token)
+        _check_max_frame(max_frame)
         sock.settimeout(None)
         _tune(sock)
         return _server_handshake(sock, token, name, role, timeout, max_frame, shown)
@@ -731,7 +732,7 @@ def accept(sock: socket.socket, token: bytes, *, name: str, role: str, timeout: 
         if isinstance(exc, OSError):
             exc = PeerClosed(f"peer {shown} broke the connection during the handshake: "
                              f"{exc.strerror or exc}")
-        log.warning("refused peer %s: %s", shown, exc.args[0])
+        log.warning("connection refused: %s", exc)  # every message names the peer
         _close_quietly(sock)
         raise exc from None
     except BaseException:
@@ -830,9 +831,11 @@ class Server:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, close every connection, join every thread (each up to ``timeout``)."""
         self._stopping.set()
-        if self._accept_thread is not None and self._wake is not None:
-            self._wake[1].send(b"x")
-            self._accept_thread.join(timeout)
+        accept_thread, self._accept_thread = self._accept_thread, None
+        if accept_thread is not None and self._wake is not None:
+            with contextlib.suppress(OSError):
+                self._wake[1].send(b"x")
+            accept_thread.join(timeout)
         for sock in (self._listener, *(self._wake or ())):
             if sock is not None:
                 sock.close()

@@ -158,3 +158,20 @@ def test_mount_survives_a_bad_request(identical, cluster: LocalCluster, node: st
         os.link(m / "d", m / "hard")
     (m / "ok").write_text("still works")
     identical(cluster)
+
+
+def test_a_node_leaves_cleanly_and_rejoins(identical, cluster: LocalCluster) -> None:
+    """A stopped node leaves the cluster, so the replica does not wait for it; it can come back."""
+    m1 = cluster.mount("h1")
+    (cluster.mount("h2") / "from-h2").write_text("before the stop")
+    assert cluster.stop_process("h2") == 0
+    assert not os.path.ismount(cluster.mount("h2"))
+    (m1 / "d").mkdir()
+    (m1 / "d" / "f").write_text("while h2 is away")
+    st = identical(cluster)
+    assert st["members"] == ["h1"]
+    cluster.start_node("h2")
+    (cluster.mount("h2") / "d" / "f").write_text("h2 is back")
+    (cluster.mount("h2") / "from-h2").unlink()
+    st = identical(cluster)
+    assert st["members"] == ["h1", "h2"]

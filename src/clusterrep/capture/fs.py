@@ -67,6 +67,14 @@ class Handle:
     write: bool
 
 
+def _backing_flags(flags: int) -> int:
+    """Flags for the backing file of a write handle. O_APPEND is dropped: the kernel already
+    chose the offset, and pwrite on an O_APPEND descriptor would ignore it (Linux), so the data
+    could land elsewhere than the offset we record. Creation and truncation were done by the
+    coordinator."""
+    return (flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND)) | os.O_CLOEXEC
+
+
 def rel(path: str) -> str:
     return path.lstrip("/") or "."
 
@@ -145,8 +153,7 @@ class CaptureFS(fuse.Operations):
     def create(self, path: str, mode: int, flags: int = os.O_WRONLY) -> int:
         p = rel(path)
         reply = self.agent.meta("create", path=p, mode=mode & 0o7777)
-        fd = os.open(p, (flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)) | os.O_CLOEXEC,
-                     dir_fd=self.root)
+        fd = os.open(p, _backing_flags(flags), dir_fd=self.root)
         return self._register(fd, Handle(int(reply["ino"]), p, True))
 
     @guarded
@@ -159,8 +166,7 @@ class CaptureFS(fuse.Operations):
         reply = self.agent.meta("open", path=p)
         if flags & os.O_TRUNC:
             self.agent.meta("truncate", path=p, size=0)
-        fd = os.open(p, (flags & ~(os.O_TRUNC | os.O_CREAT | os.O_EXCL)) | os.O_CLOEXEC,
-                     dir_fd=self.root)
+        fd = os.open(p, _backing_flags(flags), dir_fd=self.root)
         return self._register(fd, Handle(int(reply["ino"]), p, True))
 
     @guarded

@@ -76,15 +76,31 @@ class NodeAgent:
         if not self.control.up.wait(max(0.0, deadline - time.monotonic())):
             raise OSError(errno.ETIMEDOUT, "control link to the coordinator did not come up")
 
-    def stop(self, drain_timeout: float = 10.0) -> None:
-        """Stop; first give the shipper ``drain_timeout`` seconds to ship what is captured."""
+    def stop(self, drain_timeout: float = 10.0, *, leave: bool = True) -> None:
+        """Stop after the file system is unmounted.
+
+        With ``leave`` the node leaves the cluster cleanly (its `Leave` copy is the last event of
+        its stream), so the replica stops waiting for it; a node that crashed stays a member and
+        the replica waits for what it may still have to ship. Then the shipper gets
+        ``drain_timeout`` seconds to ship what is captured.
+        """
+        self.control.stop()  # no more ticks or recalls from here on
+        if leave:
+            try:
+                reply = self.client.call("leave", op_id=self._op_id())
+                with self._rec:
+                    self.known = max(self.known, int(reply["gseq"]))
+                if reply.get("event"):
+                    self._record_copy(reply["event"])
+            except OSError as exc:
+                log.warning("could not leave the cluster cleanly (%s); the replica will wait for "
+                            "this node until it runs again", exc)
         deadline = time.monotonic() + drain_timeout
         while self.shipper.backlog > 0 and self.shipper.connected and time.monotonic() < deadline:
             time.sleep(0.05)
         if self.shipper.backlog > 0:
             log.warning("%d events not yet on the replica stay in the spool %s; they are shipped "
                         "when this node starts again", self.shipper.backlog, self.state / "spool")
-        self.control.stop()
         self.client.close()
         self.shipper.stop()
         self.spool.sync()

@@ -118,11 +118,12 @@ class Merger:
             if isinstance(nxt, Join) and nxt.origin == self.coordinator:
                 raise InvalidEvent("the coordinator cannot join as a node")
             if isinstance(nxt, Leave):
-                leftover = self._buf.get(nxt.origin)
-                if leftover:
+                early = [s for s, item in (self._buf.get(nxt.origin) or {}).items()
+                         if type(item) is not int and item.after < nxt.gseq]
+                if early:
                     raise StampViolation(
-                        f"node {nxt.origin} left at gseq {nxt.gseq} but has events after it: "
-                        f"seq {sorted(leftover)[:5]}"
+                        f"node {nxt.origin} left at gseq {nxt.gseq} but still has events placed "
+                        f"before it: seq {sorted(early)[:5]}"
                     )
         return out
 
