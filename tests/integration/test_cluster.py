@@ -71,7 +71,7 @@ def test_overlapping_writers_on_two_hosts_hand_over_by_token(identical, cluster:
 
 
 FIO = ["fio", "--ioengine=psync", "--bs=4k", "--size=16m", "--verify=crc32c",
-       "--verify_fatal=1", "--do_verify=1", "--randrepeat=0"]
+       "--verify_fatal=1", "--do_verify=1", "--randrepeat=0", "--verify_state_save=0"]
 
 
 def _fio(name: str, filename: Path, rw: str, seed: int) -> None:
