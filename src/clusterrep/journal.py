@@ -6,8 +6,9 @@ silently: a torn tail (what a crash leaves after the last fsync) is cut with a w
 else refuses to open.
 
 On disk, a journal is a directory of *segment* files named by the index of their first record,
-zero-padded to 20 digits (``00000000000000000001.seg``), so sorting names sorts indexes, plus a
-``lock`` file. A segment is::
+zero-padded to 20 digits (``00000000000000000001.seg``), so sorting names sorts indexes, a
+``lock`` file, and ``journal.meta``, written once at creation (a journal that has it but no
+segments lost them, and is refused rather than restarted at index 1). A segment is::
 
     segment header  16 bytes: magic b"CRJOURN1", first index (u64 LE)
     record          16-byte header + payload, repeated:
@@ -59,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from .durable import fsync_dir
+from .durable import atomic_write, fsync_dir
 from .errors import (
     JournalCorrupt,
     JournalError,
@@ -78,6 +79,8 @@ RECORD_HEADER = struct.Struct("<IIQ")  # length, crc, index
 SEGMENT_HEADER_SIZE = SEGMENT_HEADER.size
 RECORD_HEADER_SIZE = RECORD_HEADER.size
 LOCK_NAME = "lock"
+META_NAME = "journal.meta"  # written once when the journal is created; its segments never all go
+_META_TEXT = b'{"format": "clusterrep journal", "version": 1}\n'
 SEGMENT_SUFFIX = ".seg"
 
 _LEN_INDEX = struct.Struct("<IQ")
@@ -85,7 +88,8 @@ _INDEX = struct.Struct("<Q")
 _NAME = re.compile(r"^(\d{20})\.seg$")
 _STRIDE = 64  # the in-memory index keeps the offset of every 64th record of a segment
 _READ_CHUNK = 1 << 20
-_WRITE_CHUNK = 4 << 20  # appends write at most this much per pwrite
+_WRITE_CHUNK = 4 << 20  # appends write at most this much per pwritev
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
 _MAX_READERS = 16  # file descriptors kept open for reading old segments
 _LOOKAHEAD = 64  # after a bad record, look for the next this many indexes further on
 
@@ -93,11 +97,6 @@ _LOOKAHEAD = 64  # after a bad record, look for the next this many indexes furth
 def record_crc(index: int, payload: bytes | memoryview) -> int:
     """The checksum of a record: CRC-32 of its length, its index and its payload."""
     return zlib.crc32(payload, zlib.crc32(_LEN_INDEX.pack(len(payload), index)))
-
-
-def encode_record(index: int, payload: bytes) -> bytes:
-    """Header and payload of record ``index`` as stored on disk."""
-    return RECORD_HEADER.pack(len(payload), record_crc(index, payload), index) + payload
 
 
 def segment_name(first: int) -> str:
@@ -294,6 +293,9 @@ class Journal:
         self._lock_fd = self._acquire_lock()
         try:
             self._open_segments()
+        except OSError as exc:
+            self._release()
+            raise JournalError(f"cannot open journal {self.directory}: {exc}") from exc
         except BaseException:
             self._release()
             raise
@@ -325,9 +327,16 @@ class Journal:
 
     def _open_segments(self) -> None:
         found = _list_segments(self.directory)
+        meta = self.directory / META_NAME
         if not found:
+            if meta.exists():  # never happens by itself: the last segment is never deleted
+                raise JournalCorrupt(
+                    f"journal {self.directory} has no segment files left, but it was used before "
+                    f"({meta} exists): starting again at index 1 would reuse indexes",
+                    hint=_corrupt_hint(self.directory))
             self._segments.append(self._create_segment(1))
             self._first_index = self._next_index = self._durable_index = 1
+            atomic_write(meta, _META_TEXT)
             return
         for k, (first, path) in enumerate(found):
             if self._segments:
@@ -354,6 +363,8 @@ class Journal:
             os.fsync(current.fd)  # what a crashed process left in the page cache is durable now
         self._first_index = self._segments[0].first
         self._next_index = self._durable_index = current.first + current.count
+        if not meta.exists():
+            atomic_write(meta, _META_TEXT)
 
     def _cut_tail(self, segment: _Segment, why: str) -> None:
         size = segment.path.stat().st_size
@@ -394,6 +405,9 @@ class Journal:
         except BaseException:
             os.close(fd)
             _unlink_quietly(path)
+            if self._fsync:  # best effort: a crash should not bring back a segment beyond the end
+                with contextlib.suppress(OSError):
+                    fsync_dir(self.directory)
             raise
         return _Segment(first, path, fd)
 
@@ -492,11 +506,10 @@ class Journal:
         return rolled
 
     def _flush(self, segment: _Segment, pending: list[bytes], pos: int) -> None:
-        """Write the pending buffers so that they end at ``pos``; then the segment ends there."""
+        """Write the pending buffers at the segment's end, which then is ``pos``."""
         if pending:
-            data = b"".join(pending)
             assert segment.fd is not None
-            _pwrite_all(segment.fd, data, pos - len(data))
+            _pwritev_all(segment.fd, pending, segment.end)
         segment.end = pos
 
     def _roll(self, first: int) -> _Segment:
@@ -554,6 +567,9 @@ class Journal:
         """Make every record appended so far durable (one fsync for all callers); return durable_index."""
         with self._cond:
             self._check_usable()
+            if not self._fsync:
+                self._durable_index = self._next_index
+                return self._durable_index
             target = self._next_index
             while self._durable_index < target and self._syncing:
                 self._cond.wait()  # an fsync is running; it may cover us, else we lead the next
@@ -566,8 +582,7 @@ class Journal:
             assert fd is not None
             fd = os.dup(fd)  # trim, close or a failed append must not close it under the fsync
         try:
-            if self._fsync:
-                os.fsync(fd)
+            os.fsync(fd)
         except OSError as exc:
             with self._cond:
                 self._failed = f"fsync failed: {exc}"
@@ -593,9 +608,12 @@ class Journal:
         At most ``max_records`` records and ``max_bytes`` payload bytes, but always at least one
         record when one exists, so a record bigger than ``max_bytes`` cannot stall a reader.
         Records not yet synced are returned too (``durable_index`` says which are durable).
+        Every record read is verified against its checksum. Appends wait while a read runs.
         """
         with self._cond:
             self._check_usable()
+            if start < 1:
+                raise ValueError(f"journal indexes start at 1, not {start}")
             if start < self._first_index:
                 raise JournalTrimmed(f"journal {self.directory}: records from {start} were asked for, but "
                                      f"the range below {self._first_index} was trimmed")
@@ -604,13 +622,16 @@ class Journal:
                 return out
             budget = [max_records, max_bytes]
             k = bisect_right(self._segments, start, key=lambda s: s.first) - 1
-            while k < len(self._segments) and start < self._next_index:
-                segment = self._segments[k]
-                if start < segment.first + segment.count and not self._read_segment(segment, start, out,
-                                                                                    budget):
-                    break
-                start = segment.first + segment.count
-                k += 1
+            try:
+                while k < len(self._segments) and start < self._next_index:
+                    segment = self._segments[k]
+                    if start < segment.first + segment.count and not self._read_segment(
+                            segment, start, out, budget):
+                        break
+                    start = segment.first + segment.count
+                    k += 1
+            except OSError as exc:
+                raise JournalError(f"journal {self.directory}: reading record {start} failed: {exc}") from exc
             return out
 
     def _read_segment(self, segment: _Segment, start: int, out: list[tuple[int, bytes]],
@@ -624,6 +645,8 @@ class Journal:
         while index < stop:
             if off + RECORD_HEADER_SIZE > buf_off + len(buf):
                 buf, buf_off = os.pread(fd, min(_READ_CHUNK, segment.end - off), off), off
+                if len(buf) < RECORD_HEADER_SIZE:
+                    raise self._damaged(segment, off, index, "the file ends early")
             length, crc, stored = RECORD_HEADER.unpack_from(buf, off - buf_off)
             end = off + RECORD_HEADER_SIZE + length
             if index >= start:
@@ -634,9 +657,7 @@ class Journal:
                     buf, buf_off = os.pread(fd, max(_READ_CHUNK, end - off), off), off
                 payload = buf[off + RECORD_HEADER_SIZE - buf_off:end - buf_off]
                 if len(payload) != length or stored != index or record_crc(index, payload) != crc:
-                    raise JournalCorrupt(
-                        f"journal segment damaged: {segment.path}, offset {off} (record {index}) no longer "
-                        f"matches its checksum", hint=_corrupt_hint(self.directory))
+                    raise self._damaged(segment, off, index, "it no longer matches its checksum")
                 out.append((index, payload))
                 budget[0] = None if max_records is None else max_records - 1
                 budget[1] = None if max_bytes is None else max_bytes - length
@@ -644,6 +665,10 @@ class Journal:
                     return False
             off, index = end, index + 1
         return True
+
+    def _damaged(self, segment: _Segment, off: int, index: int, why: str) -> JournalCorrupt:
+        return JournalCorrupt(f"journal segment damaged: {segment.path}, offset {off} (record {index}): "
+                              f"{why}", hint=_corrupt_hint(self.directory))
 
     def _reader_fd(self, segment: _Segment) -> int:
         """An open fd for reading ``segment``; old segments' fds are cached, least recently used out."""
@@ -743,6 +768,9 @@ class Journal:
             found = _list_segments(directory)
         except JournalCorrupt as exc:
             return JournalInfo(directory, (), 1, 1, 0, (str(exc),), True)
+        if not found and (directory / META_NAME).exists():
+            problems.append(f"no segment files left in {directory}, which was used before (opening refuses)")
+            corrupt = True
         expected: int | None = None
         for k, (first, path) in enumerate(found):
             if expected is not None and expected != first:
@@ -771,6 +799,22 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
+
+
+def _pwritev_all(fd: int, buffers: list[bytes], offset: int) -> None:
+    """Write ``buffers`` back to back from ``offset`` with as few pwritev calls as possible."""
+    views = [memoryview(b) for b in buffers if b]
+    while views:
+        chunk = views[:_IOV_MAX]
+        written = os.pwritev(fd, chunk, offset)
+        offset += written
+        done = 0
+        while done < len(chunk) and written >= len(chunk[done]):
+            written -= len(chunk[done])
+            done += 1
+        if done < len(chunk):
+            chunk[done] = chunk[done][written:]
+        views = chunk[done:] + views[len(chunk):]
 
 
 def _unlink_quietly(path: Path) -> None:

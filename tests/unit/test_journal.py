@@ -6,6 +6,7 @@ there is one, so that fsync is cheap; the code paths are the same as on a disk.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -331,6 +332,32 @@ def test_missing_middle_segment_raises(fast_dir: Path) -> None:
     assert str(files[2]) in str(err.value)
 
 
+def test_journal_whose_segments_all_vanished_is_refused(fast_dir: Path) -> None:
+    build(fast_dir, 3)
+    for f in segments(fast_dir):
+        f.unlink()
+    assert Journal.inspect(fast_dir).corrupt
+    with pytest.raises(JournalCorrupt, match="reuse indexes"):
+        Journal(fast_dir)  # restarting at 1 would hand out seqs the replica already has
+
+
+def test_short_writes_are_continued(fast_dir: Path) -> None:
+    """pwritev may write less than asked (signals, quotas): the rest is written, nothing garbled."""
+    real = os.pwritev
+
+    def dribble(fd: int, buffers: list[bytes], offset: int) -> int:
+        data = b"".join(bytes(b) for b in buffers)
+        return real(fd, [data[:7]], offset)
+
+    recs = [b"a" * 5, b"", b"b" * 30, b"c" * 3]
+    with Journal(fast_dir) as j:
+        with mock.patch("os.pwritev", dribble):
+            assert j.append(recs) == 1
+        assert read_all(j) == list(enumerate(recs, 1))
+    with Journal(fast_dir) as j:
+        assert read_all(j) == list(enumerate(recs, 1))
+
+
 def test_renamed_segment_and_stray_file_raise(fast_dir: Path) -> None:
     build(fast_dir, 12, segment_bytes=256)
     files = segments(fast_dir)
@@ -352,6 +379,9 @@ def test_damage_found_while_reading_raises(fast_dir: Path) -> None:
         assert [i for i, _ in j.read(1, max_records=3)] == [1, 2, 3]
         with pytest.raises(JournalCorrupt, match=f"offset {off}"):
             j.read(1)
+        os.truncate(seg, off + 3)
+        with pytest.raises(JournalCorrupt, match="ends early"):
+            j.read(4)
 
 
 def test_inspect_reports_without_changing_anything(fast_dir: Path) -> None:
@@ -451,32 +481,38 @@ def test_disk_full_on_a_real_small_filesystem(small_tmpfs: Path) -> None:
 
 
 class FailingWrites:
-    """os.pwrite that writes ``budget`` more bytes (the last write short), then raises ``err``."""
+    """os.pwrite and os.pwritev that write ``budget`` more bytes (the last write short), then
+    raise ``err``: a file system filling up."""
 
     def __init__(self, budget: int, err: int = errno.ENOSPC) -> None:
         self.budget, self.err, self.real = budget, err, os.pwrite
 
-    def __call__(self, fd: int, data: bytes, offset: int) -> int:
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
         if self.budget <= 0:
             raise OSError(self.err, os.strerror(self.err))
         n = min(len(data), self.budget)
         self.budget -= n
         return self.real(fd, memoryview(data)[:n], offset)
 
+    def pwritev(self, fd: int, buffers: list[bytes], offset: int) -> int:
+        return self.pwrite(fd, b"".join(buffers), offset)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        with mock.patch("os.pwrite", self.pwrite), mock.patch("os.pwritev", self.pwritev):
+            yield
+
 
 @pytest.mark.parametrize("budget", [0, 5, 16, 40, 60, 300, 600])
-def test_failed_append_is_rolled_back_completely(fast_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                                 budget: int) -> None:
+def test_failed_append_is_rolled_back_completely(fast_dir: Path, budget: int) -> None:
     """A batch that fails part-way (also after rolling to new segments) leaves nothing behind."""
     with Journal(fast_dir, segment_bytes=256) as j:
         j.append(payloads(3, size=37))
         j.sync()
         j.append([b"unsynced"])
         names, sizes = segments(fast_dir), [f.stat().st_size for f in segments(fast_dir)]
-        monkeypatch.setattr(os, "pwrite", FailingWrites(budget))
-        with pytest.raises(JournalFull):
+        with FailingWrites(budget).installed(), pytest.raises(JournalFull):
             j.append(payloads(12, 100, size=37))  # rolls twice when it gets that far
-        monkeypatch.undo()
         assert segments(fast_dir) == names
         assert [f.stat().st_size for f in segments(fast_dir)] == sizes
         assert (j.next_index, j.durable_index) == (5, 4)  # the unsynced record is not called durable
@@ -486,13 +522,12 @@ def test_failed_append_is_rolled_back_completely(fast_dir: Path, monkeypatch: py
         assert [p for _, p in read_all(j)] == [*payloads(3, size=37), b"unsynced", b"five"]
 
 
-def test_other_write_errors_are_journal_errors(fast_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_other_write_errors_are_journal_errors(fast_dir: Path) -> None:
     with Journal(fast_dir) as j:
-        monkeypatch.setattr(os, "pwrite", FailingWrites(10, errno.EIO))
-        with pytest.raises(JournalError, match="nothing of it was kept") as err:
+        with FailingWrites(10, errno.EIO).installed(), \
+                pytest.raises(JournalError, match="nothing of it was kept") as err:
             j.append([b"x" * 100])
         assert not isinstance(err.value, JournalFull)
-        monkeypatch.undo()
         assert j.append([b"y"]) == 1
 
 
@@ -674,7 +709,7 @@ def test_synced_records_survive_any_history(ops: list[tuple]) -> None:
                 elif op[0] == "failed-append":
                     expected = j.next_index
                     try:
-                        with mock.patch("os.pwrite", FailingWrites(op[2])):
+                        with FailingWrites(op[2]).installed():
                             j.append(op[1])
                     except JournalFull:
                         assert j.next_index == expected
