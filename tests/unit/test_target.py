@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from clusterrep.confined import Target
 from clusterrep.errors import ApplyError, InvalidEvent, SimulatedCrash, TargetEscape
 from clusterrep.events import (
     Close,
@@ -35,7 +36,6 @@ from clusterrep.events import (
     Write,
 )
 from clusterrep.replica.applier import Applier
-from clusterrep.confined import Target
 from clusterrep.sim.volume import Volume, read_tree
 
 COORD = "coordinator"

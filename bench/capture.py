@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Benchmark: the cost of capture, measured with fio against real peers in the same run.
+
+For 4 KiB random writes (IOPS) and 1 MiB sequential writes (MB/s), on:
+
+  (a) the raw volume directory,
+  (b) bindfs over it (a native FUSE pass-through; ``-o big_writes`` where supported),
+  (c) a clusterrep node mount (capture on: every write recorded and spooled),
+  (d) end to end: the same job on a clusterrep mount, timed until ``wait`` says the replica
+      has applied everything.
+
+Prints each figure and the ratios c/b, c/a and d/c. The last line is machine-readable:
+``rand_vs_bindfs=<f> seq_vs_bindfs=<f> e2e_vs_capture=<f>``.
+Needs root, FUSE 3, fio and bindfs (``apt-get install fuse3 libfuse3-dev fio bindfs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from clusterrep.localcluster import LocalCluster
+
+JOBS = {
+    "rand": ["--rw=randwrite", "--bs=4k"],
+    "seq": ["--rw=write", "--bs=1m"],
+}
+
+
+def fio(job: str, directory: Path, size_mib: int, runtime: float) -> dict[str, float]:
+    """Run one fio job in ``directory``; return iops, MB/s, bytes and seconds."""
+    args = ["fio", f"--name={job}", f"--directory={directory}", "--ioengine=psync", "--direct=0",
+            f"--size={size_mib}m", "--numjobs=1", "--end_fsync=1", "--output-format=json",
+            "--randrepeat=0", *JOBS[job]]
+    if runtime:
+        args += [f"--runtime={runtime}", "--time_based"]
+    start = time.monotonic()
+    out = subprocess.run(args, capture_output=True, text=True, check=True)
+    elapsed = time.monotonic() - start
+    w = json.loads(out.stdout)["jobs"][0]["write"]
+    return {"iops": w["iops"], "mbps": w["bw_bytes"] / 1e6, "bytes": w["io_bytes"],
+            "ios": w["total_ios"], "seconds": elapsed}
+
+
+def bindfs_mount(src: Path, mnt: Path) -> list[str]:
+    mnt.mkdir(parents=True, exist_ok=True)
+    for opts in (["-o", "big_writes"], []):
+        r = subprocess.run(["bindfs", *opts, str(src), str(mnt)], capture_output=True, text=True)
+        if r.returncode == 0:
+            return opts
+    raise SystemExit(f"bindfs failed: {r.stderr}")
+
+
+def unmount(mnt: Path) -> None:
+    for cmd in (["fusermount3", "-u", str(mnt)], ["fusermount", "-u", str(mnt)], ["umount", str(mnt)]):
+        if subprocess.run(cmd, capture_output=True).returncode == 0:
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=256, help="fio file size (default 256)")
+    ap.add_argument("--runtime", type=float, default=10, help="seconds per random-write job (default 10)")
+    ap.add_argument("--dir", default=None, help="work directory on the disk to test (default: temp)")
+    args = ap.parse_args(argv)
+    for tool in ("fio", "bindfs", "fusermount3"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is missing: apt-get install fuse3 libfuse3-dev fio bindfs")
+
+    work = Path(tempfile.mkdtemp(prefix="cr-capture-", dir=args.dir))
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    try:
+        raw = work / "raw"
+        raw.mkdir()
+        results["a"] = {job: fio(job, raw, args.size_mib, args.runtime if job == "rand" else 0)
+                        for job in JOBS}
+        shutil.rmtree(raw)
+
+        bsrc, bmnt = work / "bindfs-src", work / "bindfs-mnt"
+        bsrc.mkdir()
+        opts = bindfs_mount(bsrc, bmnt)
+        try:
+            results["b"] = {job: fio(job, bmnt, args.size_mib, args.runtime if job == "rand" else 0)
+                            for job in JOBS}
+        finally:
+            unmount(bmnt)
+        shutil.rmtree(bsrc)
+
+        results["c"], results["d"] = {}, {}
+        for job in JOBS:
+            with LocalCluster(work / f"cluster-{job}", ("h1",)).start() as cluster:
+                mnt = cluster.mount("h1")
+                (mnt / "c").mkdir()
+                (mnt / "d").mkdir()
+                results["c"][job] = fio(job, mnt / "c", args.size_mib, args.runtime if job == "rand" else 0)
+                ok, why, _ = cluster.wait(timeout=600)
+                assert ok, why
+                start = time.monotonic()
+                r = fio(job, mnt / "d", args.size_mib, args.runtime if job == "rand" else 0)
+                ok, why, _ = cluster.wait(timeout=600)
+                assert ok, why
+                total = time.monotonic() - start
+                results["d"][job] = {"iops": r["ios"] / total, "mbps": r["bytes"] / total / 1e6,
+                                     "bytes": r["bytes"], "ios": r["ios"], "seconds": total}
+                diffs = cluster.verify()
+                assert not diffs, diffs[:5]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    names = {"a": "raw directory", "b": f"bindfs {' '.join(opts)}".strip(),
+             "c": "clusterrep capture", "d": "clusterrep end-to-end"}
+    print(f"fio psync, {args.size_mib} MiB file, random jobs {args.runtime:g} s, end_fsync=1")
+    print(f"{'':24} {'4 KiB rand IOPS':>16} {'1 MiB seq MB/s':>16}")
+    for k in "abcd":
+        print(f"({k}) {names[k]:20} {results[k]['rand']['iops']:>16,.0f} {results[k]['seq']['mbps']:>16,.1f}")
+    r = {f"{x}{y}_{job}": results[x][job]["iops" if job == "rand" else "mbps"] /
+         results[y][job]["iops" if job == "rand" else "mbps"]
+         for x, y in (("c", "b"), ("c", "a"), ("d", "c")) for job in JOBS}
+    print(f"c/b: rand {r['cb_rand']:.2f}  seq {r['cb_seq']:.2f}   (goal >= 2.0 and >= 1.0)")
+    print(f"c/a: rand {r['ca_rand']:.2f}  seq {r['ca_seq']:.2f}")
+    print(f"d/c: rand {r['dc_rand']:.2f}  seq {r['dc_seq']:.2f}   (goal >= 0.5)")
+    print(f"rand_vs_bindfs={r['cb_rand']:.3f} seq_vs_bindfs={r['cb_seq']:.3f} "
+          f"e2e_vs_capture={min(r['dc_rand'], r['dc_seq']):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
