@@ -374,6 +374,17 @@ def encode(event: Event) -> bytes:
     return msgpack.packb(out, use_bin_type=True)
 
 
+def encode_write(source: str, seq: int, wall: int, after: int, path: str, offset: int,
+                 data: bytes) -> bytes:
+    """``encode(Write(...))`` without building the event: the node's hot path.
+
+    Only for a caller whose fields are valid by construction (a node recording a path the kernel
+    gave it); the replica validates every event it decodes anyway.
+    """
+    return msgpack.packb([WIRE_VERSION, 1, source, seq, wall, after, os.fsencode(path), offset, data],
+                         use_bin_type=True)
+
+
 def decode(raw: bytes) -> Event:
     """Decode and validate one event; raise `DecodeError` / `InvalidEvent` saying what is wrong."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):

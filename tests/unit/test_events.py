@@ -455,3 +455,13 @@ def test_describe_keeps_a_newline_in_a_path_on_one_line() -> None:
     text = describe(ev)
     assert "\n" not in text
     assert "'evil\\nname'" in text
+
+
+def test_encode_write_matches_encode() -> None:
+    from clusterrep.events import encode_write
+
+    ev = Write(source="h1", seq=9, wall=123, after=4, path="vms/caf\udce9.img", offset=4096,
+               data=b"abc" * 100)
+    raw = encode_write("h1", 9, 123, 4, "vms/caf\udce9.img", 4096, b"abc" * 100)
+    assert raw == encode(ev)
+    assert decode(raw) == ev

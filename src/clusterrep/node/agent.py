@@ -18,12 +18,13 @@ import dataclasses
 import errno
 import itertools
 import logging
+import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from ..events import DataEvent, Event, MetaEvent, Tick, Write, decode, encode
+from ..events import DataEvent, Event, MetaEvent, Tick, decode, encode, encode_write
 from ..journal import Journal
 from ..shipper import Shipper
 from .client import ControlLink, CoordinatorClient
@@ -118,6 +119,14 @@ class NodeAgent:
         self.shipper.notify()
         return ev
 
+    def _append_write(self, path: str, offset: int, data: bytes) -> None:
+        """Record a write (the hot path: encoded directly, no event object)."""
+        with self._rec:
+            self._ticked = self.known  # this event shows what we know: no tick needed
+            self.spool.append([encode_write(self.name, self.spool.next_index, time.time_ns(),
+                                            self.known, path, offset, data)])
+        self.shipper.notify()
+
     def learn(self, g: int) -> None:
         """The coordinator told us gseq ``g`` exists; stamp everything from now on with it."""
         tick = False
@@ -171,11 +180,11 @@ class NodeAgent:
     # -- tokens and writes -------------------------------------------------------------------
 
     def lock(self, ino: int) -> threading.Lock:
-        with self._locks_guard:
-            lk = self._locks.get(ino)
-            if lk is None:
-                lk = self._locks[ino] = threading.Lock()
+        lk = self._locks.get(ino)
+        if lk is not None:
             return lk
+        with self._locks_guard:
+            return self._locks.setdefault(ino, threading.Lock())
 
     def _recalled(self, ino: int) -> None:
         with self.lock(ino):
@@ -202,8 +211,6 @@ class NodeAgent:
 
     def write(self, ino: int, hint: str, fd: int, data: bytes, offset: int) -> int:
         """Write to the backing file and record it, holding the token and the file's lock."""
-        import os
-
         while True:
             if ino not in self._tokens:
                 path = self._acquire(ino, self.paths.get(ino, hint))
@@ -215,17 +222,10 @@ class NodeAgent:
                     continue  # recalled between acquire and lock: ask again
                 n = os.pwrite(fd, data, offset)
                 if n:
-                    path = self.paths[ino]
-                    chunk = data if n == len(data) else bytes(data[:n])
-                    self._append(lambda seq, p=path, c=chunk: self._write_event(seq, p, offset, c))
+                    self._append_write(self.paths[ino], offset, data if n == len(data) else data[:n])
                     self.writes += 1
                     self.bytes_written += n
                 return n
-
-    def _write_event(self, seq: int, path: str, offset: int, data: bytes) -> Write:
-        self._ticked = self.known  # (record lock held) this event shows what we know
-        return Write(source=self.name, seq=seq, wall=time.time_ns(), after=self.known,
-                     path=path, offset=offset, data=data)
 
     def status(self) -> dict[str, Any]:
         return {
