@@ -54,8 +54,8 @@ def main(args: argparse.Namespace) -> int:
     agent = NodeAgent(args.id, args.coordinator, args.replica, args.state, secret)
     try:
         agent.start()
-    except OSError as exc:
-        agent.stop()
+    except (OSError, ClusterrepError) as exc:
+        agent.stop(drain_timeout=0, leave=False)
         raise ClusterrepError(f"node {args.id} could not join the cluster: {exc}",
                               hint="is the coordinator running, and is the token the same?") from None
     log.info("node %s joined; mounting %s over %s", args.id, args.mount, args.volume)

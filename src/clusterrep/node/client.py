@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import wire
-from ..errors import ClusterrepError
+from ..errors import AuthError, ClusterrepError
 
 log = logging.getLogger("clusterrep.node")
 
@@ -67,6 +67,8 @@ class CoordinatorClient:
         """Send one request and wait for its reply; raise OSError(errno) if it failed."""
         try:
             conn = self._connection()
+        except AuthError:
+            raise  # retrying cannot help: wrong token or not the coordinator
         except (ClusterrepError, OSError) as exc:
             raise OSError(errno.EIO, f"coordinator {self.addr} unreachable: {exc}") from None
         rid = next(self._ids)

@@ -1,0 +1,90 @@
+"""The CLI says clearly what is wrong and exits non-zero, changing nothing."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clusterrep.localcluster import LocalCluster
+
+
+def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "clusterrep", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def token(tmp_path: Path) -> str:
+    p = tmp_path / "token"
+    p.write_text("t" * 40 + "\n")
+    p.chmod(0o600)
+    return str(p)
+
+
+def test_missing_volume(tmp_path: Path, token: str) -> None:
+    r = run("coordinator", "--listen", "127.0.0.1:0", "--volume", str(tmp_path / "nope"),
+            "--replica", "127.0.0.1:9", "--state", str(tmp_path / "s"), "--token-file", token)
+    assert r.returncode != 0 and "is not a directory" in r.stderr
+    r = run("node", "--id", "h1", "--volume", str(tmp_path / "nope"), "--mount", str(tmp_path / "m"),
+            "--coordinator", "127.0.0.1:9", "--replica", "127.0.0.1:9", "--state",
+            str(tmp_path / "n"), "--token-file", token)
+    assert r.returncode != 0 and "is not a directory" in r.stderr
+
+
+def test_busy_port(tmp_path: Path, token: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run("replica", "--listen", f"127.0.0.1:{port}", "--target", str(tmp_path / "t"),
+                "--state", str(tmp_path / "s"), "--token-file", token)
+    assert r.returncode != 0 and "already in use" in r.stderr
+
+
+def test_short_or_missing_token(tmp_path: Path) -> None:
+    short = tmp_path / "short"
+    short.write_text("too short\n")
+    r = run("status", "--replica", "127.0.0.1:9", "--token-file", str(short))
+    assert r.returncode != 0 and "32" in r.stderr
+    r = run("status", "--replica", "127.0.0.1:9", "--token-file", str(tmp_path / "missing"))
+    assert r.returncode != 0
+    assert "missing" in r.stderr.lower() or "no such" in r.stderr.lower()
+
+
+def test_non_empty_volume_is_refused_the_first_time(tmp_path: Path, token: str) -> None:
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "existing").write_text("x")
+    r = run("coordinator", "--listen", "127.0.0.1:0", "--volume", str(vol), "--replica",
+            "127.0.0.1:9", "--state", str(tmp_path / "s"), "--token-file", token)
+    assert r.returncode != 0 and "not empty" in r.stderr and "--allow-existing" in r.stderr
+
+
+def test_mount_point_in_use(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path / "c", ("h1",)).start() as c:
+        r = run("node", "--id", "h2", "--volume", str(c.volume), "--mount", str(c.mount("h1")),
+                "--coordinator", c.coordinator_addr, "--replica", c.replica_addr, "--state",
+                str(tmp_path / "n2"), "--token-file", str(c.token_file))
+        assert r.returncode != 0 and "already a mount point" in r.stderr
+        (c.mount("h1") / "still-works").write_text("yes")
+        ok, why, _ = c.wait(30)
+        assert ok, why
+
+
+def test_wrong_token_node_cannot_join(tmp_path: Path, token: str) -> None:
+    with LocalCluster(tmp_path / "c", ()).start() as c:
+        r = run("node", "--id", "h9", "--volume", str(c.volume), "--mount", str(tmp_path / "m9"),
+                "--coordinator", c.coordinator_addr, "--replica", c.replica_addr, "--state",
+                str(tmp_path / "n9"), "--token-file", token, timeout=60)
+        assert r.returncode != 0 and "could not join" in r.stderr
+        assert "h9" not in c.status()["sources"]
+
+
+def test_help_for_every_command() -> None:
+    for cmd in ("replica", "coordinator", "node", "status", "wait", "verify", "demo", "sim"):
+        r = run(cmd, "--help")
+        assert r.returncode == 0 and "usage: clusterrep " + cmd in r.stdout
