@@ -44,8 +44,21 @@ MAX_ENCODED = MAX_WRITE_BYTES + 64 * 1024
 _SOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
+_GOOD_PATHS: dict[str, None] = {}  # paths already found safe (they repeat: a VM's image)
+
+
 def check_path(path: object, what: str = "path") -> str:
     """Return ``path`` if it is a safe, normalised relative path; raise `UnsafePath` if not."""
+    if type(path) is str and path in _GOOD_PATHS:
+        return path
+    _check_path(path, what)
+    if len(_GOOD_PATHS) >= 4096:
+        _GOOD_PATHS.clear()
+    _GOOD_PATHS[path] = None  # type: ignore[index]
+    return path  # type: ignore[return-value]
+
+
+def _check_path(path: object, what: str) -> None:
     if not isinstance(path, str):
         raise UnsafePath(f"{what} must be a string, got {type(path).__name__}")
     try:
@@ -69,7 +82,6 @@ def check_path(path: object, what: str = "path") -> str:
             raise UnsafePath(f"{what} {path!r} has {shown} component; it must be normalised")
         if len(part) > MAX_NAME_BYTES:
             raise UnsafePath(f"{what} {path!r} has a component longer than {MAX_NAME_BYTES} bytes")
-    return path
 
 
 def _check_int(value: object, name: str, low: int, high: int) -> None:
