@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import wire
+from .capture.check import mounted_here
 from .client import fetch_status, wait_for
 from .errors import ClusterrepError
 from .verify import Difference, compare_trees
@@ -131,8 +132,10 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if name in self.nodes and os.path.ismount(self.mount(name)):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mount(name))], check=False)
+        if name in self.nodes and mounted_here(str(self.mount(name))):
+            # a node that did not stop cleanly leaves its mount behind, possibly dead
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mount(name))], check=False,
+                           capture_output=True)
         del self.procs[name]
         return proc.returncode
 

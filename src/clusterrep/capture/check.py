@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
+import subprocess
 
 from ..errors import ClusterrepError
 
@@ -32,6 +34,36 @@ def check_fuse() -> None:
         import mfusepy  # noqa: F401
     except ImportError as exc:
         raise FuseUnavailable(f"the Python FUSE binding mfusepy is missing: {exc}") from None
+
+
+def mounted_here(mount: str) -> str | None:
+    """The source name of the file system mounted at ``mount`` per /proc/mounts (even a dead
+    FUSE mount, which ``os.path.ismount`` does not see), or None."""
+    real = os.path.realpath(mount)
+    try:
+        with open("/proc/mounts") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 3 and parts[1].replace("\\040", " ") == real:
+                    return parts[0]
+    except OSError:
+        pass
+    return None
+
+
+def clear_dead_mount(mount: str) -> bool:
+    """Lazily unmount a dead clusterrep mount left by a crashed node agent; True if one was."""
+    try:
+        os.stat(mount)
+        return False
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            return False
+    if mounted_here(mount) != "clusterrep":
+        raise ClusterrepError(f"{mount} is a dead FUSE mount of another program",
+                              hint=f"unmount it: fusermount3 -u -z {mount}")
+    subprocess.run(["fusermount3", "-u", "-z", mount], check=False, capture_output=True)
+    return True
 
 
 def check_mountpoint(mount: str, volume: str) -> None:

@@ -33,6 +33,9 @@ log = logging.getLogger("clusterrep.capture")
 F = TypeVar("F", bound=Callable[..., Any])
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
 FUSE_CAP_WRITEBACK_CACHE = 1 << 16
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+RENAME_NOREPLACE = 1
 
 # Shared-volume consistency and speed (measured, see docs/benchmarks.md):
 MOUNT_OPTIONS: dict[str, Any] = {
@@ -176,9 +179,19 @@ class CaptureFS(fuse.Operations):
             raise OSError(errno.EBADF, "not open for writing")
         return self.agent.write(handle.ino, handle.path, fh, data, offset)
 
+    def _target(self, path: str | None, fh: int | None) -> dict[str, Any]:
+        """Which file an attribute change is for: by inode when the caller has it open, since
+        another host may have renamed it (libfuse's path would then be stale)."""
+        handle = self.handles.get(fh) if fh is not None else None
+        if handle is not None:
+            return {"path": self.agent.paths.get(handle.ino, handle.path), "ino": handle.ino}
+        if path is None:
+            raise OSError(errno.EBADF, "no path and no open file")
+        return {"path": rel(path)}
+
     @guarded
-    def truncate(self, path: str, length: int, fh: int | None = None) -> int:
-        self.agent.meta("truncate", path=rel(path), size=length)
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
+        self.agent.meta("truncate", size=length, **self._target(path, fh))
         return 0
 
     @guarded
@@ -237,18 +250,24 @@ class CaptureFS(fuse.Operations):
         return 0
 
     @guarded
-    def chmod(self, path: str, mode: int) -> int:
-        self.agent.meta("setattr", path=rel(path), mode=mode & 0o7777)
+    def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
+        self.agent.meta("setattr", mode=mode & 0o7777, **self._target(path, fh))
         return 0
 
     @guarded
-    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
-        if times is None:
-            import time
-
-            now = time.time_ns()
-            times = (now, now)
-        self.agent.meta("setattr", path=rel(path), atime_ns=int(times[0]), mtime_ns=int(times[1]))
+    def utimens(self, path: str | None, times: tuple[int, int] | None = None,
+                fh: int | None = None) -> int:
+        # UTIME_NOW becomes "now" (the coordinator's clock: a node's may be skewed by hours);
+        # UTIME_OMIT leaves that time alone
+        atime, mtime = times if times is not None else (UTIME_NOW, UTIME_NOW)
+        fields: dict[str, Any] = {}
+        for name, value in (("atime_ns", atime), ("mtime_ns", mtime)):
+            if value == UTIME_NOW:
+                fields[name] = "now"
+            elif value != UTIME_OMIT:
+                fields[name] = int(value)
+        if fields:
+            self.agent.meta("setattr", **fields, **self._target(path, fh))
         return 0
 
     @guarded
@@ -266,10 +285,41 @@ class CaptureFS(fuse.Operations):
         raise OSError(errno.EOPNOTSUPP, "special files are not supported on a replicated volume")
 
 
+def _fh(fip: Any) -> int | None:
+    return fip.contents.fh if fip else None
+
+
+class CaptureFUSE(fuse.FUSE):  # type: ignore[misc]
+    """mfusepy with the libfuse 3 arguments it drops passed on: the open file of ftruncate,
+    fchmod and futimens (a path alone may be stale on a shared volume), and rename flags (an
+    exchange must be refused, not silently run as a plain rename)."""
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+        return self.operations.truncate(self._path(path), length, _fh(fip))  # type: ignore[no-any-return]
+
+    def chmod_fuse_3(self, path: bytes | None, mode: int, fip: Any) -> int:
+        return self.operations.chmod(self._path(path), mode, _fh(fip))  # type: ignore[no-any-return]
+
+    def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        times = None
+        if buf:
+            times = (fuse.time_of_timespec(buf.contents.actime, use_ns=True),
+                     fuse.time_of_timespec(buf.contents.modtime, use_ns=True))
+        return self.operations.utimens(self._path(path), times, _fh(fip))  # type: ignore[no-any-return]
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        if flags & ~RENAME_NOREPLACE:  # RENAME_EXCHANGE, RENAME_WHITEOUT: not supported
+            return -errno.EINVAL
+        return self.rename_fuse_2(old, new)  # type: ignore[no-any-return]
+
+    def _path(self, path: bytes | None) -> str | None:
+        return None if path is None else path.decode(self.encoding, self.errors)
+
+
 def mount(fs: CaptureFS, mountpoint: str, *, foreground: bool = True) -> None:
     """Mount ``fs`` and serve until unmounted or signalled (libfuse handles SIGINT/SIGTERM)."""
     try:
-        fuse.FUSE(fs, mountpoint, foreground=foreground, nothreads=False, fsname="clusterrep",
+        CaptureFUSE(fs, mountpoint, foreground=foreground, nothreads=False, fsname="clusterrep",
                   **MOUNT_OPTIONS)
     except RuntimeError as exc:
         # libfuse returns non-zero when its loop ended by a signal; that is a clean stop once

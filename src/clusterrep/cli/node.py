@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     secret = token(args)
-    from ..capture.check import check_fuse, check_mountpoint
+    from ..capture.check import check_fuse, check_mountpoint, clear_dead_mount
     from ..events import _SOURCE_RE
 
     if not _SOURCE_RE.match(args.id) or args.id == "coordinator":
@@ -45,6 +45,9 @@ def main(args: argparse.Namespace) -> int:
         raise ClusterrepError(f"volume {args.volume} is not a directory",
                               hint="pass the directory all hosts share with --volume")
     check_fuse()
+    if clear_dead_mount(args.mount):
+        log.warning("%s was the dead mount of a node agent that did not stop cleanly; it has "
+                    "been unmounted", args.mount)
     os.makedirs(args.mount, exist_ok=True)
     check_mountpoint(args.mount, args.volume)
 

@@ -100,6 +100,7 @@ class CoordinatorService:
             self.members = set(json.loads(members_file.read_text()))
         self.paths: dict[int, str] = {}  # ino -> current path, for files opened for writing
         self.holders: dict[int, str] = {}  # ino -> node holding the write token
+        self.recalling: dict[int, threading.Event] = {}  # ino -> set when its recall is over
         self.lock = threading.RLock()
         self.recaller: Recaller | None = None
         self.on_record: Callable[[], None] | None = None  # wakes the shipper
@@ -181,11 +182,29 @@ class CoordinatorService:
                 self._recall(holder, ino)
 
     def _recall(self, holder: str, ino: int) -> None:
-        if self.recaller is not None:
-            self.recaller(holder, ino)
+        """Take the token of ``ino`` back from ``holder`` (lock NOT held). If a recall of it is
+        already under way, wait for that one instead. Until the holder answers, it still holds
+        the token: nobody else gets it, and the holder cannot be told it still has it."""
         with self.lock:
-            if self.holders.get(ino) == holder:
-                del self.holders[ino]
+            if self.holders.get(ino) != holder:
+                return
+            running = self.recalling.get(ino)
+            if running is None:
+                done = self.recalling[ino] = threading.Event()
+        if running is not None:
+            running.wait(60)
+            return
+        released = False
+        try:
+            if self.recaller is not None:
+                self.recaller(holder, ino)
+            released = True
+        finally:
+            with self.lock:
+                if released and self.holders.get(ino) == holder:
+                    del self.holders[ino]
+                del self.recalling[ino]
+            done.set()
 
     def _resolve(self, ino: int, hint: str) -> str | None:
         """The current path of file ``ino`` (None if it no longer has one)."""
@@ -216,7 +235,7 @@ class CoordinatorService:
                 if path is None:
                     return {"gone": True, "gseq": self.gseq}
                 holder = self.holders.get(ino)
-                if holder == node:
+                if holder == node and ino not in self.recalling:
                     return {"gseq": self.gseq, "path": path, "event": None}
                 if holder is None:
                     self._validate(Acquire, node, op_id, {"path": path})
@@ -235,6 +254,9 @@ class CoordinatorService:
         if cls is None:
             raise OpFailed(f"unknown operation {kind!r}", 22)
         ino_hint = fields.pop("ino", None)
+        for name in ("atime_ns", "mtime_ns"):
+            if fields.get(name) == "now":  # the coordinator's clock, not a node's skewed one
+                fields[name] = time.time_ns()
         self._validate(cls, node, op_id, fields)
         try:
             result = self._execute(node, cls, op_id, fields, ino_hint)
@@ -258,6 +280,12 @@ class CoordinatorService:
     def _execute(self, node: str, cls: type[MetaEvent], op_id: str, f: dict[str, Any],
                  ino_hint: Any) -> dict[str, Any]:
         vol = self.vol
+        if isinstance(ino_hint, int) and cls in (Truncate, SetAttr):
+            with self.lock:  # the caller has the file open: act on it, wherever it is now
+                path = self._resolve(ino_hint, f["path"])
+            if path is None:
+                raise OpFailed(f"the file open as inode {ino_hint} no longer has a name", 2)
+            f = {**f, "path": path}
         if cls is Truncate:
             path = f["path"]
 

@@ -45,6 +45,10 @@ class NodeAgent:
         self.shipper = Shipper(self.spool, replica, token, name=name, role="node")
         self.known = 0
         self._ticked = 0
+        self._joined = False  # no tick may precede our Join copy (the replica would refuse it)
+        # recalls by file, so a grant whose reply arrives after a recall of it is not believed
+        self._recall_seq = 0
+        self._recalled_at: dict[int, int] = {}
         self._rec = threading.Lock()
         self._tokens: set[int] = set()
         self._locks: dict[int, threading.Lock] = {}
@@ -71,9 +75,10 @@ class NodeAgent:
                     raise
                 log.info("waiting for the coordinator: %s", exc)
                 time.sleep(0.5)
-        self.learn(int(reply["gseq"]))
         if reply.get("event"):
             self._record_copy(reply["event"])
+        self._joined = True
+        self.learn(int(reply["gseq"]))
         if not self.control.up.wait(max(0.0, deadline - time.monotonic())):
             raise OSError(errno.ETIMEDOUT, "control link to the coordinator did not come up")
 
@@ -133,7 +138,7 @@ class NodeAgent:
         with self._rec:
             if g > self.known:
                 self.known = g
-            if self.known > self._ticked:
+            if self._joined and self.known > self._ticked:
                 self._ticked = self.known
                 tick = True
         if tick:
@@ -153,6 +158,7 @@ class NodeAgent:
 
     def meta(self, kind: str, **fields: Any) -> dict[str, Any]:
         """Run a metadata operation through the coordinator; record our copy. OSError on failure."""
+        before = self._recall_mark()
         reply = self.client.call("meta", kind=kind, op_id=self._op_id(), fields=fields)
         with self._rec:  # raise known before this thread or any other records more
             self.known = max(self.known, int(reply["gseq"]))
@@ -161,9 +167,8 @@ class NodeAgent:
         self.learn(int(reply["gseq"]))
         if kind == "create" and isinstance(reply.get("ino"), int):
             ino = reply["ino"]
-            with self.lock(ino):
-                self._tokens.add(ino)  # the creator holds the token
             self.paths[ino] = fields["path"]
+            self._granted(ino, before)  # the creator holds the token
         elif kind == "open" and isinstance(reply.get("ino"), int):
             self.paths.setdefault(reply["ino"], fields["path"])
         elif kind == "rename":
@@ -186,9 +191,26 @@ class NodeAgent:
         with self._locks_guard:
             return self._locks.setdefault(ino, threading.Lock())
 
+    def _recall_mark(self) -> int:
+        with self._locks_guard:
+            return self._recall_seq
+
     def _recalled(self, ino: int) -> None:
         with self.lock(ino):
             self._tokens.discard(ino)
+            with self._locks_guard:
+                self._recall_seq += 1
+                self._recalled_at[ino] = self._recall_seq
+
+    def _granted(self, ino: int, before: int) -> bool:
+        """Take the token granted by a reply, unless a recall of it overtook the reply (the
+        coordinator answers after its fsync, so a recall for the next writer can come first)."""
+        with self.lock(ino):
+            with self._locks_guard:
+                overtaken = self._recalled_at.get(ino, 0) > before
+            if not overtaken:
+                self._tokens.add(ino)
+            return not overtaken
 
     def _drop_tokens(self) -> None:
         for ino in list(self._tokens):
@@ -196,6 +218,7 @@ class NodeAgent:
                 self._tokens.discard(ino)
 
     def _acquire(self, ino: int, hint: str) -> str | None:
+        before = self._recall_mark()
         reply = self.client.call("acquire", ino=ino, path=hint, op_id=self._op_id())
         with self._rec:
             self.known = max(self.known, int(reply["gseq"]))
@@ -204,8 +227,7 @@ class NodeAgent:
         if reply.get("event"):
             self._record_copy(reply["event"])
         self.paths[ino] = reply["path"]
-        with self.lock(ino):
-            self._tokens.add(ino)
+        self._granted(ino, before)  # if overtaken, the writer simply asks again
         self.learn(int(reply["gseq"]))
         return str(reply["path"])
 

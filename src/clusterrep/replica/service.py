@@ -30,6 +30,7 @@ from ..events import Event, MetaEvent, decode
 from ..journal import Journal
 from .applier import Applier
 from .merger import COORDINATOR, Merger
+from .position import Position
 
 log = logging.getLogger("clusterrep.replica")
 
@@ -236,6 +237,7 @@ class ReplicaService:
         with self._lock:
             names = list(self.sources)
         view = {
+            "members": sorted(self.merger.position.members),
             "pending": self.merger.pending,
             "waiting_for": self.merger.waiting_for(),
             "consumed": {s: self.merger.consumed(s) for s in names},
@@ -249,7 +251,7 @@ class ReplicaService:
         self.applier.checkpoint()
         pos = self.applier.position
         with self._lock:
-            while self._index and pos.already_applied(self._index[0][1]):
+            while self._index and not _needed_after_restart(self._index[0][1], pos):
                 self._index.popleft()
             upto = self._index[0][0] if self._index else self.journal.next_index
             received = {s: st.received for s, st in self.sources.items()}
@@ -292,7 +294,7 @@ class ReplicaService:
             view = self._merge_view
         return {
             "gseq": self.applier.position.gseq,
-            "members": sorted(self.applier.position.members),
+            "members": view.get("members", []),
             "applied_events": self.applier.position.applied,
             "pending_events": view["pending"],
             "queued_batches": self._queue.qsize(),
@@ -302,3 +304,17 @@ class ReplicaService:
             "idle": self._idle.is_set() and self._queue.empty(),
             "sources": sources,
         }
+
+
+def _needed_after_restart(ev: Event, pos: Position) -> bool:
+    """Must the journal keep ``ev`` for a restart from ``pos``?
+
+    A restarted merger reads each node's stream from the checkpoint's cursor, which only data
+    events move: a node's metadata copy at or after it is needed even if its gseq is applied
+    (the cursor must pass it). Unapplied metadata is needed whatever its position.
+    """
+    if isinstance(ev, MetaEvent) and ev.gseq > pos.gseq:
+        return True
+    if ev.source == COORDINATOR:
+        return False
+    return ev.seq >= pos.cursors.get(ev.source, 1)
