@@ -101,7 +101,8 @@ class LocalCluster:
             if shutil.which("faketime") is None:
                 raise ClusterrepError("faketime is needed to skew a node's clock",
                                       hint="apt-get install faketime")
-            prefix = ["faketime", "-f", offset]
+            # skew the wall clock only: with a faked monotonic clock, timed waits misbehave
+            prefix = ["env", "FAKETIME_DONT_FAKE_MONOTONIC=1", "faketime", "-f", offset]
         mnt = self.mount(node)
         self._spawn(node, ["node", "--id", node, "--volume", str(self.volume), "--mount", str(mnt),
                            "--coordinator", self.coordinator_addr, "--replica", self.replica_addr,

@@ -37,7 +37,7 @@ class ReplicaRefused(ClusterrepError):
 class Shipper:
     def __init__(self, journal: Journal, replica: str, token: bytes, *, name: str, role: str,
                  batch_bytes: int = 4 << 20, beat_interval: float = 0.2,
-                 retry_interval: float = 0.5) -> None:
+                 retry_interval: float = 0.5, linger: float = 0.002) -> None:
         self.journal = journal
         self.replica = replica
         self.token = token
@@ -46,6 +46,7 @@ class Shipper:
         self.batch_bytes = batch_bytes
         self.beat_interval = beat_interval
         self.retry_interval = retry_interval
+        self.linger = linger  # wait this long for more events before shipping a small batch
         self.durable = journal.first_index - 1
         self.connected = False
         self.last_error = ""
@@ -131,6 +132,10 @@ class Shipper:
         while not self._stop.is_set():
             records: list[tuple[int, bytes]] = []
             if nxt < self.journal.next_index:
+                if self.linger and self.journal.next_index - nxt < 256:
+                    # a few events only: let more come, so that one fsync and one round trip
+                    # (here and on the replica) carry many of them
+                    self._stop.wait(self.linger)
                 if self.journal.durable_index <= nxt:
                     # never let the replica hold an event this source could lose in a crash:
                     # it would reuse the seq and the replica would drop the new event

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,17 @@ def test_skewed_clocks_with_faketime(identical, make_cluster) -> None:
         os.pwrite(fd, rng.randbytes(4096), rng.randrange(256) * 4096)
     os.close(fd)
     identical(cluster)
+    cluster.stop()
+    # the premise: the nodes' clocks really were skewed (their events carry those clocks)
+    from clusterrep.events import decode
+    from clusterrep.journal import Journal
+
+    now = time.time_ns()
+    for node, hours in (("h1", 5), ("h2", -3)):
+        with Journal(cluster.workdir / f"state-{node}" / "spool") as spool:
+            walls = [decode(raw).wall for _, raw in spool.read(spool.first_index)]
+        skew = (sum(walls) / len(walls) - now) / 3600e9
+        assert abs(skew - hours) < 0.5, (node, skew)
 
 
 @pytest.mark.parametrize("node", ["h1", "h2"])
