@@ -54,7 +54,8 @@ def main(args: argparse.Namespace) -> int:
     from ..capture.fs import CaptureFS, mount
     from ..node.agent import NodeAgent
 
-    agent = NodeAgent(args.id, args.coordinator, args.replica, args.state, secret)
+    agent = NodeAgent(args.id, args.coordinator, args.replica, args.state, secret,
+                      volume=args.volume)
     try:
         agent.start()
     except (OSError, ClusterrepError) as exc:

@@ -27,6 +27,7 @@ from typing import Any
 from ..events import DataEvent, Event, MetaEvent, Tick, decode, encode, encode_write
 from ..journal import Journal
 from ..shipper import Shipper
+from .activity import EXTENT, ActivityLog
 from .client import ControlLink, CoordinatorClient
 
 log = logging.getLogger("clusterrep.node")
@@ -34,11 +35,15 @@ log = logging.getLogger("clusterrep.node")
 
 class NodeAgent:
     def __init__(self, name: str, coordinator: str, replica: str, state: str | Path,
-                 token: bytes) -> None:
+                 token: bytes, *, volume: str | Path | None = None) -> None:
         self.name = name
         self.state = Path(state)
         self.state.mkdir(parents=True, exist_ok=True)
+        self.volume = Path(volume) if volume is not None else None
         self.spool = Journal(self.state / "spool")
+        self.activity = ActivityLog(self.state / "activity.log")
+        self._retirer = threading.Thread(target=self._retire_loop, name="activity", daemon=True)
+        self._stopping = threading.Event()
         self.client = CoordinatorClient(coordinator, token, name)
         self.control = ControlLink(coordinator, token, name, on_recall=self._recalled,
                                    on_gseq=self.learn, on_down=self._drop_tokens)
@@ -81,6 +86,9 @@ class NodeAgent:
         self.learn(int(reply["gseq"]))
         if not self.control.up.wait(max(0.0, deadline - time.monotonic())):
             raise OSError(errno.ETIMEDOUT, "control link to the coordinator did not come up")
+        if self.activity.recovered:
+            self._repair(self.activity.recovered)
+        self._retirer.start()
 
     def stop(self, drain_timeout: float = 10.0, *, leave: bool = True) -> None:
         """Stop after the file system is unmounted.
@@ -90,8 +98,10 @@ class NodeAgent:
         the replica waits for what it may still have to ship. Then the shipper gets
         ``drain_timeout`` seconds to ship what is captured.
         """
+        self._stopping.set()
         self.control.stop()  # no more ticks or recalls from here on
         if leave:
+            self.activity.close_clean()  # unmounted: no write is in flight
             try:
                 reply = self.client.call("leave", op_id=self._op_id())
                 with self._rec:
@@ -242,12 +252,50 @@ class NodeAgent:
             with self.lock(ino):
                 if ino not in self._tokens:
                     continue  # recalled between acquire and lock: ask again
+                self.activity.activate(ino, self.paths[ino], offset, len(data))
                 n = os.pwrite(fd, data, offset)
                 if n:
                     self._append_write(self.paths[ino], offset, data if n == len(data) else data[:n])
                     self.writes += 1
                     self.bytes_written += n
                 return n
+
+    # -- activity log ------------------------------------------------------------------------
+
+    def _retire_loop(self) -> None:
+        while not self._stopping.wait(5.0):
+            self.activity.retire(10.0, self.lock)
+
+    def _repair(self, extents: list[tuple[int, str, int]]) -> None:
+        """After an unclean stop: record what the volume holds in every extent that was being
+        written, as ordinary writes under the file's token (so they are ordered like any other)."""
+        if self.volume is None:
+            raise RuntimeError("repair needs the volume directory")
+        log.warning("%s did not stop cleanly: re-reading %d active extent(s) from the volume",
+                    self.name, len(extents))
+        for ino, hint, e in extents:
+            while True:
+                path = self._acquire(ino, self.paths.get(ino, hint)) if ino not in self._tokens \
+                    else self.paths.get(ino, hint)
+                if path is None:
+                    break  # the file is gone: nothing to repair
+                with self.lock(ino):
+                    if ino not in self._tokens:
+                        continue
+                    try:
+                        fd = os.open(self.volume / path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        break
+                    try:
+                        size = os.fstat(fd).st_size
+                        start = e * EXTENT
+                        if start < size:
+                            data = os.pread(fd, min(EXTENT, size - start), start)
+                            self._append_write(path, start, data)
+                    finally:
+                        os.close(fd)
+                break
+        self.activity.repaired(extents)
 
     def status(self) -> dict[str, Any]:
         return {
