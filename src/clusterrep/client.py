@@ -27,8 +27,11 @@ def pending(st: dict[str, Any], since: float) -> list[str]:
     out: list[str] = []
     if st.get("error"):
         out.append(f"applying stopped: {st['error']}")
+    members = set(st.get("members") or [])
     for name, s in st["sources"].items():
-        if s["applied"] < s["captured"]:
+        if (name in members or name == "coordinator") and not s["connected"]:
+            out.append(f"{name}: not connected to the replica, so what it captured is unknown")
+        elif s["applied"] < s["captured"]:
             out.append(f"{name}: applied up to seq {s['applied']} of {s['captured']} captured "
                        f"({s['received']} received)")
         elif s["connected"] and (s["report_age"] is None or s["report_age"] > since):

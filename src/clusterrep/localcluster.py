@@ -33,10 +33,11 @@ def free_port() -> int:
 
 class LocalCluster:
     def __init__(self, workdir: str | Path, nodes: tuple[str, ...] = ("h1", "h2"), *,
-                 clock_offsets: dict[str, str] | None = None) -> None:
+                 clock_offsets: dict[str, str] | None = None, node_args: list[str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.nodes = nodes
         self.clock_offsets = clock_offsets or {}
+        self.node_args = node_args or []
         self.volume = self.workdir / "volume"
         self.target = self.workdir / "replica"
         self.logs = self.workdir / "logs"
@@ -106,7 +107,7 @@ class LocalCluster:
         mnt = self.mount(node)
         self._spawn(node, ["node", "--id", node, "--volume", str(self.volume), "--mount", str(mnt),
                            "--coordinator", self.coordinator_addr, "--replica", self.replica_addr,
-                           "--state", str(self.workdir / f"state-{node}")], prefix)
+                           "--state", str(self.workdir / f"state-{node}"), *self.node_args], prefix)
         deadline = time.monotonic() + timeout
         while not os.path.ismount(mnt):
             self._check_alive(node)

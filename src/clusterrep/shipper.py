@@ -9,7 +9,9 @@ them durable.
 Protocol (msgpack frames over an authenticated `wire.Connection`):
 
     -> {"t": "hello", "source": NAME}            <- {"t": "welcome", "next": SEQ}
-    -> {"t": "batch", "events": [bytes...], "captured": N}   <- {"t": "ack", "durable": SEQ}
+    -> {"t": "batch", "events": [bytes...], "captured": N}
+                                <- {"t": "recv", "received": SEQ}   (validated, in memory)
+                                <- {"t": "ack", "durable": SEQ}     (fsync'd in its journal)
     -> {"t": "beat", "captured": N}              <- {"t": "ack", "durable": SEQ}
     <- {"t": "error", "message": TEXT, "next": SEQ}   (the replica refuses; resend from next)
 """
@@ -48,6 +50,8 @@ class Shipper:
         self.retry_interval = retry_interval
         self.linger = linger  # wait this long for more events before shipping a small batch
         self.durable = journal.first_index - 1
+        self.received = self.durable  # in the replica's memory (not yet fsync'd there)
+        self._acks = threading.Condition()
         self.connected = False
         self.last_error = ""
         self.shipped_bytes = 0
@@ -146,6 +150,9 @@ class Shipper:
                 events = [raw for _, raw in records]
                 conn.send({"t": "batch", "events": events, "captured": self.captured})
                 reply = self._reply(conn)
+                if reply.get("t") == "recv":  # in the replica's memory; the fsync'd ack follows
+                    self._acked(None, received=int(reply["received"]))
+                    reply = self._reply(conn)
                 nxt = records[-1][0] + 1
                 self.shipped_events += len(events)
                 self.shipped_bytes += sum(len(e) for e in events)
@@ -166,11 +173,28 @@ class Shipper:
             raise ReplicaRefused(f"unexpected reply from the replica: {reply!r:.100}")
         if reply.get("t") == "error":
             raise ReplicaRefused(f"the replica refused: {reply.get('message')}")
-        if reply.get("t") not in ("welcome", "ack"):
+        if reply.get("t") not in ("welcome", "ack", "recv"):
             raise ReplicaRefused(f"unexpected reply from the replica: {reply!r:.100}")
         return reply
 
-    def _acked(self, durable: int) -> None:
-        if durable > self.durable:
-            self.durable = durable
+    def _acked(self, durable: int | None, *, received: int | None = None) -> None:
+        with self._acks:
+            if received is not None and received > self.received:
+                self.received = received
+            if durable is not None and durable > self.durable:
+                self.durable = durable
+                self.received = max(self.received, durable)
+            self._acks.notify_all()
+        if durable is not None and durable >= self.journal.first_index:
             self.journal.trim(durable + 1)
+
+    def wait_for(self, seq: int, *, durable: bool, timeout: float) -> bool:
+        """Wait until the replica has ``seq`` (fsync'd if ``durable``); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._acks:
+            while (self.durable if durable else self.received) < seq:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    return False
+                self._acks.wait(min(left, 0.5))
+        return True

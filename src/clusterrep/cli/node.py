@@ -27,6 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator")
     p.add_argument("--replica", required=True, metavar="HOST:PORT", help="the replica server")
     p.add_argument("--state", required=True, metavar="DIR", help="spool directory (created if missing)")
+    p.add_argument("--ack", choices=("async", "local", "received", "replicated"), default="async",
+                   help="when an application's write returns: async (event in the spool; "
+                        "default), local (spool fsync'd), received (in the replica's memory), "
+                        "replicated (fsync'd on the replica: no loss if this node dies). See "
+                        "docs/operations.md")
+    p.add_argument("--ack-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="with received/replicated: after this long without the replica, writes "
+                        "return once fsync'd locally (logged; default 30)")
     add_token(p)
     add_verbose(p)
     p.set_defaults(func=main)
@@ -55,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
     from ..node.agent import NodeAgent
 
     agent = NodeAgent(args.id, args.coordinator, args.replica, args.state, secret,
-                      volume=args.volume)
+                      volume=args.volume, ack=args.ack, ack_timeout=args.ack_timeout)
     try:
         agent.start()
     except (OSError, ClusterrepError) as exc:

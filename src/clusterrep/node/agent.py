@@ -32,11 +32,24 @@ from .client import ControlLink, CoordinatorClient
 
 log = logging.getLogger("clusterrep.node")
 
+# When an application's write returns (compare DRBD's protocols A, B, C):
+#   async      the event is in the spool (page cache); the activity log repairs after a crash
+#   local      the event is fsync'd in the node's spool
+#   received   the replica has the event in memory
+#   replicated the replica has fsync'd the event: losing the node loses nothing
+ACK_LEVELS = ("async", "local", "received", "replicated")
+
 
 class NodeAgent:
     def __init__(self, name: str, coordinator: str, replica: str, state: str | Path,
-                 token: bytes, *, volume: str | Path | None = None) -> None:
+                 token: bytes, *, volume: str | Path | None = None, ack: str = "async",
+                 ack_timeout: float = 30.0) -> None:
+        if ack not in ACK_LEVELS:
+            raise ValueError(f"unknown acknowledgement level {ack!r}; one of {', '.join(ACK_LEVELS)}")
         self.name = name
+        self.ack = ack
+        self.ack_timeout = ack_timeout
+        self.degraded = False  # an ack level could not be met in time (replica away)
         self.state = Path(state)
         self.state.mkdir(parents=True, exist_ok=True)
         self.volume = Path(volume) if volume is not None else None
@@ -47,7 +60,9 @@ class NodeAgent:
         self.client = CoordinatorClient(coordinator, token, name)
         self.control = ControlLink(coordinator, token, name, on_recall=self._recalled,
                                    on_gseq=self.learn, on_down=self._drop_tokens)
-        self.shipper = Shipper(self.spool, replica, token, name=name, role="node")
+        # a writer waiting for the replica's ack must not wait for a batch to fill
+        linger = 0.0 if ack in ("received", "replicated") else 0.002
+        self.shipper = Shipper(self.spool, replica, token, name=name, role="node", linger=linger)
         self.known = 0
         self._ticked = 0
         self._joined = False  # no tick may precede our Join copy (the replica would refuse it)
@@ -134,13 +149,36 @@ class NodeAgent:
         self.shipper.notify()
         return ev
 
-    def _append_write(self, path: str, offset: int, data: bytes) -> None:
-        """Record a write (the hot path: encoded directly, no event object)."""
+    def _append_write(self, path: str, offset: int, data: bytes) -> int:
+        """Record a write (the hot path: encoded directly, no event object); return its seq."""
         with self._rec:
             self._ticked = self.known  # this event shows what we know: no tick needed
-            self.spool.append([encode_write(self.name, self.spool.next_index, time.time_ns(),
-                                            self.known, path, offset, data)])
+            seq = self.spool.append([encode_write(self.name, self.spool.next_index, time.time_ns(),
+                                                  self.known, path, offset, data)])
         self.shipper.notify()
+        return seq
+
+    def _acknowledge(self, seq: int) -> None:
+        """Hold the application's write until the node's acknowledgement level is met."""
+        if self.ack == "async":
+            return
+        if self.ack == "local":
+            self.spool.sync()  # group commit: concurrent writers share one fsync
+            return
+        if self.degraded and not self.shipper.connected:
+            self.spool.sync()  # still no replica: do not wait for it on every write
+            return
+        if self.shipper.wait_for(seq, durable=self.ack == "replicated", timeout=self.ack_timeout):
+            if self.degraded:
+                log.warning("the replica acknowledges again: back to --ack %s", self.ack)
+                self.degraded = False
+            return
+        if not self.degraded:
+            log.warning("the replica did not acknowledge within %g s: writes return once their "
+                        "events are fsync'd locally until it is back (nothing is dropped)",
+                        self.ack_timeout)
+            self.degraded = True
+        self.spool.sync()
 
     def learn(self, g: int) -> None:
         """The coordinator told us gseq ``g`` exists; stamp everything from now on with it."""
@@ -254,11 +292,14 @@ class NodeAgent:
                     continue  # recalled between acquire and lock: ask again
                 self.activity.activate(ino, self.paths[ino], offset, len(data))
                 n = os.pwrite(fd, data, offset)
+                seq = 0
                 if n:
-                    self._append_write(self.paths[ino], offset, data if n == len(data) else data[:n])
+                    seq = self._append_write(self.paths[ino], offset, data if n == len(data) else data[:n])
                     self.writes += 1
                     self.bytes_written += n
-                return n
+            if seq:
+                self._acknowledge(seq)  # outside the file's lock: a recall must not wait on it
+            return n
 
     # -- activity log ------------------------------------------------------------------------
 
@@ -306,6 +347,8 @@ class NodeAgent:
             "backlog_events": self.shipper.backlog,
             "connected": self.shipper.connected,
             "tokens": len(self._tokens),
+            "ack": self.ack,
+            "degraded": self.degraded,
             "writes": self.writes,
             "bytes_written": self.bytes_written,
         }

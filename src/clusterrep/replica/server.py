@@ -71,7 +71,9 @@ class ReplicaServer:
                 captured = _int(msg.get("captured", 0)) if isinstance(msg, dict) else 0
                 if kind == "batch":
                     try:
-                        durable = self.service.receive(source, msg.get("events"), captured)
+                        durable = self.service.receive(
+                            source, msg.get("events"), captured,
+                            lambda seq: conn.send({"t": "recv", "received": seq}))
                     except BatchRefused as exc:
                         log.warning("refused a batch from %s (%s): %s", source, conn.peer_addr, exc)
                         conn.send({"t": "error", "message": str(exc), "next": exc.next_seq})

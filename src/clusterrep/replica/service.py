@@ -134,8 +134,12 @@ class ReplicaService:
             st.connected = connected
             return st.received
 
-    def receive(self, source: str, raw_events: list[Any], captured: int) -> int:
-        """Make a batch durable; return the source's highest durable seq. All or nothing."""
+    def receive(self, source: str, raw_events: list[Any], captured: int,
+                on_received: Any = None) -> int:
+        """Make a batch durable; return the source's highest durable seq. All or nothing.
+
+        ``on_received(seq)`` is called once the batch is validated and appended, before the
+        fsync (the sender's ``received`` acknowledgement level)."""
         if not isinstance(raw_events, list):
             raise BatchRefused("batch events must be a list", self.next_seq(source))
         events: list[Event] = []
@@ -171,6 +175,8 @@ class ReplicaService:
                 st.arrivals.append((fresh[-1][0].seq, now))
                 if st.pending_since is None:
                     st.pending_since = now
+        if on_received is not None:
+            on_received(fresh[-1][0].seq if fresh else st.received)
         # fsync outside the lock so other sources' batches share the same fsync
         self.journal.sync()
         with self._lock:
