@@ -35,9 +35,28 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--ack-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="with received/replicated: after this long without the replica, writes "
                         "return once fsync'd locally (logged; default 30)")
+    p.add_argument("--spool-limit", type=parse_size, default=8 << 30, metavar="SIZE",
+                   help="largest size of the spool while the replica is away (e.g. 512M, 8G; "
+                        "default 8G); then writes wait or fail, see --on-spool-full")
+    p.add_argument("--on-spool-full", choices=("block", "fail"), default="block",
+                   help="when the spool is full: block writes until the replica catches up "
+                        "(default), or fail them with ENOSPC")
     add_token(p)
     add_verbose(p)
     p.set_defaults(func=main)
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = int(float(num) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512M or 8G") from None
+    if value < 1 << 20:
+        raise argparse.ArgumentTypeError(f"{text!r} is too small: at least 1M")
+    return value
 
 
 def main(args: argparse.Namespace) -> int:
@@ -63,7 +82,8 @@ def main(args: argparse.Namespace) -> int:
     from ..node.agent import NodeAgent
 
     agent = NodeAgent(args.id, args.coordinator, args.replica, args.state, secret,
-                      volume=args.volume, ack=args.ack, ack_timeout=args.ack_timeout)
+                      volume=args.volume, ack=args.ack, ack_timeout=args.ack_timeout,
+                      spool_limit=args.spool_limit, on_spool_full=args.on_spool_full)
     try:
         agent.start()
     except (OSError, ClusterrepError) as exc:

@@ -43,7 +43,8 @@ ACK_LEVELS = ("async", "local", "received", "replicated")
 class NodeAgent:
     def __init__(self, name: str, coordinator: str, replica: str, state: str | Path,
                  token: bytes, *, volume: str | Path | None = None, ack: str = "async",
-                 ack_timeout: float = 30.0) -> None:
+                 ack_timeout: float = 30.0, spool_limit: int = 8 << 30,
+                 on_spool_full: str = "block") -> None:
         if ack not in ACK_LEVELS:
             raise ValueError(f"unknown acknowledgement level {ack!r}; one of {', '.join(ACK_LEVELS)}")
         self.name = name
@@ -53,7 +54,13 @@ class NodeAgent:
         self.state = Path(state)
         self.state.mkdir(parents=True, exist_ok=True)
         self.volume = Path(volume) if volume is not None else None
-        self.spool = Journal(self.state / "spool")
+        if on_spool_full not in ("block", "fail"):
+            raise ValueError(f"on_spool_full must be block or fail, not {on_spool_full!r}")
+        self.spool_limit = spool_limit
+        self.on_spool_full = on_spool_full
+        self.spool_full = False
+        self.spool = Journal(self.state / "spool",
+                             segment_bytes=max(64 << 10, min(64 << 20, spool_limit // 8)))
         self.activity = ActivityLog(self.state / "activity.log")
         self._retirer = threading.Thread(target=self._retire_loop, name="activity", daemon=True)
         self._stopping = threading.Event()
@@ -279,8 +286,28 @@ class NodeAgent:
         self.learn(int(reply["gseq"]))
         return str(reply["path"])
 
+    def _room(self) -> None:
+        """Back-pressure: with the spool at its limit, block (or fail with ENOSPC) until the
+        replica has taken enough that the spool shrinks below it."""
+        if self.spool.bytes_total < self.spool_limit:
+            if self.spool_full:
+                self.spool_full = False
+                log.warning("spool below its limit again: writes proceed")
+            return
+        if not self.spool_full:
+            self.spool_full = True
+            log.warning("spool %s reached its limit of %d bytes (replica away or slow): writes %s",
+                        self.state / "spool", self.spool_limit,
+                        "fail with ENOSPC" if self.on_spool_full == "fail" else "wait")
+        if self.on_spool_full == "fail":
+            raise OSError(errno.ENOSPC, "clusterrep spool full: the replica has not taken what "
+                                        "this node captured")
+        while self.spool.bytes_total >= self.spool_limit and not self._stopping.is_set():
+            time.sleep(0.05)
+
     def write(self, ino: int, hint: str, fd: int, data: bytes, offset: int) -> int:
         """Write to the backing file and record it, holding the token and the file's lock."""
+        self._room()
         while True:
             if ino not in self._tokens:
                 path = self._acquire(ino, self.paths.get(ino, hint))
@@ -348,6 +375,7 @@ class NodeAgent:
             "connected": self.shipper.connected,
             "tokens": len(self._tokens),
             "ack": self.ack,
+            "spool_full": self.spool_full,
             "degraded": self.degraded,
             "writes": self.writes,
             "bytes_written": self.bytes_written,
