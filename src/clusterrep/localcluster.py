@@ -33,11 +33,13 @@ def free_port() -> int:
 
 class LocalCluster:
     def __init__(self, workdir: str | Path, nodes: tuple[str, ...] = ("h1", "h2"), *,
-                 clock_offsets: dict[str, str] | None = None, node_args: list[str] | None = None) -> None:
+                 clock_offsets: dict[str, str] | None = None, node_args: list[str] | None = None,
+                 replica_for_nodes: str | None = None) -> None:
         self.workdir = Path(workdir)
         self.nodes = nodes
         self.clock_offsets = clock_offsets or {}
         self.node_args = node_args or []
+        self.replica_for_nodes = replica_for_nodes  # e.g. a fault-injecting proxy in front
         self.volume = self.workdir / "volume"
         self.target = self.workdir / "replica"
         self.logs = self.workdir / "logs"
@@ -106,7 +108,8 @@ class LocalCluster:
             prefix = ["env", "FAKETIME_DONT_FAKE_MONOTONIC=1", "faketime", "-f", offset]
         mnt = self.mount(node)
         self._spawn(node, ["node", "--id", node, "--volume", str(self.volume), "--mount", str(mnt),
-                           "--coordinator", self.coordinator_addr, "--replica", self.replica_addr,
+                           "--coordinator", self.coordinator_addr, "--replica",
+                           self.replica_for_nodes or self.replica_addr,
                            "--state", str(self.workdir / f"state-{node}"), *self.node_args], prefix)
         deadline = time.monotonic() + timeout
         while not os.path.ismount(mnt):
