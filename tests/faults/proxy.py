@@ -8,6 +8,7 @@ next chunk twice), ``delay`` (hold each chunk ``delay`` seconds). ``pass`` forwa
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import threading
@@ -105,8 +106,6 @@ class FaultProxy:
 
 
 def _close(s: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         s.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
     s.close()

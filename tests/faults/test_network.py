@@ -13,10 +13,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from proxy import FaultProxy  # noqa: E402
-from test_crashes import Writers, applied_exactly_once  # noqa: E402
+from proxy import FaultProxy
+from test_crashes import Writers, applied_exactly_once
 
-from clusterrep.localcluster import LocalCluster  # noqa: E402
+from clusterrep.localcluster import LocalCluster
 
 log = logging.getLogger("faults")
 
