@@ -187,3 +187,18 @@ def test_a_node_leaves_cleanly_and_rejoins(identical, cluster: LocalCluster) -> 
     (cluster.mount("h2") / "from-h2").unlink()
     st = identical(cluster)
     assert st["members"] == ["h1", "h2"]
+
+
+def test_fio_with_o_direct_and_append_through_a_mount(identical, cluster: LocalCluster) -> None:
+    """O_DIRECT opens work (the backing file is not opened O_DIRECT), and O_APPEND writes from
+    two hosts are recorded at the offsets where the data really landed."""
+    assert shutil.which("fio"), "fio is required (apt-get install fio)"
+    args = [*FIO, "--name=direct", f"--filename={cluster.mount('h1') / 'direct.img'}",
+            "--rw=randwrite", "--direct=1", "--size=4m"]
+    result = subprocess.run(args, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for i in range(5):
+        for node in ("h1", "h2"):
+            with open(cluster.mount(node) / "log.txt", "a") as fh:
+                fh.write(f"{node} line {i}\n")
+    identical(cluster)

@@ -43,6 +43,8 @@ MOUNT_OPTIONS: dict[str, Any] = {
     "entry_timeout": 0,  # names created, renamed or removed by other hosts too
     "negative_timeout": 0,
     "use_ino": True,
+    "hard_remove": True,  # unlink while open really unlinks (no .fuse_hidden files on the volume)
+    "auto_unmount": True,  # a killed node agent leaves no dead mount behind
 }
 MAX_WRITE = 1 << 20  # 1 MiB write requests for sequential I/O (set in init: not a mount option)
 
@@ -74,8 +76,9 @@ def _backing_flags(flags: int) -> int:
     """Flags for the backing file of a write handle. O_APPEND is dropped: the kernel already
     chose the offset, and pwrite on an O_APPEND descriptor would ignore it (Linux), so the data
     could land elsewhere than the offset we record. Creation and truncation were done by the
-    coordinator."""
-    return (flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND)) | os.O_CLOEXEC
+    coordinator. O_DIRECT is dropped too (FUSE hands us unaligned buffers; the kernel side of the
+    mount already bypasses its cache as the application asked)."""
+    return (flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_DIRECT)) | os.O_CLOEXEC
 
 
 def rel(path: str) -> str:
@@ -164,7 +167,7 @@ class CaptureFS(fuse.Operations):
         p = rel(path)
         writing = bool(flags & _WRITE_FLAGS)
         if not writing:
-            fd = os.open(p, (flags & ~os.O_TRUNC) | os.O_CLOEXEC, dir_fd=self.root)
+            fd = os.open(p, (flags & ~(os.O_TRUNC | os.O_DIRECT)) | os.O_CLOEXEC, dir_fd=self.root)
             return self._register(fd, Handle(os.fstat(fd).st_ino, p, False))
         reply = self.agent.meta("open", path=p)
         if flags & os.O_TRUNC:
