@@ -34,12 +34,13 @@ def free_port() -> int:
 class LocalCluster:
     def __init__(self, workdir: str | Path, nodes: tuple[str, ...] = ("h1", "h2"), *,
                  clock_offsets: dict[str, str] | None = None, node_args: list[str] | None = None,
-                 replica_for_nodes: str | None = None) -> None:
+                 replica_for_nodes: str | None = None, replica_state: Path | None = None) -> None:
         self.workdir = Path(workdir)
         self.nodes = nodes
         self.clock_offsets = clock_offsets or {}
         self.node_args = node_args or []
         self.replica_for_nodes = replica_for_nodes  # e.g. a fault-injecting proxy in front
+        self.replica_state = replica_state or self.workdir / "state-replica"
         self.volume = self.workdir / "volume"
         self.target = self.workdir / "replica"
         self.logs = self.workdir / "logs"
@@ -88,7 +89,7 @@ class LocalCluster:
 
     def start_replica(self, timeout: float = 30.0) -> None:
         self._spawn("replica", ["replica", "--listen", self.replica_addr, "--target",
-                                str(self.target), "--state", str(self.workdir / "state-replica")])
+                                str(self.target), "--state", str(self.replica_state)])
         self._wait_port("replica", self.replica_addr, timeout)
 
     def start_coordinator(self, timeout: float = 30.0) -> None:
