@@ -27,6 +27,8 @@ def pending(st: dict[str, Any], since: float) -> list[str]:
     out: list[str] = []
     if st.get("error"):
         out.append(f"applying stopped: {st['error']}")
+    if st.get("stalled"):
+        out.append(f"applying paused: {st['stalled']}")
     members = set(st.get("members") or [])
     for name, s in st["sources"].items():
         if (name in members or name == "coordinator") and not s["connected"]:

@@ -39,3 +39,35 @@ def test_replica_journal_disk_full_then_space_returns(tmp_path: Path, identical)
             identical(c)
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_replica_target_disk_full_pauses_applying_then_resumes(tmp_path: Path, identical) -> None:
+    c = LocalCluster(tmp_path / "c", ("h1",))
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(c.target)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, f"cannot mount a small tmpfs (needs root): {r.stderr}"
+    try:
+        with c.start():
+            m = c.mount("h1")
+            (m / "small").write_bytes(os.urandom(1000))
+            fd = os.open(m / "big.img", os.O_RDWR | os.O_CREAT, 0o600)
+            for i in range(3000):  # 12 MiB: more than the replica's target can hold
+                os.pwrite(fd, os.urandom(4096), i * 4096)
+            os.close(fd)
+            deadline = time.monotonic() + 30
+            while not (c.status().get("stalled")):
+                assert time.monotonic() < deadline, "applying never reported the full disk"
+                time.sleep(0.2)
+            while True:  # receiving and acknowledging go on while applying is paused
+                st = c.status()
+                assert st["error"] is None  # paused, not given up
+                if st["sources"]["h1"]["received"] == st["sources"]["h1"]["captured"]:
+                    break
+                assert time.monotonic() < deadline, st
+                time.sleep(0.2)
+            assert st["stalled"]
+            subprocess.run(["mount", "-o", "remount,size=64m", str(c.target)], check=True)
+            identical(c)
+            assert c.status()["stalled"] is None
+    finally:
+        subprocess.run(["umount", "-l", str(c.target)], check=False)

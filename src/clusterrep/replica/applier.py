@@ -117,7 +117,8 @@ class Applier:
                 try:
                     write(ev.path, ev.offset, ev.data)
                 except OSError as exc:
-                    raise ApplyError(f"applying {describe(ev)} failed: {exc}") from None
+                    raise ApplyError(f"applying {describe(ev)} failed: {exc}",
+                                     errno=exc.errno or 5) from None
                 cursors[src] = ev.seq + 1
                 afters[src] = ev.after
                 position.applied += 1
@@ -137,7 +138,8 @@ class Applier:
             try:
                 self._apply_one(ev)
             except OSError as exc:
-                raise ApplyError(f"applying {describe(ev)} failed: {exc}") from None
+                raise ApplyError(f"applying {describe(ev)} failed: {exc}",
+                                 errno=exc.errno or 5) from None
             position.advance(ev)
             self._since += 1
             if barrier or self._since >= self.checkpoint_every:

@@ -14,6 +14,7 @@ journal's events are fed to it again; those already applied are dropped by the p
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import queue
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..durable import atomic_write
-from ..errors import ClusterrepError, InvalidEvent
+from ..errors import ApplyError, ClusterrepError, InvalidEvent
 from ..events import Event, MetaEvent, decode
 from ..journal import Journal
 from .applier import Applier
@@ -68,7 +69,9 @@ class ReplicaService:
         self.sources: dict[str, SourceState] = {}
         self.checkpoint_idle = checkpoint_idle
         self.checkpoint_interval = checkpoint_interval
-        self.error: str | None = None
+        self.error: str | None = None  # applying stopped for good (needs an operator)
+        self.stalled: str | None = None  # applying paused, retried (a full target disk)
+        self._retry: list[Event] = []
         self.started = time.time()
         self._lock = threading.Lock()  # received/journal append order
         self._queue: queue.Queue[list[Event] | None] = queue.Queue()
@@ -195,7 +198,11 @@ class ReplicaService:
     def _apply_loop(self) -> None:
         last_checkpoint = time.monotonic()
         dirty = False
-        self._drain_and_apply()
+        try:
+            self._drain_and_apply()
+        except ClusterrepError as exc:
+            self.error = str(exc)
+            log.critical("replica stopped applying: %s", exc)
         while not self._stop.is_set():
             try:
                 batch = self._queue.get(timeout=self.checkpoint_idle)
@@ -223,9 +230,15 @@ class ReplicaService:
                 applied = self._drain_and_apply()
                 dirty = dirty or applied > 0
                 now = time.monotonic()
-                if dirty and (not batch or now - last_checkpoint > self.checkpoint_interval):
-                    self._checkpoint()
-                    last_checkpoint, dirty = now, False
+                if dirty and self.stalled is None and (
+                        not batch or now - last_checkpoint > self.checkpoint_interval):
+                    try:
+                        self._checkpoint()
+                        last_checkpoint, dirty = now, False
+                    except OSError as exc:
+                        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                            raise ApplyError(f"checkpoint failed: {exc}") from None
+                        self.stalled = f"checkpoint: disk full: {exc}"
                 if not batch and self._queue.empty():
                     self._idle.set()
             except ClusterrepError as exc:
@@ -233,11 +246,30 @@ class ReplicaService:
                 log.critical("replica stopped applying: %s", exc)
 
     def _drain_and_apply(self) -> int:
-        out = self.merger.drain()
+        out = self._retry + self.merger.drain()
+        self._retry = []
         if out:
-            self.applier.apply(out)
+            try:
+                self.applier.apply(out)  # events already applied are skipped by the position
+            except ApplyError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                self._stall(out, str(exc))
+                return 0
+        if self.stalled is not None:
+            log.warning("the target has space again: applying resumes")
+            self.stalled = None
         self._publish()
         return len(out)
+
+    def _stall(self, events: list[Event], why: str) -> None:
+        """The target's disk is full: keep the events, retry later; nothing is skipped."""
+        self._retry = events
+        if self.stalled is None:
+            log.error("target disk full, applying paused (received events stay journaled and "
+                      "acknowledged): %s", why)
+        self.stalled = f"target disk full: {why}"
+        self._publish()
 
     def _publish(self) -> None:
         with self._lock:
@@ -307,6 +339,7 @@ class ReplicaService:
             "waiting_for": view["waiting_for"],
             "journal_bytes": self.journal.bytes_total,
             "error": self.error,
+            "stalled": self.stalled,
             "idle": self._idle.is_set() and self._queue.empty(),
             "sources": sources,
         }
