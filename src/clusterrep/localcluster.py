@@ -7,6 +7,7 @@ the capture file system over the one shared volume directory. Logs go to ``workd
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -131,13 +132,26 @@ class LocalCluster:
         proc = self.procs.get(name)
         if proc is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(sig)
+        # each part runs in its own process group (a wrapper such as faketime may have a child):
+        # signal the group, and wait until all of it is gone
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        deadline = time.monotonic() + timeout
+        while True:
             try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            time.sleep(0.05)
         if name in self.nodes and mounted_here(str(self.mount(name))):
             # a node that did not stop cleanly leaves its mount behind, possibly dead
             subprocess.run(["fusermount3", "-u", "-z", str(self.mount(name))], check=False,

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import email
 import os
 import random
 import shutil
 import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -115,7 +115,7 @@ def test_sqlite_transactions_through_a_mount(identical, cluster: LocalCluster) -
 
 
 def test_tar_extract_then_renames_and_deletes(identical, cluster: LocalCluster, tmp_path: Path) -> None:
-    source = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "email"
+    source = Path(email.__file__).parent  # the standard library's email package: a real tree
     archive = tmp_path / "tree.tar"
     with tarfile.open(archive, "w") as tar:
         tar.add(source, arcname="email")
