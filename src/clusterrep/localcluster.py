@@ -107,7 +107,15 @@ class LocalCluster:
                 raise ClusterrepError("faketime is needed to skew a node's clock",
                                       hint="apt-get install faketime")
             # skew the wall clock only: with a faked monotonic clock, timed waits misbehave
-            prefix = ["env", "FAKETIME_DONT_FAKE_MONOTONIC=1", "faketime", "-f", offset]
+            if offset.startswith("file:"):
+                # the offset is read from a file on every clock call: tests move it while running
+                libs = sorted(Path("/usr/lib").glob("*/faketime/libfaketimeMT.so.1"))
+                if not libs:
+                    raise ClusterrepError("libfaketime is not installed", hint="apt-get install faketime")
+                prefix = ["env", f"LD_PRELOAD={libs[0]}", "FAKETIME_DONT_FAKE_MONOTONIC=1",
+                          "FAKETIME_NO_CACHE=1", f"FAKETIME_TIMESTAMP_FILE={offset[5:]}"]
+            else:
+                prefix = ["env", "FAKETIME_DONT_FAKE_MONOTONIC=1", "faketime", "-f", offset]
         mnt = self.mount(node)
         self._spawn(node, ["node", "--id", node, "--volume", str(self.volume), "--mount", str(mnt),
                            "--coordinator", self.coordinator_addr, "--replica",
