@@ -158,3 +158,44 @@ def test_torn_replica_journal_tail_is_cut_and_resent(make_cluster, identical) ->
     assert "cut" in (cluster.logs / "replica.log").read_text().lower()
 
 
+
+
+def test_coordinator_killed_under_a_metadata_workload_runs_each_operation_once(
+        make_cluster, identical) -> None:
+    """Nodes retry a metadata operation whose answer was lost; the coordinator, restarted, runs
+    it once (a rename run twice would fail the second time) and the application sees no error."""
+    seed = int(os.environ.get("CLUSTERREP_SEED", random.randrange(1 << 30)))
+    log.warning("seed %d", seed)
+    rng = random.Random(seed)
+    cluster = make_cluster(("h1", "h2"))
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def churn(node: str) -> None:
+        m = cluster.mount(node) / node
+        try:
+            m.mkdir()
+            i = 0
+            while not stop.is_set():
+                i += 1
+                (m / f"f{i}").write_text(str(i))
+                (m / f"f{i}").rename(m / f"g{i}")
+                if i % 4 == 0:
+                    (m / f"g{i - 1}").unlink()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn, args=(n,)) for n in cluster.nodes]
+    for t in threads:
+        t.start()
+    for _ in range(3):
+        time.sleep(rng.uniform(0.3, 1.0))
+        cluster.stop_process("coordinator", signal.SIGKILL)
+        time.sleep(rng.uniform(0, 0.5))
+        cluster.start_coordinator()
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    identical(cluster)

@@ -122,6 +122,13 @@ class CoordinatorServer:
         op_id = msg.get("op_id", "")
         if op == "ping":
             return {"gseq": svc.gseq}
+        if not isinstance(op_id, str) or not op_id:
+            raise OpFailed("every request but ping needs an op_id", errno.EINVAL)
+        # op_ids are the node's own: a node cannot see or replay another node's operations
+        return svc.once(f"{node}/{op_id}", lambda: self._execute(node, op, op_id, msg))
+
+    def _execute(self, node: str, op: Any, op_id: str, msg: dict[str, Any]) -> dict[str, Any]:
+        svc = self.service
         if op == "join":
             ev = svc.join(node, op_id)
             return {"gseq": svc.gseq, "event": None if ev is None else encode(ev)}

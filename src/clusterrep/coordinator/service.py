@@ -23,6 +23,7 @@ import os
 import stat
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from ..events import (
     Symlink,
     Truncate,
     Unlink,
+    decode,
     encode,
 )
 from ..journal import Journal
@@ -102,9 +104,66 @@ class CoordinatorService:
         self.holders: dict[int, str] = {}  # ino -> node holding the write token
         self.recalling: dict[int, threading.Event] = {}  # ino -> set when its recall is over
         self.lock = threading.RLock()
+        # answers to operations already executed, by op_id: a node that retries an operation
+        # after a lost reply or a coordinator restart gets the same answer, and it runs once
+        self.done: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._inflight: dict[str, threading.Event] = {}
+        self._remember_journal()
         self.recaller: Recaller | None = None
         self.on_record: Callable[[], None] | None = None  # wakes the shipper
         self.ops = 0
+
+    def _remember_journal(self) -> None:
+        """Rebuild ``done`` from the events still in the journal (after a restart)."""
+        start = self.journal.first_index
+        while start < self.journal.next_index:
+            records = self.journal.read(start, max_bytes=16 << 20)
+            for _, raw in records:
+                ev = decode(raw)
+                if isinstance(ev, MetaEvent):
+                    reply: dict[str, Any] = {"gseq": ev.gseq, "event": raw}
+                    if isinstance(ev, Acquire):
+                        reply["path"] = ev.path
+                    self._remember(f"{ev.origin}/{ev.op_id}", reply)
+            start = records[-1][0] + 1
+
+    def _remember(self, op_id: str, reply: dict[str, Any]) -> None:
+        self.done[op_id] = reply
+        while len(self.done) > 200_000:
+            self.done.popitem(last=False)
+
+    def once(self, op_id: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run a node's operation at most once per ``op_id`` ("node/op_id"); a retry gets the
+        first answer."""
+        while True:
+            with self.lock:
+                reply = self.done.get(op_id)
+                if reply is not None:
+                    return self._refresh(reply)
+                running = self._inflight.get(op_id)
+                if running is None:
+                    self._inflight[op_id] = threading.Event()
+                    break
+            running.wait(60)  # the same operation is still running: take its answer
+        try:
+            reply = run()
+            if reply.get("event") is not None:
+                with self.lock:
+                    self._remember(op_id, reply)
+            return reply
+        finally:
+            with self.lock:
+                self._inflight.pop(op_id).set()
+
+    def _refresh(self, reply: dict[str, Any]) -> dict[str, Any]:
+        """A remembered answer; after a restart, create/open answers lack the inode: look it up."""
+        if "ino" not in reply and reply.get("event"):
+            ev = decode(reply["event"])
+            if isinstance(ev, (Create, Open)):
+                ino = self._ino_of(ev.path)
+                if ino is not None:
+                    reply = {**reply, "ino": ino}
+        return reply
 
     def close(self) -> None:
         self.vol.close()

@@ -14,6 +14,7 @@ import errno
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,10 @@ from .. import wire
 from ..errors import AuthError, ClusterrepError
 
 log = logging.getLogger("clusterrep.node")
+
+
+class _LinkLost(Exception):
+    """The link broke before the answer came: the request may be sent again."""
 
 
 class CoordinatorClient:
@@ -63,14 +68,30 @@ class CoordinatorClient:
             for slot in list(self._waiting.values()):
                 slot[0].set()  # reply stays None: the caller fails with EIO
 
-    def call(self, op: str, **fields: Any) -> dict[str, Any]:
-        """Send one request and wait for its reply; raise OSError(errno) if it failed."""
+    def call(self, op: str, *, retry_for: float = 30.0, **fields: Any) -> dict[str, Any]:
+        """Send one request and wait for its reply; raise OSError(errno) if it failed.
+
+        If the link breaks before the reply, the same request (same op_id) is sent again for
+        up to ``retry_for`` seconds: the coordinator runs an op_id once and answers a retry
+        with the first answer, so a coordinator restart costs the application only a pause.
+        """
+        deadline = time.monotonic() + retry_for
+        while True:
+            try:
+                return self._call_once(op, fields)
+            except _LinkLost as exc:
+                if self._closed or time.monotonic() > deadline:
+                    raise OSError(errno.EIO, str(exc)) from None
+                log.info("retrying %s after: %s", op, exc)
+                time.sleep(0.2)
+
+    def _call_once(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
         try:
             conn = self._connection()
         except AuthError:
             raise  # retrying cannot help: wrong token or not the coordinator
         except (ClusterrepError, OSError) as exc:
-            raise OSError(errno.EIO, f"coordinator {self.addr} unreachable: {exc}") from None
+            raise _LinkLost(f"coordinator {self.addr} unreachable: {exc}") from None
         rid = next(self._ids)
         slot: list[Any] = [threading.Event(), None]
         self._waiting[rid] = slot
@@ -78,13 +99,13 @@ class CoordinatorClient:
             conn.send({"id": rid, "op": op, **fields})
         except (ClusterrepError, OSError) as exc:
             self._waiting.pop(rid, None)
-            raise OSError(errno.EIO, f"coordinator {self.addr}: {exc}") from None
+            raise _LinkLost(f"coordinator {self.addr}: {exc}") from None
         if not slot[0].wait(self.timeout):
             self._waiting.pop(rid, None)
             raise OSError(errno.ETIMEDOUT, f"coordinator {self.addr} did not answer {op}")
         reply = slot[1]
         if reply is None:
-            raise OSError(errno.EIO, f"link to coordinator lost during {op}")
+            raise _LinkLost(f"link to coordinator lost during {op}")
         if "errno" in reply:
             raise OSError(int(reply["errno"]), str(reply.get("message", "")))
         return reply
