@@ -35,7 +35,8 @@ def free_port() -> int:
 class LocalCluster:
     def __init__(self, workdir: str | Path, nodes: tuple[str, ...] = ("h1", "h2"), *,
                  clock_offsets: dict[str, str] | None = None, node_args: list[str] | None = None,
-                 replica_for_nodes: str | None = None, replica_state: Path | None = None) -> None:
+                 replica_for_nodes: str | None = None, replica_state: Path | None = None,
+                 replica_listen: str | None = None, replica_prefix: list[str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.nodes = nodes
         self.clock_offsets = clock_offsets or {}
@@ -46,7 +47,9 @@ class LocalCluster:
         self.target = self.workdir / "replica"
         self.logs = self.workdir / "logs"
         self.token_file = self.workdir / "token"
-        self.replica_addr = f"127.0.0.1:{free_port()}"
+        # the replica may run elsewhere, e.g. in its own network namespace (replica_prefix)
+        self.replica_addr = replica_listen or f"127.0.0.1:{free_port()}"
+        self.replica_prefix = replica_prefix or []
         self.coordinator_addr = f"127.0.0.1:{free_port()}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         for d in (self.volume, self.target, self.logs):
@@ -90,7 +93,8 @@ class LocalCluster:
 
     def start_replica(self, timeout: float = 30.0) -> None:
         self._spawn("replica", ["replica", "--listen", self.replica_addr, "--target",
-                                str(self.target), "--state", str(self.replica_state)])
+                                str(self.target), "--state", str(self.replica_state)],
+                    self.replica_prefix)
         self._wait_port("replica", self.replica_addr, timeout)
 
     def start_coordinator(self, timeout: float = 30.0) -> None:

@@ -21,8 +21,8 @@ log = logging.getLogger("faults")
 class Writers:
     """VM-like writers on every node plus file churn, until stopped; errors are collected."""
 
-    def __init__(self, cluster: LocalCluster, seed: int) -> None:
-        self.cluster, self.seed = cluster, seed
+    def __init__(self, cluster: LocalCluster, seed: int, pace: float = 0.001) -> None:
+        self.cluster, self.seed, self.pace = cluster, seed, pace
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         self.threads = [threading.Thread(target=self._vm, args=(n, i)) for i, n in
@@ -48,7 +48,7 @@ class Writers:
                 # paced, so that every stream fits in one journal segment and can be counted
                 os.pwrite(fd, rng.randbytes(rng.choice((512, 1024, 4096))),
                           rng.randrange(1024) * 4096)
-                time.sleep(0.001)
+                time.sleep(self.pace)
             os.close(fd)
         except BaseException as exc:
             if not (self.stop.is_set() and isinstance(exc, OSError)):
