@@ -32,6 +32,7 @@ from ..confined import Target
 from ..durable import atomic_write
 from ..errors import ApplyError, ClusterrepError, InvalidEvent
 from ..events import (
+    EVENT_TYPES,
     Acquire,
     Close,
     Create,
@@ -108,10 +109,77 @@ class CoordinatorService:
         # after a lost reply or a coordinator restart gets the same answer, and it runs once
         self.done: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._inflight: dict[str, threading.Event] = {}
-        self._remember_journal()
+        self._intent_open = False
         self.recaller: Recaller | None = None
         self.on_record: Callable[[], None] | None = None  # wakes the shipper
         self.ops = 0
+        self._remember_journal()
+        self._recover_intent()
+
+    # -- intent: an operation between its volume change and its journal record ---------------
+
+    def _intent(self, cls: type[MetaEvent], node: str, op_id: str, f: dict[str, Any]) -> None:
+        """Durably note the operation about to change the volume (lock held), so that a crash
+        between the change and the journal record is completed on restart, not lost."""
+        data = json.dumps({"kind": cls.KIND, "node": node, "op_id": op_id, "fields": f})
+        fd = os.open(self.state / "intent.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.write(fd, data.encode("utf-8", "surrogateescape"))
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        self._intent_open = True
+
+    def _intent_done(self) -> None:
+        if self._intent_open:
+            os.truncate(self.state / "intent.json", 0)
+            self._intent_open = False
+
+    def _recover_intent(self) -> None:
+        """After a crash: an operation noted but not journaled is recorded if its effect is on
+        the volume (it ran), and forgotten if not (it did not run; the node's retry runs it)."""
+        path = self.state / "intent.json"
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return
+        if not raw:
+            return
+        try:
+            intent = json.loads(raw.decode("utf-8", "surrogateescape"))
+            cls = EVENT_TYPES[intent["kind"]]
+            node, op_id, f = intent["node"], intent["op_id"], intent["fields"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring an unreadable intent record (torn while being written)")
+            os.truncate(path, 0)
+            return
+        if f"{node}/{op_id}" not in self.done and self._took_effect(cls, f):
+            if cls in (Create, Mkdir):  # the crash may have come before the mode was set
+                self.vol.setattr(f["path"], f.get("mode", 0o644 if cls is Create else 0o755),
+                                 None, None)
+            reply = self._done(cls, node, op_id, f)  # type: ignore[arg-type]
+            self.journal.sync()
+            self._remember(f"{node}/{op_id}", reply)
+            log.warning("completed %s by %s, which ran on the volume just before a crash",
+                        cls.__name__, node)
+        os.truncate(path, 0)
+
+    def _took_effect(self, cls: type[MetaEvent], f: dict[str, Any]) -> bool:
+        def exists(p: str) -> bool:
+            try:
+                self.vol.lstat(p)
+                return True
+            except (OSError, ApplyError):
+                return False
+
+        if cls in (Create, Mkdir, Symlink):
+            return exists(f["path"])
+        if cls in (Unlink, Rmdir):
+            return not exists(f["path"])
+        if cls is Rename:
+            return not exists(f["path"]) and exists(f["dst"])
+        return cls in (Truncate, SetAttr)  # idempotent: recording them again is harmless
 
     def _remember_journal(self) -> None:
         """Rebuild ``done`` from the events still in the journal (after a restart)."""
@@ -177,6 +245,7 @@ class CoordinatorService:
         ev = cls(source=COORDINATOR, seq=g, wall=time.time_ns(), gseq=g, op_id=op_id,
                  origin=origin, **fields)
         index = self.journal.append([encode(ev)])
+        self._intent_done()
         if index != g:  # pragma: no cover - journal invariant
             raise ClusterrepError(f"coordinator journal index {index} != gseq {g}")
         self.gseq = g
@@ -320,8 +389,10 @@ class CoordinatorService:
         try:
             result = self._execute(node, cls, op_id, fields, ino_hint)
         except ApplyError as exc:
+            self._intent_done()  # it failed: nothing happened on the volume
             raise OpFailed(str(exc), exc.errno) from None
         except OSError as exc:
+            self._intent_done()
             raise OpFailed(f"{kind} failed: {exc}", exc.errno or 5) from None
         self._durable()
         return result
@@ -349,6 +420,7 @@ class CoordinatorService:
             path = f["path"]
 
             def truncate() -> dict[str, Any]:
+                self._intent(Truncate, node, op_id, f)
                 vol.truncate(path, f["size"])
                 return self._done(Truncate, node, op_id, f)
             return self._free(lambda: [i for i in [self._ino_of(path)] if i is not None], truncate)
@@ -357,6 +429,7 @@ class CoordinatorService:
 
             def unlink() -> dict[str, Any]:
                 ino = self._ino_of(path)
+                self._intent(Unlink, node, op_id, f)
                 vol.unlink(path, missing_ok=False)
                 if ino is not None:
                     self.paths.pop(ino, None)
@@ -367,6 +440,7 @@ class CoordinatorService:
                               lambda: self._rename(node, op_id, f))
         with self.lock:
             if cls is Create:
+                self._intent(Create, node, op_id, f)
                 vol.create(f["path"], f.get("mode", 0o644), exist_ok=False)
                 ino = vol.lstat(f["path"]).st_ino
                 self.paths[ino] = f["path"]
@@ -375,12 +449,16 @@ class CoordinatorService:
                 result["ino"] = ino
                 return result
             if cls is Mkdir:
+                self._intent(Mkdir, node, op_id, f)
                 vol.mkdir(f["path"], f.get("mode", 0o755), exist_ok=False)
             elif cls is Rmdir:
+                self._intent(Rmdir, node, op_id, f)
                 vol.rmdir(f["path"], missing_ok=False)
             elif cls is Symlink:
+                self._intent(Symlink, node, op_id, f)
                 vol.symlink(f["path"], f["target"], replace=False)
             elif cls is SetAttr:
+                self._intent(SetAttr, node, op_id, f)
                 vol.setattr(f["path"], f.get("mode"), f.get("atime_ns"), f.get("mtime_ns"))
             elif cls is Open:
                 st = vol.lstat(f["path"])
@@ -412,6 +490,7 @@ class CoordinatorService:
     def _rename(self, node: str, op_id: str, f: dict[str, Any]) -> dict[str, Any]:
         src, dst = f["path"], f["dst"]
         replaced = self._ino_of(dst)
+        self._intent(Rename, node, op_id, f)
         self.vol.rename(src, dst)
         if replaced is not None:
             self.paths.pop(replaced, None)
