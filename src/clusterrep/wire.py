@@ -49,6 +49,7 @@ import msgpack
 from .errors import (
     AddressError,
     AuthError,
+    ClusterrepError,
     ConfigError,
     FrameError,
     ListenError,
@@ -954,3 +955,21 @@ def _listen(host: str, port: int) -> socket.socket:
                               hint="ports below 1024 need privileges; choose a higher port") from None
         raise ListenError(f"cannot listen on {shown}: {exc.strerror or exc}") from None
     return sock
+
+
+def route(conn: Connection, handlers: dict[str, Callable[[Connection], None]],
+          logger: logging.Logger) -> None:
+    """Serve one authenticated connection with the handler for the peer's role; a peer that
+    goes away ends it quietly, any other refusal is logged; the connection is always closed."""
+    try:
+        handler = handlers.get(conn.peer_role)
+        if handler is None:
+            conn.send({"t": "error", "message": f"unknown role {conn.peer_role!r}"})
+        else:
+            handler(conn)
+    except PeerClosed:
+        pass
+    except ClusterrepError as exc:
+        logger.warning("connection from %s (%s) closed: %s", conn.peer_addr, conn.peer_name, exc)
+    finally:
+        conn.close()

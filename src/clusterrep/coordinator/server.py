@@ -78,19 +78,7 @@ class CoordinatorServer:
     # -- connections -------------------------------------------------------------------------
 
     def _handle(self, conn: wire.Connection) -> None:
-        try:
-            if conn.peer_role == "node":
-                self._requests(conn)
-            elif conn.peer_role == "node-control":
-                self._control(conn)
-            else:
-                conn.send({"t": "error", "message": f"unknown role {conn.peer_role!r}"})
-        except wire.PeerClosed:
-            pass
-        except ClusterrepError as exc:
-            log.warning("connection from %s (%s) closed: %s", conn.peer_addr, conn.peer_name, exc)
-        finally:
-            conn.close()
+        wire.route(conn, {"node": self._requests, "node-control": self._control}, log)
 
     def _requests(self, conn: wire.Connection) -> None:
         node = conn.peer_name

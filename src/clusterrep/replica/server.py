@@ -11,7 +11,6 @@ import logging
 from typing import Any
 
 from .. import wire
-from ..errors import ClusterrepError
 from .merger import COORDINATOR
 from .service import BatchRefused, ReplicaService
 
@@ -38,19 +37,8 @@ class ReplicaServer:
     # -- one connection ----------------------------------------------------------------------
 
     def _handle(self, conn: wire.Connection) -> None:
-        try:
-            if conn.peer_role in ("node", "coordinator"):
-                self._stream(conn)
-            elif conn.peer_role == "client":
-                self._client(conn)
-            else:
-                conn.send({"t": "error", "message": f"unknown role {conn.peer_role!r}"})
-        except wire.PeerClosed:
-            pass
-        except ClusterrepError as exc:
-            log.warning("connection from %s (%s) closed: %s", conn.peer_addr, conn.peer_name, exc)
-        finally:
-            conn.close()
+        wire.route(conn, {"node": self._stream, "coordinator": self._stream,
+                          "client": self._client}, log)
 
     def _stream(self, conn: wire.Connection) -> None:
         source = conn.peer_name
