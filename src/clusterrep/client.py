@@ -10,16 +10,24 @@ from . import wire
 from .errors import ClusterrepError
 
 
-def fetch_status(replica: str, secret: bytes) -> dict[str, Any]:
-    conn = wire.connect(replica, secret, name=f"cli-{os.getpid()}", role="client")
-    try:
-        conn.send({"t": "status"})
-        reply = conn.recv(timeout=30)
-    finally:
-        conn.close()
+def _ask(conn: wire.Connection) -> dict[str, Any]:
+    conn.send({"t": "status"})
+    reply = conn.recv(timeout=30)
     if not isinstance(reply, dict) or reply.get("t") != "status":
         raise ClusterrepError(f"unexpected answer from the replica: {reply!r:.200}")
     return reply["status"]
+
+
+def _connect(replica: str, secret: bytes) -> wire.Connection:
+    return wire.connect(replica, secret, name=f"cli-{os.getpid()}", role="client")
+
+
+def fetch_status(replica: str, secret: bytes) -> dict[str, Any]:
+    conn = _connect(replica, secret)
+    try:
+        return _ask(conn)
+    finally:
+        conn.close()
 
 
 def pending(st: dict[str, Any], since: float) -> list[str]:
@@ -47,11 +55,15 @@ def pending(st: dict[str, Any], since: float) -> list[str]:
 def wait_for(replica: str, secret: bytes, timeout: float) -> tuple[bool, list[str], dict[str, Any]]:
     start = time.monotonic()
     time.sleep(0.3)  # let every source report at least once after we started
-    while True:
-        st = fetch_status(replica, secret)
-        why = pending(st, time.monotonic() - start)
-        if not why:
-            return True, [], st
-        if time.monotonic() - start > timeout:
-            return False, why, st
-        time.sleep(0.1)
+    conn = _connect(replica, secret)  # one connection for all the polls, not one per poll
+    try:
+        while True:
+            st = _ask(conn)
+            why = pending(st, time.monotonic() - start)
+            if not why:
+                return True, [], st
+            if time.monotonic() - start > timeout:
+                return False, why, st
+            time.sleep(0.1)
+    finally:
+        conn.close()

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..events import DataEvent, Event, MetaEvent, Tick, decode, encode, encode_write
+from ..events import Event, MetaEvent, Tick, decode, encode, encode_write
 from ..journal import Journal
 from ..shipper import Shipper
 from .activity import EXTENT, ActivityLog
@@ -381,5 +381,3 @@ class NodeAgent:
             "bytes_written": self.bytes_written,
         }
 
-
-__all__ = ["DataEvent", "NodeAgent"]
