@@ -18,12 +18,12 @@ def _ask(conn: wire.Connection) -> dict[str, Any]:
     return reply["status"]
 
 
-def _connect(replica: str, secret: bytes) -> wire.Connection:
-    return wire.connect(replica, secret, name=f"cli-{os.getpid()}", role="client")
+def _connect(replica: str, auth: wire.Auth | bytes) -> wire.Connection:
+    return wire.connect(replica, auth, name=f"cli-{os.getpid()}", role="client")
 
 
-def fetch_status(replica: str, secret: bytes) -> dict[str, Any]:
-    conn = _connect(replica, secret)
+def fetch_status(replica: str, auth: wire.Auth | bytes) -> dict[str, Any]:
+    conn = _connect(replica, auth)
     try:
         return _ask(conn)
     finally:
@@ -52,10 +52,11 @@ def pending(st: dict[str, Any], since: float) -> list[str]:
     return out
 
 
-def wait_for(replica: str, secret: bytes, timeout: float) -> tuple[bool, list[str], dict[str, Any]]:
+def wait_for(replica: str, auth: wire.Auth | bytes,
+             timeout: float) -> tuple[bool, list[str], dict[str, Any]]:
     start = time.monotonic()
     time.sleep(0.3)  # let every source report at least once after we started
-    conn = _connect(replica, secret)  # one connection for all the polls, not one per poll
+    conn = _connect(replica, auth)  # one connection for all the polls, not one per poll
     try:
         while True:
             st = _ask(conn)

@@ -23,6 +23,8 @@ from . import wire
 from .capture.check import mounted_here
 from .client import fetch_status, wait_for
 from .errors import ClusterrepError
+from .pki import Member, issue
+from .tls import TlsConfig
 from .verify import Difference, compare_trees
 
 
@@ -36,7 +38,8 @@ class LocalCluster:
     def __init__(self, workdir: str | Path, nodes: tuple[str, ...] = ("h1", "h2"), *,
                  clock_offsets: dict[str, str] | None = None, node_args: list[str] | None = None,
                  replica_for_nodes: str | None = None, replica_state: Path | None = None,
-                 replica_listen: str | None = None, replica_prefix: list[str] | None = None) -> None:
+                 replica_listen: str | None = None, replica_prefix: list[str] | None = None,
+                 tls: bool = False) -> None:
         self.workdir = Path(workdir)
         self.nodes = nodes
         self.clock_offsets = clock_offsets or {}
@@ -57,7 +60,15 @@ class LocalCluster:
         if not self.token_file.exists():
             self.token_file.write_text(secrets.token_hex(24) + "\n")
             self.token_file.chmod(0o600)
+        self.pki = self.workdir / "pki" if tls else None
+        if self.pki is not None and not (self.pki / "cli.pem").exists():
+            # every part gets a certificate naming it; "cli" is for status and wait
+            members = [Member(n) for n in ("replica", "coordinator", *nodes, "cli")]
+            issue(self.pki, members, loopback=True, force=True)
+        tls_config = None if self.pki is None else TlsConfig(
+            self.pki / "cli.pem", self.pki / "cli.key", self.pki / "ca.pem")
         self.token = wire.load_token(self.token_file)
+        self.auth = wire.Auth(self.token, tls_config)
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -68,6 +79,9 @@ class LocalCluster:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
         cmd = (prefix or []) + [sys.executable, "-m", "clusterrep", *args,
                                 "--token-file", str(self.token_file)]
+        if self.pki is not None:
+            cmd += ["--tls-cert", str(self.pki / f"{name}.pem"), "--tls-key",
+                    str(self.pki / f"{name}.key"), "--tls-ca", str(self.pki / "ca.pem")]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=log, env=env,
                                             start_new_session=True)
@@ -186,10 +200,10 @@ class LocalCluster:
     # -- checks ------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        return fetch_status(self.replica_addr, self.token)
+        return fetch_status(self.replica_addr, self.auth)
 
     def wait(self, timeout: float = 60.0) -> tuple[bool, list[str], dict[str, Any]]:
-        return wait_for(self.replica_addr, self.token, timeout)
+        return wait_for(self.replica_addr, self.auth, timeout)
 
     def verify(self) -> list[Difference]:
         return list(compare_trees(self.volume, self.target))

@@ -37,12 +37,12 @@ class ReplicaRefused(ClusterrepError):
 
 
 class Shipper:
-    def __init__(self, journal: Journal, replica: str, token: bytes, *, name: str, role: str,
+    def __init__(self, journal: Journal, replica: str, auth: wire.Auth | bytes, *, name: str, role: str,
                  batch_bytes: int = 4 << 20, beat_interval: float = 0.2,
                  retry_interval: float = 0.5, linger: float = 0.002) -> None:
         self.journal = journal
         self.replica = replica
-        self.token = token
+        self.auth = auth
         self.name = name
         self.role = role
         self.batch_bytes = batch_bytes
@@ -109,7 +109,7 @@ class Shipper:
             self._stop.wait(self.retry_interval)
 
     def _session(self) -> None:
-        conn = wire.connect(self.replica, self.token, name=self.name, role=self.role)
+        conn = wire.connect(self.replica, self.auth, name=self.name, role=self.role)
         self._conn = conn
         conn.send({"t": "hello", "source": self.name})
         reply = self._reply(conn)

@@ -41,6 +41,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,12 @@ from .errors import (
     PeerClosed,
     WireError,
 )
+from .tls import TlsConfig, TlsStream, client_wrap, server_wrap
 
 __all__ = [
     "MAX_FRAME",
     "AddressError",
+    "Auth",
     "AuthError",
     "ConfigError",
     "Connection",
@@ -98,6 +101,9 @@ _ROLE_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
 _LABEL_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
 _PORT_RE = re.compile(r"[0-9]{1,5}\Z")
 _TOKEN_HINT = "check that both sides use the same --token-file"
+_TLS_NAME_HINT = ("with TLS, a node's or the coordinator's certificate must carry its name (--id, or "
+                  "'coordinator') as its common name or a DNS subjectAltName")
+ANONYMOUS_ROLES = frozenset({"client"})  # read-only tools: any certificate from the CA will do
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +239,21 @@ def _check_token(token: bytes) -> None:
                           hint="read it with wire.load_token(path)")
 
 
+@dataclass(frozen=True)
+class Auth:
+    """How a process proves itself: the shared token, and optionally TLS with certificates."""
+
+    token: bytes
+    tls: TlsConfig | None = None
+
+    def __post_init__(self) -> None:
+        _check_token(self.token)
+
+
+def _as_auth(auth: Auth | bytes) -> Auth:
+    return auth if isinstance(auth, Auth) else Auth(auth)
+
+
 def _check_identity(name: str, role: str) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ConfigError(f"name {name!r} is not valid (1-128 characters: letters, digits and "
@@ -320,14 +341,14 @@ _UNPACK_ERRORS = (ValueError, TypeError, msgpack.UnpackException)
 
 
 class _Reader:
-    """Reads length-prefixed frames from a blocking socket into a reused buffer.
+    """Reads length-prefixed frames from a stream (plain or TLS) into a reused buffer.
 
     Small frames are read many at a time; a large frame's body is read straight into place. A
     timeout leaves every byte read so far in the buffer, so the next call resumes the frame.
     """
 
-    def __init__(self, sock: socket.socket, peer: str) -> None:
-        self._sock = sock
+    def __init__(self, stream: _PlainStream | TlsStream, peer: str) -> None:
+        self._stream = stream
         self._peer = peer
         self._buf = bytearray(_BUF_START)
         self._view = memoryview(self._buf)
@@ -404,33 +425,20 @@ class _Reader:
 
     def _recv(self, view: memoryview, deadline: float | None) -> int:
         """Receive at least one byte into ``view``; wait no later than ``deadline``."""
-        while True:
-            try:
-                if deadline is None:
-                    n = self._sock.recv_into(view)
-                else:
-                    n = self._sock.recv_into(view, 0, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                self._wait(deadline)
-                continue
-            except OSError as exc:
-                raise PeerClosed(f"connection with {self._peer} broke: {exc.strerror or exc}") from None
-            if n == 0:
-                raise self._eof()
-            return n
-
-    def _wait(self, deadline: float | None) -> None:
-        assert deadline is not None
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        poller = select.poll()
         try:
-            poller.register(self._sock, select.POLLIN)
-        except (ValueError, OSError):
-            raise PeerClosed(f"connection with {self._peer} is closed") from None
-        if not poller.poll(math.ceil(remaining * 1000)):
-            raise TimeoutError
+            n = self._stream.recv_into(view, deadline)
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise PeerClosed(f"connection with {self._peer} broke: {exc.strerror or exc}") from None
+        if n == 0:
+            raise self._eof()
+        return n
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as a frame."""
+        return self._end - self._start
 
     def _eof(self) -> PeerClosed:
         if self._big is not None or self._end > self._start:
@@ -438,12 +446,61 @@ class _Reader:
         return PeerClosed(f"{self._peer} closed the connection")
 
 
-def _send_parts(sock: socket.socket, parts: tuple[bytes, ...]) -> None:
-    """Send ``parts`` as one stream write without joining them (no copy of a large payload)."""
-    total = sum(len(p) for p in parts)
-    sent = sock.sendmsg(parts)
-    if sent < total:  # interrupted part way: finish the rest the simple way
-        sock.sendall(memoryview(b"".join(parts))[sent:])
+class _PlainStream:
+    """A connected TCP socket: blocking sends, receives that wait in ``poll`` up to a deadline.
+
+    The same interface as `tls.TlsStream`, so frames and handshakes do not care which it is.
+    """
+
+    names: set[str] | None = None  # no certificate: identities are not bound to names
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def recv_into(self, view: memoryview, deadline: float | None) -> int:
+        """Receive into ``view``: bytes received, 0 at the end of the stream."""
+        while True:
+            try:
+                if deadline is None:
+                    return self._sock.recv_into(view)
+                return self._sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                self._wait(deadline)
+
+    def _wait(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        poller = select.poll()
+        try:
+            poller.register(self._sock, select.POLLIN)
+        except (ValueError, OSError):
+            raise PeerClosed("connection is closed") from None
+        if not poller.poll(math.ceil(remaining * 1000)):
+            raise TimeoutError
+
+    def send_parts(self, parts: tuple[bytes, ...]) -> None:
+        """Send ``parts`` as one stream write without joining them (no copy of a large payload)."""
+        total = sum(len(p) for p in parts)
+        sent = self._sock.sendmsg(parts)
+        if sent < total:  # interrupted part way: finish the rest the simple way
+            self._sock.sendall(memoryview(b"".join(parts))[sent:])
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def tell(self, data: bytes) -> None:
+        """Best effort, without waiting: a last word to a peer being refused."""
+        with contextlib.suppress(OSError):
+            self._sock.send(data, socket.MSG_DONTWAIT)
+
+    def shutdown(self) -> None:
+        """Wake any thread blocked on this socket."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 def _tune(sock: socket.socket) -> None:
@@ -472,13 +529,15 @@ class Connection:
     (calls are serialised). ``close`` from any thread wakes a blocked ``send`` or ``recv``.
     """
 
-    def __init__(self, sock: socket.socket, reader: _Reader, key: bytes, *, client: bool,
-                 peer_name: str, peer_role: str, peer_addr: str, max_frame: int) -> None:
+    def __init__(self, stream: _PlainStream | TlsStream, reader: _Reader, key: bytes, *,
+                 client: bool, peer_name: str, peer_role: str, peer_addr: str,
+                 max_frame: int) -> None:
         self.peer_name = peer_name
         self.peer_role = peer_role
         self.peer_addr = peer_addr
         self.max_frame = max_frame
-        self._sock = sock
+        self.encrypted = isinstance(stream, TlsStream)
+        self._stream = stream
         self._reader = reader
         mine, theirs = (_CLIENT, _SERVER) if client else (_SERVER, _CLIENT)
         self._send_tagger = _Tagger(key, mine)
@@ -518,7 +577,10 @@ class Connection:
             self._send_counter += 1
             parts = _frame_parts(self._send_tagger, self._send_counter, payload)
             try:
-                _send_parts(self._sock, parts)
+                self._stream.send_parts(parts)
+            except WireError as exc:  # a TLS failure
+                self.close()
+                raise PeerClosed(f"cannot send to {self.who}: {exc}") from None
             except OSError as exc:
                 was_closed = self._closed
                 self.close()
@@ -578,9 +640,8 @@ class Connection:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        self._sock.close()
+        self._stream.shutdown()
+        self._stream.close()
 
     def __enter__(self) -> Connection:
         return self
@@ -637,24 +698,26 @@ def _check_peer_identity(msg: dict[str, Any], peer: str, stage: str) -> None:
                         f"or role {msg['role']!r:.40}")
 
 
-def connect(addr: str | tuple[str, int], token: bytes, *, name: str, role: str,
+def connect(addr: str | tuple[str, int], auth: Auth | bytes, *, name: str, role: str,
             timeout: float = 10.0, max_frame: int = MAX_FRAME) -> Connection:
     """Connect to a clusterrep server and authenticate both ways.
 
+    ``auth`` is the shared token, or an `Auth` with the token and a TLS configuration.
     ``timeout`` bounds the TCP connect and, separately, the handshake. Raises `WireError`
-    (cannot connect), `AuthError` (the server refused us, or does not know the token itself),
-    `FrameError` (something else answers there), `ConfigError` (bad arguments).
+    (cannot connect), `AuthError` (the server refused us, or does not know the token itself,
+    or TLS is on at one end only, or a certificate is not trusted), `FrameError` (something
+    else answers there), `ConfigError` (bad arguments).
     """
     host, port = _normalise_addr(addr)
     shown = format_addr(host, port)
     _check_identity(name, role)
-    _check_token(token)
+    auth = _as_auth(auth)
     _check_max_frame(max_frame)
     sock = _open_socket(host, port, shown, timeout)
     try:
         sock.settimeout(None)
         _tune(sock)
-        return _client_handshake(sock, token, name, role, timeout, max_frame, _peer_of(sock))
+        return _client_handshake(sock, auth, name, role, timeout, max_frame, _peer_of(sock), host)
     except OSError as exc:
         _close_quietly(sock)
         raise PeerClosed(f"server {shown} broke the connection during the handshake: "
@@ -680,55 +743,82 @@ def _open_socket(host: str, port: int, shown: str, timeout: float) -> socket.soc
         raise WireError(f"cannot connect to {shown}: {exc.strerror or exc}") from None
 
 
-def _client_handshake(sock: socket.socket, token: bytes, name: str, role: str, timeout: float,
-                      max_frame: int, shown: str) -> Connection:
+def _client_handshake(sock: socket.socket, auth: Auth, name: str, role: str, timeout: float,
+                      max_frame: int, shown: str, host: str) -> Connection:
     deadline = time.monotonic() + timeout
-    reader = _Reader(sock, f"server {shown}")
     peer = f"server {shown}"
-    hello = _read_hello(reader, deadline, peer, "hello", timeout)
-    if "error" in hello:
-        raise AuthError(f"{peer} refused the connection: {hello['error']!r:.200}")
-    if hello.get("hello") != PROTOCOL:
-        raise AuthError(f"{peer} is not a clusterrep server (its greeting is {hello!r:.100})",
-                        hint="check the address")
-    _expect(hello, {"version": int, "nonce": bytes, "name": str, "role": str}, peer, "hello")
-    if hello["version"] != VERSION:
-        raise AuthError(f"{peer} speaks wire version {hello['version']}; this build speaks {VERSION}",
-                        hint="run the same clusterrep version on both sides")
-    _check_peer_identity(hello, peer, "hello")
-    snonce, cnonce = hello["nonce"], os.urandom(NONCE_BYTES)
-    sock.sendall(_pack_plain({"name": name, "role": role, "nonce": cnonce,
-                              "mac": _client_mac(token, snonce, cnonce, name, role)}))
-    peer = f"server {shown} ({hello['role']} {hello['name']})"
-    reply = _read_hello(reader, deadline, peer, "reply", timeout)
-    if "error" in reply:
-        raise AuthError(f"{peer} refused us: {reply['error']!r:.200}", hint=_TOKEN_HINT)
-    _expect(reply, {"ok": bool, "mac": bytes}, peer, "reply")
-    if not reply["ok"] or not hmac.compare_digest(reply["mac"], _server_mac(token, snonce, cnonce)):
-        raise AuthError(f"{peer} failed authentication: it does not know our token",
-                        hint=f"{_TOKEN_HINT}, and that {shown} is really the clusterrep server")
-    return Connection(sock, reader, _session_key(token, snonce, cnonce), client=True,
+    stream: _PlainStream | TlsStream = _PlainStream(sock)
+    reader = _Reader(stream, peer)
+    try:
+        hello = _read_hello(reader, deadline, peer, "hello", timeout)
+        if "error" in hello:
+            raise AuthError(f"{peer} refused the connection: {hello['error']!r:.200}")
+        if hello.get("hello") != PROTOCOL:
+            raise AuthError(f"{peer} is not a clusterrep server (its greeting is {hello!r:.100})",
+                            hint="check the address")
+        _expect(hello, {"version": int, "nonce": bytes, "name": str, "role": str}, peer, "hello")
+        if hello["version"] != VERSION:
+            raise AuthError(f"{peer} speaks wire version {hello['version']}; this build speaks "
+                            f"{VERSION}", hint="run the same clusterrep version on both sides")
+        _check_peer_identity(hello, peer, "hello")
+        if auth.tls is not None or hello.get("tls") is True:
+            stream, reader = _client_tls(sock, reader, auth, hello, host, peer, deadline)
+        snonce, cnonce = hello["nonce"], os.urandom(NONCE_BYTES)
+        stream.sendall(_pack_plain({"name": name, "role": role, "nonce": cnonce,
+                                    "mac": _client_mac(auth.token, snonce, cnonce, name, role)}))
+        peer = f"server {shown} ({hello['role']} {hello['name']})"
+        reply = _read_hello(reader, deadline, peer, "reply", timeout)
+        if "error" in reply:
+            raise AuthError(f"{peer} refused us: {reply['error']!r:.200}",
+                            hint=_TLS_NAME_HINT if "certificate" in str(reply["error"]) else _TOKEN_HINT)
+        _expect(reply, {"ok": bool, "mac": bytes}, peer, "reply")
+        if not reply["ok"] or not hmac.compare_digest(reply["mac"],
+                                                      _server_mac(auth.token, snonce, cnonce)):
+            raise AuthError(f"{peer} failed authentication: it does not know our token",
+                            hint=f"{_TOKEN_HINT}, and that {shown} is really the clusterrep server")
+    except BaseException:
+        stream.shutdown()
+        stream.close()
+        raise
+    return Connection(stream, reader, _session_key(auth.token, snonce, cnonce), client=True,
                       peer_name=hello["name"], peer_role=hello["role"], peer_addr=shown,
                       max_frame=max_frame)
 
 
-def accept(sock: socket.socket, token: bytes, *, name: str, role: str, timeout: float = 10.0,
+def _client_tls(sock: socket.socket, reader: _Reader, auth: Auth, hello: dict[str, Any], host: str,
+                peer: str, deadline: float) -> tuple[TlsStream, _Reader]:
+    """Start TLS after the server's hello, when both ends want it; refuse when only one does."""
+    if auth.tls is None:
+        raise AuthError(f"{peer} requires TLS with client certificates",
+                        hint="give --tls-cert, --tls-key and --tls-ca (certificates from the "
+                             "cluster's CA)")
+    if hello.get("tls") is not True:
+        raise AuthError(f"{peer} runs without TLS, and this side will not talk in clear",
+                        hint="run the server with --tls-cert, --tls-key and --tls-ca too")
+    if reader.buffered:
+        raise AuthError(f"{peer} sent data after its hello, before TLS started")
+    stream = client_wrap(sock, auth.tls, host, peer, deadline)
+    return stream, _Reader(stream, peer)
+
+
+def accept(sock: socket.socket, auth: Auth | bytes, *, name: str, role: str, timeout: float = 10.0,
            max_frame: int = MAX_FRAME) -> Connection:
     """Authenticate the client on an already-accepted socket (the server side of the handshake).
 
     ``timeout`` bounds the whole handshake. A refused peer is told so where that helps, logged
     (warning, with its address and the reason), its socket closed, and the error raised:
-    `AuthError` (wrong token, malformed or slow handshake), `FrameError` (not the protocol),
-    `PeerClosed` (it went away).
+    `AuthError` (wrong token, malformed or slow handshake, untrusted certificate, a certificate
+    that does not name the identity claimed), `FrameError` (not the protocol), `PeerClosed` (it
+    went away).
     """
     shown = _peer_of(sock)
     try:
         _check_identity(name, role)
-        _check_token(token)
+        auth = _as_auth(auth)
         _check_max_frame(max_frame)
         sock.settimeout(None)
         _tune(sock)
-        return _server_handshake(sock, token, name, role, timeout, max_frame, shown)
+        return _server_handshake(sock, auth, name, role, timeout, max_frame, shown)
     except (WireError, OSError) as exc:
         if isinstance(exc, OSError):
             exc = PeerClosed(f"peer {shown} broke the connection during the handshake: "
@@ -741,36 +831,46 @@ def accept(sock: socket.socket, token: bytes, *, name: str, role: str, timeout: 
         raise
 
 
-def _server_handshake(sock: socket.socket, token: bytes, name: str, role: str, timeout: float,
+def _server_handshake(sock: socket.socket, auth: Auth, name: str, role: str, timeout: float,
                       max_frame: int, shown: str) -> Connection:
     deadline = time.monotonic() + timeout
     peer = f"peer {shown}"
-    reader = _Reader(sock, peer)
-    snonce = os.urandom(NONCE_BYTES)
-    sock.sendall(_pack_plain({"hello": PROTOCOL, "version": VERSION, "nonce": snonce,
-                              "name": name, "role": role}))
+    stream: _PlainStream | TlsStream = _PlainStream(sock)
+    reader = _Reader(stream, peer)
     try:
-        msg = _read_hello(reader, deadline, peer, "handshake", timeout)
-        _expect(msg, {"name": str, "role": str, "nonce": bytes, "mac": bytes}, peer, "handshake")
-        _check_peer_identity(msg, peer, "handshake")
-    except (AuthError, FrameError):
-        _tell(sock, "handshake refused")
+        snonce = os.urandom(NONCE_BYTES)
+        stream.sendall(_pack_plain({"hello": PROTOCOL, "version": VERSION, "nonce": snonce,
+                                    "name": name, "role": role, "tls": auth.tls is not None}))
+        if auth.tls is not None:
+            stream = server_wrap(sock, auth.tls, peer, deadline)
+            reader = _Reader(stream, peer)
+        try:
+            msg = _read_hello(reader, deadline, peer, "handshake", timeout)
+            _expect(msg, {"name": str, "role": str, "nonce": bytes, "mac": bytes}, peer, "handshake")
+            _check_peer_identity(msg, peer, "handshake")
+        except (AuthError, FrameError):
+            stream.tell(_pack_plain({"error": "handshake refused"}))
+            raise
+        cnonce = msg["nonce"]
+        if not hmac.compare_digest(msg["mac"],
+                                   _client_mac(auth.token, snonce, cnonce, msg["name"], msg["role"])):
+            stream.tell(_pack_plain({"error": "authentication failed"}))
+            raise AuthError(f"peer {shown} failed authentication: wrong token "
+                            f"(it claimed to be {msg['role']} {msg['name']})", hint=_TOKEN_HINT)
+        names = stream.names
+        if names is not None and msg["role"] not in ANONYMOUS_ROLES and msg["name"] not in names:
+            stream.tell(_pack_plain({"error": f"your certificate does not name {msg['name']}"}))
+            raise AuthError(f"peer {shown} claims to be {msg['role']} {msg['name']}, but its "
+                            f"certificate names {', '.join(sorted(names)) or 'nobody'}",
+                            hint=_TLS_NAME_HINT)
+        stream.sendall(_pack_plain({"ok": True, "mac": _server_mac(auth.token, snonce, cnonce)}))
+    except BaseException:
+        stream.shutdown()
+        stream.close()
         raise
-    cnonce = msg["nonce"]
-    if not hmac.compare_digest(msg["mac"], _client_mac(token, snonce, cnonce, msg["name"], msg["role"])):
-        _tell(sock, "authentication failed")
-        raise AuthError(f"peer {shown} failed authentication: wrong token "
-                        f"(it claimed to be {msg['role']} {msg['name']})", hint=_TOKEN_HINT)
-    sock.sendall(_pack_plain({"ok": True, "mac": _server_mac(token, snonce, cnonce)}))
-    return Connection(sock, reader, _session_key(token, snonce, cnonce), client=False,
+    return Connection(stream, reader, _session_key(auth.token, snonce, cnonce), client=False,
                       peer_name=msg["name"], peer_role=msg["role"], peer_addr=shown,
                       max_frame=max_frame)
-
-
-def _tell(sock: socket.socket, error: str) -> None:
-    """Best effort: tell a refused peer why, without waiting on it."""
-    with contextlib.suppress(OSError):
-        sock.send(_pack_plain({"error": error}), socket.MSG_DONTWAIT)
 
 
 def _close_quietly(sock: socket.socket) -> None:
@@ -793,14 +893,13 @@ class Server:
     connection, and joins every thread it started.
     """
 
-    def __init__(self, addr: str | tuple[str, int], token: bytes, *, name: str, role: str,
+    def __init__(self, addr: str | tuple[str, int], auth: Auth | bytes, *, name: str, role: str,
                  handler: Callable[[Connection], None], max_frame: int = MAX_FRAME,
                  timeout: float = 10.0) -> None:
         self.address: tuple[str, int] = _normalise_addr(addr, allow_port_zero=True)
-        _check_token(token)
+        self._auth = _as_auth(auth)
         _check_identity(name, role)
         _check_max_frame(max_frame)
-        self._token = token
         self._name = name
         self._role = role
         self._handler = handler
@@ -900,7 +999,7 @@ class Server:
     def _serve(self, sock: socket.socket) -> None:
         try:
             try:
-                conn = accept(sock, self._token, name=self._name, role=self._role,
+                conn = accept(sock, self._auth, name=self._name, role=self._role,
                               timeout=self._timeout, max_frame=self._max_frame)
             except WireError:
                 return  # accept() logged it and closed the socket

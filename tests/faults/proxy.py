@@ -4,6 +4,7 @@ Every connection to the proxy is forwarded to ``target``. Faults apply to the cl
 direction: ``down`` (drop every connection, refuse new ones), ``flip`` (flip one byte of the next
 chunk), ``reset`` (cut the connection in the middle of the next chunk), ``duplicate`` (send the
 next chunk twice), ``delay`` (hold each chunk ``delay`` seconds). ``pass`` forwards faithfully.
+With ``record`` set, the client -> server bytes are kept in ``recorded``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import random
 import socket
 import threading
 import time
+from typing import Any
 
 
 class FaultProxy:
@@ -23,6 +25,8 @@ class FaultProxy:
         self.delay = 0.0
         self.rng = random.Random(seed)
         self.faults = 0
+        self.record = False            # keep what clients send (to check what crosses the wire)
+        self.recorded = bytearray()
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._srv = socket.socket()
@@ -72,6 +76,8 @@ class FaultProxy:
                 if not data:
                     break
                 if upstream:
+                    if self.record and len(self.recorded) < 256 << 20:
+                        self.recorded += data
                     data = self._fault(data, src, dst)
                     if data is None:
                         return
@@ -109,3 +115,15 @@ def _close(s: socket.socket) -> None:
     with contextlib.suppress(OSError):
         s.shutdown(socket.SHUT_RDWR)
     s.close()
+
+
+def start_behind_proxy(cluster: Any, seed: int) -> FaultProxy:
+    """Start ``cluster`` (a `LocalCluster`) with its nodes reaching the replica through a new
+    proxy (the coordinator goes direct); return the proxy."""
+    cluster.start_replica()
+    proxy = FaultProxy(cluster.replica_addr, seed)
+    cluster.replica_for_nodes = proxy.address
+    cluster.start_coordinator()
+    for node in cluster.nodes:
+        cluster.start_node(node)
+    return proxy

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from proxy import FaultProxy
+from proxy import start_behind_proxy
 from test_crashes import Writers, applied_exactly_once
 
 from clusterrep.localcluster import LocalCluster
@@ -27,12 +27,7 @@ def test_link_faults_under_load(tmp_path, identical) -> None:
     log.warning("seed %d, link down %g s", seed, down)
     rng = random.Random(seed)
     c = LocalCluster(tmp_path / "c", ("h1", "h2"))
-    c.start_replica()
-    proxy = FaultProxy(c.replica_addr, seed)
-    c.replica_for_nodes = proxy.address
-    c.start_coordinator()
-    for n in c.nodes:
-        c.start_node(n)
+    proxy = start_behind_proxy(c, seed)
     try:
         with Writers(c, seed):
             time.sleep(0.5)

@@ -89,3 +89,56 @@ def test_a_node_cannot_ship_in_another_sources_name(replica_only: LocalCluster) 
     assert reply["t"] == "error" and "h2" in reply["message"]
     conn.close()
     assert replica_only.status()["applied_events"] == 0
+
+
+def test_a_symlink_swapped_in_under_the_target_during_apply_leads_nowhere(make_cluster,
+                                                                          tmp_path: Path) -> None:
+    """Someone on the backup host swaps a directory of the live replica for a symlink to a
+    directory outside it, while a node keeps writing there. The replica never follows it: while
+    running, it goes on through the directory it already holds open (inside the target); after a
+    restart, it refuses the symlink and stops applying, saying why. Nothing outside changes, and
+    verify reports the tampered directory."""
+    c = make_cluster(("h1",))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("unchanged")
+
+    def untouched() -> None:
+        assert sorted(os.listdir(outside)) == ["keep"]
+        assert (outside / "keep").read_text() == "unchanged"
+
+    m = c.mount("h1")
+    (m / "d").mkdir()
+    (m / "d" / "f").write_bytes(b"a" * 65536)
+    ok, why, _ = c.wait(timeout=60)
+    assert ok, why
+
+    def write_for(seconds: float, swap_at: int | None = None) -> None:
+        end, k = time.monotonic() + seconds, 0
+        with open(m / "d" / "f", "r+b") as f:
+            while time.monotonic() < end:
+                k += 1
+                os.pwrite(f.fileno(), bytes([k % 251]) * 4096, (k % 16) * 4096)
+                if k % 20 == 0:
+                    (m / "d" / f"new{k}").write_bytes(b"n" * 100)
+                if k == swap_at:  # the attack, on the live replica
+                    os.rename(c.target / "d", c.target / "d.moved")
+                    os.symlink(outside, c.target / "d")
+                time.sleep(0.002)
+
+    write_for(2.0, swap_at=50)
+    ok, why, _ = c.wait(timeout=60)
+    untouched()
+
+    c.stop_process("replica")
+    c.start_replica()
+    write_for(0.5)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not c.status().get("error"):
+        time.sleep(0.1)
+    st = c.status()
+    assert st["error"], "after a restart the replica must refuse the symlink and stop applying"
+    assert "symlink" in st["error"].lower() or "outside" in st["error"].lower(), st["error"]
+    untouched()
+    assert os.path.islink(c.target / "d")  # left as found: the replica does not "repair" it
+    assert any(d.path == "d" for d in c.verify()), "verify must report the tampered directory"

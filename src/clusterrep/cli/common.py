@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import wire
+from ..tls import TlsConfig
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -19,18 +20,29 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-def add_token(p: argparse.ArgumentParser) -> None:
+def add_auth(p: argparse.ArgumentParser) -> None:
+    """The shared token (always) and TLS with certificates (optional, all three or none)."""
     p.add_argument("--token-file", required=True, metavar="FILE",
                    help="file holding the cluster's shared secret: one line, at least 32 "
                         "characters (create one with: head -c 32 /dev/urandom | xxd -p -c 64)")
+    g = p.add_argument_group("TLS (optional; all three, on every member, or none)",
+                             "Encrypt every connection and authenticate both ends with "
+                             "certificates from the cluster's own CA; create them with "
+                             "'clusterrep certs'. The token is still required.")
+    g.add_argument("--tls-cert", metavar="FILE", help="this process's certificate (PEM)")
+    g.add_argument("--tls-key", metavar="FILE", help="its private key (PEM, unencrypted)")
+    g.add_argument("--tls-ca", metavar="FILE",
+                   help="the cluster CA's certificate; peers must present one it issued")
 
 
 def add_verbose(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
 
 
-def token(args: argparse.Namespace) -> bytes:
-    return wire.load_token(args.token_file)
+def auth(args: argparse.Namespace) -> wire.Auth:
+    """The token and TLS settings given on the command line, loaded and checked."""
+    return wire.Auth(wire.load_token(args.token_file),
+                     TlsConfig.from_options(args.tls_cert, args.tls_key, args.tls_ca))
 
 
 def serve_until_signalled(start: Callable[[], Any], stop: Callable[[], Any], what: str) -> int:

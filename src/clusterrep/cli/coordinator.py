@@ -6,7 +6,7 @@ import argparse
 
 from ..coordinator.server import CoordinatorServer
 from ..coordinator.service import CoordinatorService
-from .common import add_token, add_verbose, serve_until_signalled, setup_logging, token
+from .common import add_auth, add_verbose, auth, serve_until_signalled, setup_logging
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -23,14 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--allow-existing", action="store_true",
                    help="start on a non-empty volume (only if the replica already holds an "
                         "identical copy; initial synchronisation is not implemented yet)")
-    add_token(p)
+    add_auth(p)
     add_verbose(p)
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
-    secret = token(args)
+    creds = auth(args)
     service = CoordinatorService(args.volume, args.state, allow_existing=args.allow_existing)
-    server = CoordinatorServer(service, args.listen, args.replica, secret)
+    server = CoordinatorServer(service, args.listen, args.replica, creds)
     return serve_until_signalled(server.start, server.stop, f"coordinator on {args.listen}")

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--image-mib", type=int, default=64, help="disk image size (default 64 MiB)")
     p.add_argument("--writes", type=int, default=4000,
                    help="random 4 KiB writes before and after the migration (default 4000)")
+    p.add_argument("--tls", action="store_true",
+                   help="run every connection over TLS with client certificates (a CA and one "
+                        "certificate per member are made in the work directory)")
     p.add_argument("--keep", action="store_true", help="keep the work directory afterwards")
     p.add_argument("--workdir", help="work directory (default: a new temp directory)")
     p.add_argument("--no-install", action="store_true",
@@ -87,11 +90,13 @@ def main(args: argparse.Namespace) -> int:
     print(INTRO.format(clock="Node h2's clock runs 3 hours ahead of h1's (faketime)." if offset
                        else "(Install faketime to run node h2 with a clock 3 hours ahead.)"))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="clusterrep-demo-"))
-    cluster = LocalCluster(workdir, ("h1", "h2"), clock_offsets={"h2": offset} if offset else {})
+    cluster = LocalCluster(workdir, ("h1", "h2"), clock_offsets={"h2": offset} if offset else {},
+                           tls=args.tls)
     ok = False
     try:
         print(f"starting replica {cluster.replica_addr}, coordinator {cluster.coordinator_addr}, "
-              f"nodes h1 and h2 (work directory {workdir}) ...", flush=True)
+              f"nodes h1 and h2 (work directory {workdir}){' over TLS' if args.tls else ''} ...",
+              flush=True)
         cluster.start()
         print(f"writing {args.writes} x 4 KiB through h1, migrating, {args.writes} more through "
               "h2 ...", flush=True)

@@ -8,9 +8,9 @@ import sys
 
 from .. import __version__
 from ..errors import ClusterrepError
-from . import coordinator, demo, node, replica, sim, status, verify
+from . import certs, coordinator, demo, node, replica, sim, status, verify
 
-COMMANDS = (replica, coordinator, node, status, verify, demo, sim)
+COMMANDS = (replica, coordinator, node, status, verify, demo, certs, sim)
 
 
 def build_parser() -> argparse.ArgumentParser:

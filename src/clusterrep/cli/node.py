@@ -7,7 +7,7 @@ import logging
 import os
 
 from ..errors import ClusterrepError
-from .common import add_token, add_verbose, setup_logging, token
+from .common import add_auth, add_verbose, auth, setup_logging
 
 log = logging.getLogger("clusterrep.node")
 
@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--on-spool-full", choices=("block", "fail"), default="block",
                    help="when the spool is full: block writes until the replica catches up "
                         "(default), or fail them with ENOSPC")
-    add_token(p)
+    add_auth(p)
     add_verbose(p)
     p.set_defaults(func=main)
 
@@ -61,7 +61,7 @@ def parse_size(text: str) -> int:
 
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
-    secret = token(args)
+    creds = auth(args)
     from ..capture.check import check_fuse, check_mountpoint, clear_dead_mount
     from ..events import _SOURCE_RE
 
@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
     from ..capture.fs import CaptureFS, mount
     from ..node.agent import NodeAgent
 
-    agent = NodeAgent(args.id, args.coordinator, args.replica, args.state, secret,
+    agent = NodeAgent(args.id, args.coordinator, args.replica, args.state, creds,
                       volume=args.volume, ack=args.ack, ack_timeout=args.ack_timeout,
                       spool_limit=args.spool_limit, on_spool_full=args.on_spool_full)
     try:

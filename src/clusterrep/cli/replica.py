@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..replica.server import ReplicaServer
 from ..replica.service import ReplicaService
-from .common import add_token, add_verbose, serve_until_signalled, setup_logging, token
+from .common import add_auth, add_verbose, auth, serve_until_signalled, setup_logging
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -22,16 +22,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--state", required=True, metavar="DIR",
                    help="journal and checkpoint directory (created if missing; keep it apart "
                         "from --target)")
-    add_token(p)
+    add_auth(p)
     add_verbose(p)
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
-    secret = token(args)
+    creds = auth(args)
     target, state = Path(args.target), Path(args.state)
     target.mkdir(parents=True, exist_ok=True)
     service = ReplicaService(target, state)
-    server = ReplicaServer(service, args.listen, secret)
+    server = ReplicaServer(service, args.listen, creds)
     return serve_until_signalled(server.start, server.stop, f"replica on {args.listen}")

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from ..client import fetch_status, wait_for
-from .common import add_token, token
+from .common import add_auth, auth
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                    "received, applied, and the lag in events, bytes and seconds; "
                                    "what the merge is waiting for; errors.")
     p.add_argument("--replica", required=True, metavar="HOST:PORT")
-    add_token(p)
+    add_auth(p)
     p.add_argument("--json", action="store_true", help="print the raw status as JSON")
     p.set_defaults(func=status_main)
 
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                    "replica has applied it; exit 1 on timeout, saying what is "
                                    "pending.")
     w.add_argument("--replica", required=True, metavar="HOST:PORT")
-    add_token(w)
+    add_auth(w)
     w.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="give up after this long (default 60)")
     w.add_argument("--quiet", action="store_true", help="print nothing on success")
@@ -52,13 +52,13 @@ def format_status(st: dict[str, Any]) -> str:
 
 
 def status_main(args: argparse.Namespace) -> int:
-    st = fetch_status(args.replica, token(args))
+    st = fetch_status(args.replica, auth(args))
     print(json.dumps(st, indent=2) if args.json else format_status(st))
     return 0 if not st.get("error") else 1
 
 
 def wait_main(args: argparse.Namespace) -> int:
-    ok, why, st = wait_for(args.replica, token(args), args.timeout)
+    ok, why, st = wait_for(args.replica, auth(args), args.timeout)
     if ok:
         if not args.quiet:
             print(f"replica caught up: gseq {st['gseq']}, {st['applied_events']} events applied")

@@ -42,11 +42,12 @@ class _Control:
 
 
 class CoordinatorServer:
-    def __init__(self, service: CoordinatorService, listen: str, replica: str, token: bytes) -> None:
+    def __init__(self, service: CoordinatorService, listen: str, replica: str,
+                 auth: wire.Auth | bytes) -> None:
         self.service = service
-        self.server = wire.Server(listen, token, name="coordinator", role="coordinator",
+        self.server = wire.Server(listen, auth, name="coordinator", role="coordinator",
                                   handler=self._handle)
-        self.shipper = Shipper(service.journal, replica, token, name="coordinator", role="coordinator")
+        self.shipper = Shipper(service.journal, replica, auth, name="coordinator", role="coordinator")
         service.recaller = self._recall
         service.on_record = self._recorded
         self._controls: dict[str, _Control] = {}

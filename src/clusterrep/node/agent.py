@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import wire
 from ..events import Event, MetaEvent, Tick, decode, encode, encode_write
 from ..journal import Journal
 from ..shipper import Shipper
@@ -42,7 +43,7 @@ ACK_LEVELS = ("async", "local", "received", "replicated")
 
 class NodeAgent:
     def __init__(self, name: str, coordinator: str, replica: str, state: str | Path,
-                 token: bytes, *, volume: str | Path | None = None, ack: str = "async",
+                 auth: wire.Auth | bytes, *, volume: str | Path | None = None, ack: str = "async",
                  ack_timeout: float = 30.0, spool_limit: int = 8 << 30,
                  on_spool_full: str = "block") -> None:
         if ack not in ACK_LEVELS:
@@ -64,12 +65,12 @@ class NodeAgent:
         self.activity = ActivityLog(self.state / "activity.log")
         self._retirer = threading.Thread(target=self._retire_loop, name="activity", daemon=True)
         self._stopping = threading.Event()
-        self.client = CoordinatorClient(coordinator, token, name)
-        self.control = ControlLink(coordinator, token, name, on_recall=self._recalled,
+        self.client = CoordinatorClient(coordinator, auth, name)
+        self.control = ControlLink(coordinator, auth, name, on_recall=self._recalled,
                                    on_gseq=self.learn, on_down=self._drop_tokens)
         # a writer waiting for the replica's ack must not wait for a batch to fill
         linger = 0.0 if ack in ("received", "replicated") else 0.002
-        self.shipper = Shipper(self.spool, replica, token, name=name, role="node", linger=linger)
+        self.shipper = Shipper(self.spool, replica, auth, name=name, role="node", linger=linger)
         self.known = 0
         self._ticked = 0
         self._joined = False  # no tick may precede our Join copy (the replica would refuse it)

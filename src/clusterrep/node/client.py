@@ -29,8 +29,8 @@ class _LinkLost(Exception):
 
 
 class CoordinatorClient:
-    def __init__(self, addr: str, token: bytes, name: str, *, timeout: float = 60.0) -> None:
-        self.addr, self.token, self.name, self.timeout = addr, token, name, timeout
+    def __init__(self, addr: str, auth: wire.Auth | bytes, name: str, *, timeout: float = 60.0) -> None:
+        self.addr, self.auth, self.name, self.timeout = addr, auth, name, timeout
         self._conn: wire.Connection | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -42,7 +42,7 @@ class CoordinatorClient:
             if self._conn is None:
                 if self._closed:
                     raise OSError(errno.ESHUTDOWN, "node agent is stopping")
-                conn = wire.connect(self.addr, self.token, name=self.name, role="node")
+                conn = wire.connect(self.addr, self.auth, name=self.name, role="node")
                 self._conn = conn
                 threading.Thread(target=self._read, args=(conn,), name="coord-reader",
                                  daemon=True).start()
@@ -121,9 +121,9 @@ class CoordinatorClient:
 class ControlLink:
     """Keeps the control connection up; calls ``on_recall(ino)`` and ``on_gseq(g)``."""
 
-    def __init__(self, addr: str, token: bytes, name: str, *, on_recall: Callable[[int], None],
+    def __init__(self, addr: str, auth: wire.Auth | bytes, name: str, *, on_recall: Callable[[int], None],
                  on_gseq: Callable[[int], None], on_down: Callable[[], None]) -> None:
-        self.addr, self.token, self.name = addr, token, name
+        self.addr, self.auth, self.name = addr, auth, name
         self.on_recall, self.on_gseq, self.on_down = on_recall, on_gseq, on_down
         self.up = threading.Event()
         self._stop = threading.Event()
@@ -142,7 +142,7 @@ class ControlLink:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                conn = wire.connect(self.addr, self.token, name=self.name, role="node-control")
+                conn = wire.connect(self.addr, self.auth, name=self.name, role="node-control")
             except (ClusterrepError, OSError) as exc:
                 log.debug("control link: %s", exc)
                 self._stop.wait(0.5)

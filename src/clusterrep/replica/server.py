@@ -18,9 +18,9 @@ log = logging.getLogger("clusterrep.replica")
 
 
 class ReplicaServer:
-    def __init__(self, service: ReplicaService, listen: str, token: bytes) -> None:
+    def __init__(self, service: ReplicaService, listen: str, auth: wire.Auth | bytes) -> None:
         self.service = service
-        self.server = wire.Server(listen, token, name="replica", role="replica", handler=self._handle)
+        self.server = wire.Server(listen, auth, name="replica", role="replica", handler=self._handle)
 
     @property
     def address(self) -> tuple[str, int]:
