@@ -285,6 +285,7 @@ class Journal:
         self._fsync = fsync
         self._cond = threading.Condition(threading.Lock())
         self._segments: list[_Segment] = []
+        self._sealed_bytes = 0  # size of every segment but the last
         self._readers: OrderedDict[int, _Segment] = OrderedDict()  # old segments with an open fd
         self._first_index = self._next_index = self._durable_index = 1
         self._syncing = False
@@ -337,6 +338,7 @@ class Journal:
             self._segments.append(self._create_segment(1))
             self._first_index = self._next_index = self._durable_index = 1
             atomic_write(meta, _META_TEXT)
+            self._recount()
             return
         for k, (first, path) in enumerate(found):
             if self._segments:
@@ -365,6 +367,11 @@ class Journal:
         self._next_index = self._durable_index = current.first + current.count
         if not meta.exists():
             atomic_write(meta, _META_TEXT)
+        self._recount()
+
+    def _recount(self) -> None:
+        """Size of every segment but the last (kept, so `bytes_total` needs no lock or sum)."""
+        self._sealed_bytes = sum(s.end for s in self._segments[:-1])
 
     def _cut_tail(self, segment: _Segment, why: str) -> None:
         size = segment.path.stat().st_size
@@ -431,8 +438,9 @@ class Journal:
     @property
     def bytes_total(self) -> int:
         """Size of all segment files, headers included."""
-        with self._cond:
-            return sum(s.end for s in self._segments)
+        # no lock: the FUSE write path asks on every write (back-pressure), and must not wait
+        # behind a reader; the figure is exact between appends, at worst a record stale during one
+        return self._sealed_bytes + self._segments[-1].end
 
     @property
     def segment_count(self) -> int:
@@ -519,6 +527,7 @@ class Journal:
             assert old.fd is not None
             os.fsync(old.fd)
         new = self._create_segment(first)
+        self._sealed_bytes += old.end
         self._segments.append(new)
         self._cache_reader(old)
         return new
@@ -533,6 +542,7 @@ class Journal:
         try:
             created = self._segments[count_segments:]
             del self._segments[count_segments:]
+            self._recount()
             for segment in reversed(created):
                 self._close_fd(segment)
                 os.unlink(segment.path)
@@ -716,6 +726,7 @@ class Journal:
                 self._close_fd(segment)
                 del self._segments[0]
                 self._first_index = self._segments[0].first
+                self._recount()
 
     # -- close ----------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -745,5 +745,44 @@ def test_synced_records_survive_any_history(ops: list[tuple]) -> None:
                 if j.first_index > 1:
                     with pytest.raises(JournalTrimmed):
                         j.read(j.first_index - 1)
+        finally:
+            j.close()
+
+
+def _fail_after(good: int) -> Callable[[int, list[bytes], int], int]:
+    """An os.pwritev that writes ``good`` times, then fails with ENOSPC."""
+    real, calls = os.pwritev, [0]
+
+    def pwritev(fd: int, bufs: list[bytes], off: int) -> int:
+        calls[0] += 1
+        if calls[0] > good:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, bufs, off)
+
+    return pwritev
+
+
+@given(st.lists(st.tuples(st.sampled_from(["append", "trim", "reopen", "full"]),
+                          st.integers(1, 6)), max_size=25))
+def test_bytes_total_always_equals_the_segment_files(steps: list[tuple[str, int]]) -> None:
+    """bytes_total is kept without a lock or a sum (the FUSE write path asks on every write): it
+    must still match the files through rolls, trims, reopening and a failed append rolled back."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        j = Journal(d, segment_bytes=200, fsync=False)
+        try:
+            for action, n in steps:
+                if action == "append":
+                    j.append([bytes([n]) * (10 * n)] * n)
+                elif action == "trim":
+                    j.trim(j.next_index - n)
+                elif action == "reopen":
+                    j.close()
+                    j = Journal(d, segment_bytes=200, fsync=False)
+                else:
+                    fail_late = _fail_after(1)
+                    with mock.patch("os.pwritev", fail_late), contextlib.suppress(JournalFull):
+                        j.append([b"z" * 60] * (4 + n))
+                assert j.bytes_total == sum(f.stat().st_size for f in segments(d))
         finally:
             j.close()
