@@ -1,18 +1,19 @@
 """A small certificate authority for one cluster: what ``clusterrep certs`` writes.
 
-One CA (``ca.pem``, ``ca.key``) and, per member, ``NAME.pem`` and ``NAME.key`` whose common name
-and first DNS subjectAltName are the member's name (its node ``--id``, ``coordinator``,
-``replica``), followed by the addresses others dial it at (IP or DNS subjectAltNames). Keys are
-ECDSA P-256, written mode 0600. Validity starts a week before issue (clocks may lag) and lasts
-825 days (the CA: ten years). An existing CA is reused, so members can be added later; an
-existing member certificate is never overwritten silently.
+One CA (``ca.pem``, ``ca.key``) and, per member, ``NAME.pem`` and ``NAME.key``. A member's
+identity (its node ``--id``, ``coordinator``, ``replica``) is its certificate's common name and
+nothing else; the subjectAltNames are only the addresses others dial it at (IP or DNS), so an
+address can never pass for a member name, nor a name for an address. Keys are ECDSA P-256,
+written mode 0600, certificates 0644, each atomically and durably. Validity starts a week
+before issue (clocks may lag) and lasts 825 days from issue (the CA: ten years). An existing CA
+is reused, so members can be added later; an existing member certificate is never overwritten
+silently.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +23,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .durable import atomic_write
 from .errors import ConfigError
 
 __all__ = ["Member", "issue", "parse_member"]
 
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}\Z")  # as a wire identity
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}\Z")  # a wire identity that fits a CN
+_RESERVED = {"ca"}  # the CA's own files
 _DNS_RE = re.compile(r"(?=.{1,253}\Z)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?)+\Z")
 _CA_DAYS = 3650
 _DAYS = 825
@@ -45,9 +48,12 @@ def parse_member(spec: str) -> Member:
     """``NAME`` or ``NAME=ADDR[,ADDR...]`` (addresses: IPv4, IPv6 or DNS names)."""
     name, _, rest = spec.partition("=")
     if not _NAME_RE.match(name):
-        raise ConfigError(f"member {spec!r}: {name!r} is not a valid name",
+        raise ConfigError(f"member {spec!r}: {name!r} is not a valid name (1-64 characters: "
+                          "letters, digits and '._:@-')",
                           hint="use the node's --id, 'coordinator' or 'replica', optionally "
                                "followed by =ADDR,ADDR")
+    if name.lower() in _RESERVED:
+        raise ConfigError(f"member {spec!r}: the name {name!r} is reserved for the CA's own files")
     addresses = [a.strip() for a in rest.split(",") if a.strip()] if rest else []
     for addr in addresses:
         if not _is_ip(addr) and not _DNS_RE.match(addr):
@@ -68,27 +74,23 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _write_private(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()), mode=0o600)
 
 
 def _write_public(path: Path, cert: x509.Certificate) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    os.replace(tmp, path)
+    atomic_write(path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+
+
+def _issued() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
 
 
 def _now() -> datetime.datetime:
     """The start of a certificate's validity: a week back, so that hosts whose clocks lag (the
     cluster does not trust clocks) do not refuse a certificate issued today."""
-    return datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=7)
+    return _issued() - datetime.timedelta(days=7)
 
 
 def _load_or_make_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, bool]:
@@ -104,13 +106,22 @@ def _load_or_make_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurv
             raise ConfigError(f"cannot read the CA in {directory}: {exc}") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise ConfigError(f"{key_path} is not an ECDSA key written by clusterrep certs")
+        if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
+            raise ConfigError(f"{key_path} is not the key of {cert_path}",
+                              hint="restore the CA's own key, or move both away to start a new CA")
+        try:
+            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            raise ConfigError(f"{cert_path} is not a CA certificate")
         return cert, key, False
     key = _key()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "clusterrep cluster CA")])
     start = _now()
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=_CA_DAYS))
+            .not_valid_before(start).not_valid_after(_issued() + datetime.timedelta(days=_CA_DAYS))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
                                          key_encipherment=False, data_encipherment=False,
@@ -123,18 +134,18 @@ def _load_or_make_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurv
     return cert, key, True
 
 
-def _san(member: Member, loopback: bool) -> x509.SubjectAlternativeName:
+def _san(member: Member, loopback: bool) -> x509.SubjectAlternativeName | None:
     entries: list[x509.GeneralName] = []
     seen: set[str] = set()
-    for addr in [member.name, *member.addresses, *(LOOPBACK if loopback else ())]:
+    for addr in [*member.addresses, *(LOOPBACK if loopback else ())]:
         if addr in seen:
             continue
         seen.add(addr)
         if _is_ip(addr):
             entries.append(x509.IPAddress(ipaddress.ip_address(addr)))
-        elif _DNS_RE.match(addr):  # a name like "h1:a" is only the common name
+        else:
             entries.append(x509.DNSName(addr))
-    return x509.SubjectAlternativeName(entries)
+    return x509.SubjectAlternativeName(entries) if entries else None
 
 
 def issue(directory: str | Path, members: list[Member], *, loopback: bool = False,
@@ -150,28 +161,36 @@ def issue(directory: str | Path, members: list[Member], *, loopback: bool = Fals
     names = [m.name for m in members]
     if len(set(names)) != len(names):
         raise ConfigError(f"a member is named twice: {', '.join(names)}")
+    for name in names:
+        if not _NAME_RE.match(name) or name.lower() in _RESERVED:
+            raise ConfigError(f"{name!r} cannot be a member name", hint="see clusterrep certs --help")
     existing = [directory / f"{n}.pem" for n in names if (directory / f"{n}.pem").exists()]
     if existing and not force:
         raise ConfigError(f"certificate {existing[0]} already exists",
-                          hint="use --force to replace it (its old key stops working)")
+                          hint="use --force to issue a new one. The old certificate stays valid "
+                               "until it expires: to shut out a leaked key, start a new CA and "
+                               "reissue every member")
     directory.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key, made = _load_or_make_ca(directory)
     written = [directory / "ca.pem", directory / "ca.key"] if made else []
     for member in members:
         key = _key()
         start = _now()
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, member.name)]))
-                .issuer_name(ca_cert.subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=_DAYS))
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-                .add_extension(_san(member, loopback), critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                               critical=False)
-                .sign(ca_key, hashes.SHA256()))
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, member.name)]))
+                   .issuer_name(ca_cert.subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(start).not_valid_after(_issued() + datetime.timedelta(days=_DAYS))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                         ExtendedKeyUsageOID.CLIENT_AUTH]),
+                                  critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                       ca_key.public_key()), critical=False))
+        san = _san(member, loopback)
+        if san is not None:
+            builder = builder.add_extension(san, critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
         _write_private(directory / f"{member.name}.key", key)
         _write_public(directory / f"{member.name}.pem", cert)
         written += [directory / f"{member.name}.pem", directory / f"{member.name}.key"]

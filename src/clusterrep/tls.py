@@ -5,8 +5,9 @@ With TLS on, every connection is encrypted and both ends prove who they are with
 issued by the cluster's own CA (``--tls-ca``; the system's CAs are not trusted). A client checks
 that the server's certificate names the address it dialled (a DNS or IP subjectAltName, as HTTPS
 does); a server checks that a node's or the coordinator's certificate names the identity it
-claims (its common name or a DNS subjectAltName), so one host's certificate cannot speak for
-another. The shared token handshake still runs inside TLS: a peer needs both.
+claims (as its common name), so one host's certificate cannot speak for another. Identities are
+common names only, subjectAltNames addresses only. The shared token handshake still runs
+inside TLS: a peer needs both.
 
 This module owns the TLS contexts and `TlsStream`, a TLS socket that one thread may read while
 another writes: the socket is non-blocking, each TLS call runs under a lock and all waiting
@@ -72,6 +73,7 @@ class TlsConfig:
         ctx = ssl.SSLContext(protocol)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.verify_mode = ssl.CERT_REQUIRED  # servers too: a client without a certificate is refused
+        ctx.hostname_checks_common_name = False  # a name (CN) is an identity, never an address
         try:
             ctx.load_verify_locations(cafile=str(self.ca))
         except (ssl.SSLError, OSError, ValueError) as exc:
@@ -98,11 +100,14 @@ def _reason(exc: BaseException) -> str:
 
 
 def cert_names(cert: dict | None) -> set[str]:  # type: ignore[type-arg]
-    """The identities a peer certificate (``getpeercert()``) names: common names and DNS SANs."""
+    """The identities a peer certificate (``getpeercert()``) names: its common names only.
+
+    SubjectAltNames are addresses (what a client checks the server against), never identities:
+    otherwise a certificate issued for a host *called* "h1" would pass for node h1.
+    """
     names: set[str] = set()
     for rdn in (cert or {}).get("subject", ()):
         names.update(value for key, value in rdn if key == "commonName")
-    names.update(value for kind, value in (cert or {}).get("subjectAltName", ()) if kind == "DNS")
     return names
 
 
@@ -154,7 +159,11 @@ def _start(ssock: ssl.SSLSocket, peer: str, deadline: float, untrusted: str, unt
     """The TLS handshake up to ``deadline``, its failures as errors a user can act on."""
     ssock.setblocking(False)
     try:
-        _handshake(ssock, deadline)
+        try:
+            _handshake(ssock, deadline)
+        except BaseException:
+            ssock.close()  # wrap_socket took the descriptor from the plain socket: close it here
+            raise
     except TimeoutError:
         raise AuthError(f"{peer} did not complete the TLS handshake in time", hint=_TLS_HINT) from None
     except ssl.SSLCertVerificationError as exc:

@@ -1,28 +1,28 @@
-"""Authenticated, framed, integrity-protected TCP connections between clusterrep processes.
+"""Authenticated, encrypted, framed TCP connections between clusterrep processes.
 
 The replica server, the coordinator and the node agents talk through this module (blocking
 sockets, one thread per connection). Every connection starts with a mutual challenge-response
-handshake on a shared token, which never crosses the wire; every frame after it carries a
-counter and a tag, so a peer without the token cannot connect, and a frame that was altered,
-replayed, reordered or dropped on the way is refused, never delivered.
+handshake on a shared token, which never crosses the wire; every frame after it is encrypted and
+authenticated with AES-256-GCM under keys fresh for the connection, its counter as the nonce, so
+a peer without the token can neither connect nor read, and a frame that was altered, replayed,
+reordered or dropped on the way is refused, never delivered. Optionally (`tls`), the connection
+is first upgraded to TLS 1.3 with client certificates.
 
 Handshake frames are ``[u32 length][msgpack map]``, at most 4 KiB each (``H`` is HMAC-SHA256,
 ``sn``/``cn`` are 32 random bytes chosen by the server/client)::
 
-    S->C  {"hello": "clusterrep", "version": 1, "nonce": sn, "name": ..., "role": ...}
+    S->C  {"hello": "clusterrep", "version": 2, "nonce": sn, "name", "role", "tls": bool}
+          (then, if "tls", TLS starts on both ends and the rest runs inside it)
     C->S  {"name", "role", "nonce": cn, "mac": H(token, "client\\0" sn cn name "\\0" role)}
-    S->C  {"ok": True, "mac": H(token, "server\\0" cn sn)}    or    {"error": "..."}
+    S->C  {"ok": True, "mac": H(token, "server\\0" cn sn name "\\0" role)}  or  {"error": "..."}
 
-Session frames, with key ``K = H(token, "session\\0" sn cn)``::
+Session frames, with ``K = H(token, "session\\0" sn cn)`` and per direction
+``Kd = H(K, "aead\\0" + direction)`` (direction b"C" client->server, b"S" server->client)::
 
-    [u32 L][u64 counter][msgpack payload][16-byte tag]      L = 8 + len(payload) + 16
-    tag = H(K, direction + counter + payload)[:16]          direction: b"C" client->server,
-                                                                       b"S" server->client
+    [u32 L][u64 counter][AES-256-GCM(Kd, nonce = 4 zero bytes + counter, msgpack payload)]
+    L = 8 + len(payload) + 16 (the ciphertext is as long as the payload, then a 16-byte tag)
 
 Counters start at 1 and grow by exactly one per frame and direction.
-
-Frames are authenticated, not encrypted: event data crosses the network in clear. Where the
-network is not trusted, run the connections through a VPN or an encrypting tunnel.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import (
     AddressError,
@@ -81,7 +83,7 @@ log = logging.getLogger("clusterrep.wire")
 
 MAX_FRAME = 64 * 1024 * 1024      # default limit on one frame's payload
 PROTOCOL = "clusterrep"
-VERSION = 1
+VERSION = 2                       # 2: frames encrypted with AES-256-GCM (1: HMAC tags only)
 NONCE_BYTES = 32
 TAG_BYTES = 16
 MIN_TOKEN_CHARS = 32
@@ -93,6 +95,7 @@ _MAX_LENGTH = 0xFFFFFFFF          # what the u32 length field can say
 _LEN = struct.Struct(">I")
 _HEAD = struct.Struct(">IQ")
 _CLIENT, _SERVER = b"C", b"S"
+_NONCE_PAD = bytes(4)             # AES-GCM nonce: 4 zero bytes, then the 8-byte frame counter
 _BUF_START = 256 * 1024           # receive buffer of a new connection
 _BUF_KEEP = 16 * 1024 * 1024      # a frame larger than this gets a buffer of its own, not kept
 _TOKEN_FILE_LIMIT = 4096
@@ -102,7 +105,7 @@ _LABEL_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
 _PORT_RE = re.compile(r"[0-9]{1,5}\Z")
 _TOKEN_HINT = "check that both sides use the same --token-file"
 _TLS_NAME_HINT = ("with TLS, a node's or the coordinator's certificate must carry its name (--id, or "
-                  "'coordinator') as its common name or a DNS subjectAltName")
+                  "'coordinator') as its common name: clusterrep certs DIR NAME")
 ANONYMOUS_ROLES = frozenset({"client"})  # read-only tools: any certificate from the CA will do
 
 
@@ -284,9 +287,10 @@ def _client_mac(token: bytes, snonce: bytes, cnonce: bytes, name: str, role: str
     return _mac(token, b"client\0", snonce, cnonce, name.encode(), b"\0", role.encode())
 
 
-def _server_mac(token: bytes, snonce: bytes, cnonce: bytes) -> bytes:
-    """The server's proof that it knows the token, bound to both nonces."""
-    return _mac(token, b"server\0", cnonce, snonce)
+def _server_mac(token: bytes, snonce: bytes, cnonce: bytes, name: str, role: str) -> bytes:
+    """The server's proof that it knows the token, bound to both nonces and the identity its
+    hello announced (sent before TLS, so it must not be relabelled on the way)."""
+    return _mac(token, b"server\0", cnonce, snonce, name.encode(), b"\0", role.encode())
 
 
 def _session_key(token: bytes, snonce: bytes, cnonce: bytes) -> bytes:
@@ -294,30 +298,36 @@ def _session_key(token: bytes, snonce: bytes, cnonce: bytes) -> bytes:
     return _mac(token, b"session\0", snonce, cnonce)
 
 
-class _Tagger:
-    """Tags for one direction of a session; the HMAC key schedule is computed once."""
+class _Sealer:
+    """AES-256-GCM for one direction of a session: its own key, the frame counter as nonce.
 
-    __slots__ = ("_base",)
+    Each direction has a key of its own (derived from the session key), and the counter never
+    repeats within a connection, so no (key, nonce) pair is ever used twice.
+    """
+
+    __slots__ = ("_aead",)
 
     def __init__(self, key: bytes, direction: bytes) -> None:
-        self._base = hmac.new(key, direction, digestmod="sha256")
+        self._aead = AESGCM(_mac(key, b"aead\0", direction))
 
-    def tag(self, counter: bytes | memoryview, payload: bytes | memoryview) -> bytes:
-        h = self._base.copy()
-        h.update(counter)
-        h.update(payload)
-        return h.digest()[:TAG_BYTES]
+    def seal(self, counter: bytes, payload: bytes | memoryview) -> bytes:
+        """Ciphertext followed by the 16-byte tag."""
+        return self._aead.encrypt(_NONCE_PAD + counter, payload, None)
+
+    def open(self, counter: bytes | memoryview, sealed: bytes | memoryview) -> bytes:
+        """The payload; `InvalidTag` if anything of the frame was changed or forged."""
+        return self._aead.decrypt(_NONCE_PAD + bytes(counter), sealed, None)
 
 
-def _frame_parts(tagger: _Tagger, counter: int, payload: bytes) -> tuple[bytes, bytes, bytes]:
-    """A session frame as (length + counter, payload, tag), ready for one ``sendmsg``."""
+def _frame_parts(sealer: _Sealer, counter: int, payload: bytes) -> tuple[bytes, bytes]:
+    """A session frame as (length + counter, ciphertext + tag), ready for one ``sendmsg``."""
     head = _HEAD.pack(_OVERHEAD + len(payload), counter)
-    return head, payload, tagger.tag(head[4:], payload)
+    return head, sealer.seal(head[4:], payload)
 
 
 def _seal(key: bytes, direction: bytes, counter: int, payload: bytes) -> bytes:
     """One complete session frame as bytes."""
-    return b"".join(_frame_parts(_Tagger(key, direction), counter, payload))
+    return b"".join(_frame_parts(_Sealer(key, direction), counter, payload))
 
 
 def _pack_plain(obj: Any) -> bytes:
@@ -540,8 +550,8 @@ class Connection:
         self._stream = stream
         self._reader = reader
         mine, theirs = (_CLIENT, _SERVER) if client else (_SERVER, _CLIENT)
-        self._send_tagger = _Tagger(key, mine)
-        self._recv_tagger = _Tagger(key, theirs)
+        self._sealer = _Sealer(key, mine)
+        self._opener = _Sealer(key, theirs)
         self._send_counter = 0
         self._recv_counter = 0
         self._send_lock = threading.Lock()
@@ -575,7 +585,7 @@ class Connection:
             if self._closed:
                 raise PeerClosed(f"connection with {self.who} is closed")
             self._send_counter += 1
-            parts = _frame_parts(self._send_tagger, self._send_counter, payload)
+            parts = _frame_parts(self._sealer, self._send_counter, payload)
             try:
                 self._stream.send_parts(parts)
             except WireError as exc:  # a TLS failure
@@ -614,13 +624,14 @@ class Connection:
                 raise
 
     def _open(self, body: memoryview) -> Any:
-        """Check one frame's tag and counter, then decode its payload."""
-        n = len(body)
-        counter_bytes, payload, tag = body[:8], body[8 : n - TAG_BYTES], body[n - TAG_BYTES :]
+        """Decrypt and check one frame, check its counter, then decode its payload."""
+        counter_bytes = body[:8]
         expected = self._recv_counter + 1
-        if not hmac.compare_digest(self._recv_tagger.tag(counter_bytes, payload), tag):
+        try:
+            payload = self._opener.open(counter_bytes, body[8:])
+        except InvalidTag:
             raise FrameError(f"frame {expected} from {self.who} failed its integrity check: "
-                             "tampered with or corrupted on the way")
+                             "tampered with or corrupted on the way") from None
         counter = int.from_bytes(counter_bytes, "big")
         if counter < expected:
             raise FrameError(f"replayed or reordered frame from {self.who}: counter {counter}, "
@@ -721,7 +732,10 @@ def connect(addr: str | tuple[str, int], auth: Auth | bytes, *, name: str, role:
     except OSError as exc:
         _close_quietly(sock)
         raise PeerClosed(f"server {shown} broke the connection during the handshake: "
-                         f"{exc.strerror or exc}") from None
+                         f"{exc.strerror or exc}",
+                         hint="with TLS, this is how a server refuses a certificate it does not "
+                              "trust: check --tls-cert and --tls-ca on both sides"
+                         if auth.tls is not None else None) from None
     except BaseException:
         _close_quietly(sock)
         raise
@@ -772,8 +786,8 @@ def _client_handshake(sock: socket.socket, auth: Auth, name: str, role: str, tim
             raise AuthError(f"{peer} refused us: {reply['error']!r:.200}",
                             hint=_TLS_NAME_HINT if "certificate" in str(reply["error"]) else _TOKEN_HINT)
         _expect(reply, {"ok": bool, "mac": bytes}, peer, "reply")
-        if not reply["ok"] or not hmac.compare_digest(reply["mac"],
-                                                      _server_mac(auth.token, snonce, cnonce)):
+        if not reply["ok"] or not hmac.compare_digest(
+                reply["mac"], _server_mac(auth.token, snonce, cnonce, hello["name"], hello["role"])):
             raise AuthError(f"{peer} failed authentication: it does not know our token",
                             hint=f"{_TOKEN_HINT}, and that {shown} is really the clusterrep server")
     except BaseException:
@@ -863,7 +877,8 @@ def _server_handshake(sock: socket.socket, auth: Auth, name: str, role: str, tim
             raise AuthError(f"peer {shown} claims to be {msg['role']} {msg['name']}, but its "
                             f"certificate names {', '.join(sorted(names)) or 'nobody'}",
                             hint=_TLS_NAME_HINT)
-        stream.sendall(_pack_plain({"ok": True, "mac": _server_mac(auth.token, snonce, cnonce)}))
+        stream.sendall(_pack_plain({"ok": True,
+                                    "mac": _server_mac(auth.token, snonce, cnonce, name, role)}))
     except BaseException:
         stream.shutdown()
         stream.close()
@@ -911,7 +926,9 @@ class Server:
         self._wake: tuple[socket.socket, socket.socket] | None = None
         self._accept_thread: threading.Thread | None = None
         self._threads: set[threading.Thread] = set()
-        self._pending: set[socket.socket] = set()  # sockets still in their handshake
+        # a second descriptor of each socket still in its handshake: TLS takes the first one
+        # over, and stop() must still be able to shut the connection down
+        self._pending: set[socket.socket] = set()
         self._conns: set[Connection] = set()
 
     def __repr__(self) -> str:
@@ -942,9 +959,9 @@ class Server:
         with self._lock:
             pending, conns = list(self._pending), list(self._conns)
             threads = list(self._threads)
-        for sock in pending:
+        for waker in pending:
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # its thread closes it
+                waker.shutdown(socket.SHUT_RDWR)  # its thread closes it
         for conn in conns:
             conn.close()
         end = time.monotonic() + timeout
@@ -986,17 +1003,24 @@ class Server:
             self._spawn(sock)
 
     def _spawn(self, sock: socket.socket) -> None:
-        thread = threading.Thread(target=self._serve, args=(sock,), daemon=True,
+        try:
+            waker = sock.dup()
+        except OSError as exc:
+            log.error("%r: cannot serve %s: %s", self, _peer_of(sock), exc.strerror or exc)
+            sock.close()
+            return
+        thread = threading.Thread(target=self._serve, args=(sock, waker), daemon=True,
                                   name=f"wire-conn-{_peer_of(sock)}")
         with self._lock:
             if self._stopping.is_set():
                 sock.close()
+                waker.close()
                 return
             self._threads.add(thread)
-            self._pending.add(sock)
+            self._pending.add(waker)
         thread.start()
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _serve(self, sock: socket.socket, waker: socket.socket) -> None:
         try:
             try:
                 conn = accept(sock, self._auth, name=self._name, role=self._role,
@@ -1005,7 +1029,8 @@ class Server:
                 return  # accept() logged it and closed the socket
             finally:
                 with self._lock:
-                    self._pending.discard(sock)
+                    self._pending.discard(waker)
+                waker.close()
             with self._lock:
                 if self._stopping.is_set():
                     conn.close()

@@ -8,13 +8,18 @@ that the other side logged it and never handed the connection to its handler.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from clusterrep import wire
@@ -313,3 +318,147 @@ def test_certs_command_reuses_the_ca_and_never_overwrites_silently(
 def test_member_specs_are_checked(spec: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         parse_member(spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Review findings: each was a real bug
+
+
+def test_an_address_in_a_certificate_never_passes_for_a_member_name(
+        pki: dict[str, Path], tmp_path: Path, wire_log: pytest.LogCaptureFixture) -> None:
+    """A coordinator whose host is called "h1" (and every --loopback certificate, which names
+    "localhost") must not be able to ship node h1's (or node localhost's) stream."""
+    issue(tmp_path, [Member("replica"), Member("coordinator", ["h1"])], loopback=True)
+    seen = Seen()
+    with serving(wire.Auth(TOKEN, tls(tmp_path, "replica")), seen) as server:
+        for name in ("h1", "localhost"):
+            with pytest.raises(AuthError, match=f"does not name {name}"):
+                dial(server, wire.Auth(TOKEN, tls(tmp_path, "coordinator")), name=name)
+        with dial(server, wire.Auth(TOKEN, tls(tmp_path, "coordinator")), name="coordinator",
+                  role="coordinator") as conn:
+            conn.send("ok")
+            assert conn.recv(timeout=5) == "ok"
+    assert len(seen.conns) == 1
+
+
+def test_a_member_certificate_is_not_a_server_certificate_for_its_name(tmp_path: Path) -> None:
+    """Node h1's certificate (common name h1, no addresses) does not pass the client's address
+    check for a server dialled as "h1": common names are never addresses (OpenSSL would fall
+    back to the common name of a certificate without subjectAltNames unless told not to)."""
+    issue(tmp_path, [Member("h1")])
+    cert = tls(tmp_path, "h1")
+    a, b = socket.socketpair()
+    with a, b:
+        server_side = cert.server_context.wrap_socket(a, server_side=True,
+                                                      do_handshake_on_connect=False)
+        client_side = cert.client_context.wrap_socket(b, server_hostname="h1",
+                                                      do_handshake_on_connect=False)
+        t = threading.Thread(target=_quiet, args=(server_side.do_handshake,))
+        t.start()
+        with pytest.raises(ssl.SSLCertVerificationError, match=r"(?i)hostname mismatch"):
+            client_side.do_handshake()
+        client_side.close()
+        t.join(5)
+        server_side.close()
+
+
+def _quiet(fn: Callable[[], Any]) -> None:
+    with suppress(Exception):
+        fn()
+
+
+def test_ca_is_not_a_member_name_and_long_names_are_refused_up_front(tmp_path: Path) -> None:
+    for spec in ("ca", "CA=10.0.0.1", "x" * 65):
+        with pytest.raises(ConfigError):
+            parse_member(spec)
+    with pytest.raises(ConfigError, match="cannot be a member name"):
+        issue(tmp_path, [Member("h1"), Member("ca")])
+    assert not list(tmp_path.iterdir()), "nothing may be written when a member is refused"
+
+
+def test_keys_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        issue(tmp_path, [Member("h1")])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "h1.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "h1.pem").stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.key", "ca.pem", "h1.key", "h1.pem"]
+
+
+def test_a_reused_ca_is_checked(tmp_path: Path) -> None:
+    issue(tmp_path / "a", [Member("h1")])
+    issue(tmp_path / "b", [Member("h1")])
+    (tmp_path / "a" / "ca.key").write_bytes((tmp_path / "b" / "ca.key").read_bytes())
+    with pytest.raises(ConfigError, match="is not the key of"):
+        issue(tmp_path / "a", [Member("h2")])
+
+
+def test_the_force_hint_does_not_promise_revocation(tmp_path: Path) -> None:
+    issue(tmp_path, [Member("h1")])
+    with pytest.raises(ConfigError) as err:
+        issue(tmp_path, [Member("h1")])
+    assert "stays valid until it expires" in str(err.value)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_failed_tls_handshakes_leave_no_descriptor_open(pki: dict[str, Path]) -> None:
+    stranger = wire.Auth(TOKEN, tls(pki["stranger"], "h1", ca=pki["ours"] / "ca.pem"))
+    errors: list[BaseException] = []
+    with serving(wire.Auth(TOKEN, tls(pki["ours"], "replica"))) as server:
+        dial(server, wire.Auth(TOKEN, tls(pki["ours"], "h1"))).close()  # warm up
+        time.sleep(0.2)
+        before = open_fds()
+        for _ in range(20):
+            try:
+                dial(server, stranger)
+            except (AuthError, PeerClosed) as exc:
+                errors.append(exc)  # kept alive on purpose: the socket must not depend on GC
+        time.sleep(0.5)
+        assert open_fds() - before < 3, "a refused TLS handshake leaked its socket"
+    assert len(errors) == 20
+
+
+def test_stop_is_not_held_up_by_a_peer_stalled_in_its_tls_handshake(pki: dict[str, Path]) -> None:
+    server = wire.Server(("127.0.0.1", 0), wire.Auth(TOKEN, tls(pki["ours"], "replica")),
+                         name="replica", role="replica", handler=echo, timeout=30)
+    server.start()
+    stalled = socket.create_connection(server.address, timeout=5)  # takes no part in TLS
+    try:
+        stalled.recv(4096)  # the hello
+        time.sleep(0.2)     # the server now waits in its TLS handshake
+        start = time.monotonic()
+        server.stop(timeout=5)
+        assert time.monotonic() - start < 2
+    finally:
+        stalled.close()
+
+
+def test_a_relabelled_server_hello_is_refused(pki: dict[str, Path]) -> None:
+    """The hello is sent before TLS; a man in the middle who renames the server must fail."""
+
+    def script(sock: socket.socket) -> None:
+        snonce = os.urandom(32)
+        sock.sendall(wire._pack_plain({"hello": "clusterrep", "version": wire.VERSION,
+                                       "nonce": snonce, "name": "coordinator",
+                                       "role": "coordinator", "tls": False}))
+        (n,) = struct.unpack(">I", sock.recv(4, socket.MSG_WAITALL))
+        msg = msgpack.unpackb(sock.recv(n, socket.MSG_WAITALL))
+        mac = wire._server_mac(TOKEN, snonce, msg["nonce"], "replica", "replica")  # the real one
+        sock.sendall(wire._pack_plain({"ok": True, "mac": mac}))
+        sock.recv(1)
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    t = threading.Thread(target=lambda: _quiet(lambda: script(listener.accept()[0])))
+    t.start()
+    try:
+        with pytest.raises(AuthError, match="does not know our token"):
+            wire.connect(listener.getsockname()[:2], TOKEN, name="h1", role="node", timeout=3)
+    finally:
+        t.join(5)
+        listener.close()

@@ -154,10 +154,11 @@ def fake_server(script: Callable[[socket.socket], None]) -> Iterator[tuple[str, 
 
 def server_handshake_by_hand(sock: socket.socket, token: bytes = TOKEN) -> bytes:
     snonce = os.urandom(32)
-    sock.sendall(wire._pack_plain({"hello": "clusterrep", "version": 1, "nonce": snonce,
+    sock.sendall(wire._pack_plain({"hello": "clusterrep", "version": wire.VERSION, "nonce": snonce,
                                    "name": "r1", "role": "replica"}))
     msg = read_plain(sock)
-    sock.sendall(wire._pack_plain({"ok": True, "mac": wire._server_mac(token, snonce, msg["nonce"])}))
+    sock.sendall(wire._pack_plain({"ok": True,
+                                   "mac": wire._server_mac(token, snonce, msg["nonce"], "r1", "replica")}))
     return wire._session_key(token, snonce, msg["nonce"])
 
 
@@ -360,9 +361,11 @@ def script_sending(data: bytes) -> Callable[[socket.socket], None]:
     (struct.pack(">I", 3) + b"\xc1\xc1\xc1", wire.FrameError, "not valid msgpack"),
     (wire._pack_plain([1, 2]), wire.AuthError, "not a map"),
     (wire._pack_plain({"hello": "ssh"}), wire.AuthError, "not a clusterrep server"),
-    (wire._pack_plain({"hello": "clusterrep", "version": 2, "nonce": b"n" * 32, "name": "r",
-                       "role": "replica"}), wire.AuthError, "speaks wire version 2"),
-    (wire._pack_plain({"hello": "clusterrep", "version": 1, "nonce": b"n" * 5, "name": "r",
+    (wire._pack_plain({"hello": "clusterrep", "version": 1, "nonce": b"n" * 32, "name": "r",
+                       "role": "replica"}), wire.AuthError, "speaks wire version 1; this build speaks 2"),
+    (wire._pack_plain({"hello": "clusterrep", "version": 9, "nonce": b"n" * 32, "name": "r",
+                       "role": "replica"}), wire.AuthError, "speaks wire version 9"),
+    (wire._pack_plain({"hello": "clusterrep", "version": 2, "nonce": b"n" * 5, "name": "r",
                        "role": "replica"}), wire.AuthError, "'nonce' is 5 bytes"),
     (wire._pack_plain({"error": "busy"}), wire.AuthError, "refused the connection"),
 ])
@@ -542,6 +545,26 @@ def test_the_client_refuses_a_tampered_frame_from_the_server() -> None:
         with pytest.raises(wire.FrameError, match="integrity"):
             conn.recv(timeout=2)
         assert conn.closed
+
+
+def test_frames_cross_the_wire_encrypted() -> None:
+    """What a listener on the network sees is ciphertext; the session key opens it."""
+    marker = b"clusterrep-plaintext-marker-" * 100
+    got: dict[str, bytes] = {}
+
+    def script(sock: socket.socket) -> None:
+        got["key"] = server_handshake_by_hand(sock)
+        (length,) = struct.unpack(">I", read_exact(sock, 4))
+        got["body"] = read_exact(sock, length)
+
+    with fake_server(script) as addr, wire.connect(addr, TOKEN, name="h1", role="node") as conn:
+        conn.send({"data": marker})
+        wait_for(lambda: "body" in got)
+    body = got["body"]
+    assert b"clusterrep-plaintext-marker" not in body
+    assert len(body) == 8 + len(msgpack.packb({"data": marker})) + wire.TAG_BYTES
+    opened = wire._Sealer(got["key"], b"C").open(body[:8], body[8:])
+    assert msgpack.unpackb(opened) == {"data": marker}
 
 
 # ---------------------------------------------------------------------------------------------
