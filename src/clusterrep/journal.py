@@ -277,7 +277,7 @@ class Journal:
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, segment_bytes: int = 64 * 1024 * 1024,
-                 fsync: bool = True) -> None:
+                 fsync: bool = True, tail_cache: int = 16 * 1024 * 1024) -> None:
         if segment_bytes < SEGMENT_HEADER_SIZE + RECORD_HEADER_SIZE:
             raise ValueError(f"segment_bytes {segment_bytes} is too small")
         self.directory = Path(directory)
@@ -286,6 +286,12 @@ class Journal:
         self._cond = threading.Condition(threading.Lock())
         self._segments: list[_Segment] = []
         self._sealed_bytes = 0  # size of every segment but the last
+        # the payloads of the newest records appended by this process, as appended: a reader
+        # that keeps up (the shipper) gets them without a pread or a checksum pass
+        self._tail_limit = tail_cache
+        self._tail: list[bytes] = []
+        self._tail_first = 1  # index of self._tail[0]
+        self._tail_bytes = 0
         self._readers: OrderedDict[int, _Segment] = OrderedDict()  # old segments with an open fd
         self._first_index = self._next_index = self._durable_index = 1
         self._syncing = False
@@ -294,6 +300,7 @@ class Journal:
         self._lock_fd = self._acquire_lock()
         try:
             self._open_segments()
+            self._tail_first = self._next_index
         except OSError as exc:
             self._release()
             raise JournalError(f"cannot open journal {self.directory}: {exc}") from exc
@@ -483,7 +490,40 @@ class Journal:
             if rolled and self._fsync:
                 # rolling fsync'd every segment before the current one
                 self._durable_index = max(self._durable_index, self._segments[-1].first)
+            self._keep_tail(start, payloads)
             return start
+
+    def _keep_tail(self, start: int, payloads: list[bytes]) -> None:
+        if not self._tail_limit:
+            return
+        if self._tail_first + len(self._tail) != start:  # (after a reopen: the cache starts here)
+            self._tail, self._tail_first, self._tail_bytes = [], start, 0
+        self._tail += payloads
+        self._tail_bytes += sum(len(p) for p in payloads)
+        if self._tail_bytes > self._tail_limit:
+            # drop the oldest down to 3/4 of the limit (one slice, not one pop per record)
+            drop, freed = 0, 0
+            while self._tail_bytes - freed > self._tail_limit * 3 // 4 and drop < len(self._tail):
+                freed += len(self._tail[drop])
+                drop += 1
+            del self._tail[:drop]
+            self._tail_first += drop
+            self._tail_bytes -= freed
+
+    def _read_tail(self, start: int, max_records: int | None,
+                   max_bytes: int | None) -> list[tuple[int, bytes]]:
+        """Records from the tail cache (``start`` must be in it), within the read's budget."""
+        out: list[tuple[int, bytes]] = []
+        k = start - self._tail_first
+        budget = max_bytes
+        for payload in self._tail[k : None if max_records is None else k + max_records]:
+            if budget is not None:
+                if out and len(payload) > budget:
+                    break
+                budget -= len(payload)
+            out.append((start, payload))
+            start += 1
+        return out
 
     def _write_records(self, payloads: list[bytes]) -> bool:
         """Write the records, rolling to new segments as they fill; True if it rolled."""
@@ -618,7 +658,8 @@ class Journal:
         At most ``max_records`` records and ``max_bytes`` payload bytes, but always at least one
         record when one exists, so a record bigger than ``max_bytes`` cannot stall a reader.
         Records not yet synced are returned too (``durable_index`` says which are durable).
-        Every record read is verified against its checksum. Appends wait while a read runs.
+        Every record read from disk is verified against its checksum; the newest records this
+        process appended come from memory as they were appended. Appends wait while a read runs.
         """
         with self._cond:
             self._check_usable()
@@ -630,6 +671,8 @@ class Journal:
             out: list[tuple[int, bytes]] = []
             if max_records is not None and max_records <= 0:
                 return out
+            if self._tail_first <= start < self._tail_first + len(self._tail):
+                return self._read_tail(start, max_records, max_bytes)
             budget = [max_records, max_bytes]
             k = bisect_right(self._segments, start, key=lambda s: s.first) - 1
             try:

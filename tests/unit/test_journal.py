@@ -371,7 +371,7 @@ def test_renamed_segment_and_stray_file_raise(fast_dir: Path) -> None:
 
 
 def test_damage_found_while_reading_raises(fast_dir: Path) -> None:
-    with Journal(fast_dir) as j:
+    with Journal(fast_dir, tail_cache=0) as j:  # the disk path (the tail cache is memory)
         j.append(payloads(5))
         seg = segments(fast_dir)[0]
         off, _ = record_offsets(seg)[3]
@@ -786,3 +786,36 @@ def test_bytes_total_always_equals_the_segment_files(steps: list[tuple[str, int]
                 assert j.bytes_total == sum(f.stat().st_size for f in segments(d))
         finally:
             j.close()
+
+
+@given(st.lists(st.integers(0, 3000), min_size=1, max_size=60), st.integers(1, 8000),
+       st.lists(st.tuples(st.integers(1, 80), st.none() | st.integers(0, 20),
+                          st.none() | st.integers(0, 9000)), min_size=1, max_size=20))
+def test_the_tail_cache_answers_exactly_as_the_disk_does(
+        sizes: list[int], cache: int, reads: list[tuple[int, int | None, int | None]]) -> None:
+    """Reads served from the in-memory tail (no pread, no checksum pass) must return exactly what
+    a reader without the cache gets from the files, budgets included, through rolls."""
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        with Journal(d, segment_bytes=4096, fsync=False, tail_cache=cache) as cached:
+            for k, size in enumerate(sizes):
+                cached.append([bytes([k % 256]) * size])
+            expected = {}
+            for start, max_records, max_bytes in reads:
+                expected[(start, max_records, max_bytes)] = cached.read(
+                    start, max_records=max_records, max_bytes=max_bytes)
+        with Journal(d, segment_bytes=4096, fsync=False, tail_cache=0) as disk:
+            for (start, max_records, max_bytes), got in expected.items():
+                assert got == disk.read(start, max_records=max_records, max_bytes=max_bytes)
+
+
+def test_the_tail_cache_is_bounded_and_starts_empty_after_a_reopen(fast_dir: Path) -> None:
+    with Journal(fast_dir, fsync=False, tail_cache=10_000) as j:
+        j.append([b"x" * 1000] * 50)
+        assert j._tail_bytes <= 10_000 and j._tail_first + len(j._tail) == 51
+        assert j.read(1, max_records=2) == [(1, b"x" * 1000), (2, b"x" * 1000)]  # from disk
+    with Journal(fast_dir, fsync=False, tail_cache=10_000) as j:
+        assert j._tail == [] and j._tail_first == 51
+        assert len(j.read(1)) == 50
+        j.append([b"y"])
+        assert j.read(51) == [(51, b"y")]

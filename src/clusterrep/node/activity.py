@@ -8,7 +8,9 @@ extent from the volume and records what the volume holds there as *repair writes
 replica converges anyway. A clean stop empties the log.
 
 Extents stay active while they are written; the retire thread drops those not written for a
-while, taking the file's lock so that no write into them is in flight.
+while, taking the file's lock so that no write into them is in flight. A writer that moves on
+sequentially activates the next extents with the current one, so that one fdatasync covers
+16 MiB of its writes (DRBD's activity log uses 4 MiB extents for the same reason).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from ..durable import atomic_write
 
 EXTENT = 1 << 20
+LOOKAHEAD = 15  # a sequential writer entering a new extent activates this many more with it
 
 Extent = tuple[int, str, int]  # (ino, path when written, extent number)
 
@@ -66,6 +69,11 @@ class ActivityLog:
                 active[(ino, e)] = (slot[0], now)
         if not new:
             return
+        if (ino, first - 1) in active:
+            # a sequential writer: activate the extents ahead too, so one fdatasync covers 16 MiB
+            # of its writes instead of one (an extent activated early only costs a re-read of
+            # what the volume holds there, should the node die before retiring it)
+            new += [e for e in range(last + 1, last + 1 + LOOKAHEAD) if (ino, e) not in active]
         with self._lock:
             data = "".join(json.dumps({"ino": ino, "path": path, "e": e}) + "\n" for e in new)
             os.write(self._fd, data.encode("utf-8", "surrogateescape"))

@@ -63,7 +63,7 @@ class ReplicaService:
                  checkpoint_interval: float = 30.0) -> None:
         self.state = Path(state)
         self.state.mkdir(parents=True, exist_ok=True)
-        self.journal = Journal(self.state / "journal")
+        self.journal = Journal(self.state / "journal", tail_cache=0)  # read only to replay after a restart
         self.applier = Applier(target, self.state / "apply")
         self.merger = Merger(self.applier.position)
         self.sources: dict[str, SourceState] = {}
