@@ -470,7 +470,11 @@ class Journal:
         All or nothing: if a write fails (JournalFull on ENOSPC/EDQUOT, JournalError otherwise),
         the files are cut back to where they were and no index is used up.
         """
-        payloads = [r if isinstance(r, bytes) else bytes(r) for r in records]
+        if len(records) == 1 and type(records[0]) is bytes:
+            return self._append_one(records[0])
+        return self._append_many([r if isinstance(r, bytes) else bytes(r) for r in records])
+
+    def _append_many(self, payloads: list[bytes]) -> int:
         for k, p in enumerate(payloads):
             if len(p) > MAX_RECORD:
                 raise RecordTooLarge(f"record {k} of the batch has {len(p)} bytes; the journal takes at most "
@@ -492,6 +496,38 @@ class Journal:
                 self._durable_index = max(self._durable_index, self._segments[-1].first)
             self._keep_tail(start, payloads)
             return start
+
+    def _append_one(self, payload: bytes) -> int:
+        """`append` of one record (the node's FUSE write path): the same file bytes, the same
+        all-or-nothing rule, less than half the cost."""
+        size = RECORD_HEADER_SIZE + len(payload)
+        if len(payload) > MAX_RECORD:
+            raise RecordTooLarge(f"record 0 of the batch has {len(payload)} bytes; the journal takes "
+                                 f"at most {MAX_RECORD}; nothing of the batch was appended")
+        with self._cond:
+            self._check_usable()
+            segment = self._segments[-1]
+            pos = segment.end
+            if pos > SEGMENT_HEADER_SIZE and pos + size > self._segment_bytes:
+                pass  # it rolls: the general path
+            else:
+                index = self._next_index
+                header = RECORD_HEADER.pack(len(payload), record_crc(index, payload), index)
+                snapshot = (len(self._segments), pos, segment.count, len(segment.marks))
+                try:
+                    if os.pwritev(segment.fd, (header, payload), pos) != size:  # type: ignore[arg-type]
+                        _pwritev_all(segment.fd, [header, payload], pos)  # type: ignore[arg-type]
+                except BaseException as exc:
+                    self._roll_back(snapshot, exc)
+                    raise
+                if (index - segment.first) % _STRIDE == 0:
+                    segment.marks.append(pos)
+                segment.end = pos + size
+                segment.count += 1
+                self._next_index = index + 1
+                self._keep_tail(index, [payload])
+                return index
+        return self._append_many([payload])
 
     def _keep_tail(self, start: int, payloads: list[bytes]) -> None:
         if not self._tail_limit:

@@ -522,6 +522,21 @@ def test_failed_append_is_rolled_back_completely(fast_dir: Path, budget: int) ->
         assert [p for _, p in read_all(j)] == [*payloads(3, size=37), b"unsynced", b"five"]
 
 
+@pytest.mark.parametrize("budget", [0, 7, 30, 90])
+def test_a_failed_single_record_append_is_rolled_back(fast_dir: Path, budget: int) -> None:
+    """The one-record fast path (every FUSE write) keeps the all-or-nothing rule."""
+    with Journal(fast_dir) as j:
+        j.append([b"a" * 50])
+        size = segments(fast_dir)[0].stat().st_size
+        with FailingWrites(budget).installed(), pytest.raises(JournalFull):
+            j.append([b"b" * 100])
+        assert segments(fast_dir)[0].stat().st_size == size
+        assert j.next_index == 2 and j.read(1) == [(1, b"a" * 50)]
+        assert j.append([b"c"]) == 2
+    with Journal(fast_dir) as j:
+        assert [p for _, p in read_all(j)] == [b"a" * 50, b"c"]
+
+
 def test_other_write_errors_are_journal_errors(fast_dir: Path) -> None:
     with Journal(fast_dir) as j:
         with FailingWrites(10, errno.EIO).installed(), \
