@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,10 @@ def fio(job: str, directory: Path, size_mib: int, runtime: float) -> dict[str, f
             "--randrepeat=0", *JOBS[job]]
     if runtime:
         args += [f"--runtime={runtime}", "--time_based"]
+    # every job starts with no dirty pages: writeback left by the previous job would otherwise
+    # land on whichever configuration runs next (it cost one run 40 % of its throughput)
+    os.sync()
+    time.sleep(1.0)
     start = time.monotonic()
     out = subprocess.run(args, capture_output=True, text=True, check=True)
     elapsed = time.monotonic() - start
