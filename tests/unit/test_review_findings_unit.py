@@ -200,3 +200,36 @@ def test_a_recall_that_overtakes_the_grant_is_not_lost(tmp_path: Path, granted_b
     assert writes[0].after > recalled_at[0], (fake.calls, writes[0].after, recalled_at)
     os.close(fd)
     agent.spool.close()
+
+
+def test_applied_data_is_not_kept_in_memory_until_the_next_checkpoint(tmp_path: Path) -> None:
+    """The replica keeps, per journal record, only what decides whether a restart needs it: a
+    stream of large writes applied between checkpoints must not pile up in memory."""
+    import tracemalloc
+
+    target, state = tmp_path / "target", tmp_path / "state"
+    target.mkdir()
+    svc = replica_service.ReplicaService(target, state, checkpoint_idle=3600, checkpoint_interval=3600)
+    svc.start()
+    try:
+        svc.receive("coordinator", [encode(meta(Join, 1, "h1")),
+                                    encode(meta(Create, 2, "h1", path="f", mode=0o644))], 2)
+        svc.receive("h1", [encode(meta(Join, 1, "h1", source="h1", seq=1)),
+                           encode(meta(Create, 2, "h1", source="h1", seq=2, path="f", mode=0o644))], 2)
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        chunk = 1 << 20
+        for k in range(3, 67):  # 64 MiB of writes, no checkpoint in between
+            svc.receive("h1", [encode(Write(source="h1", seq=k, after=2, path="f",
+                                            offset=(k - 3) * chunk, data=bytes([k]) * chunk))], k)
+        deadline = time.monotonic() + 30
+        while svc.applied_seq("h1") < 66 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        st = svc.status()
+        held = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+        assert st["pending_events"] == 0
+        assert held < 8 << 20, f"{held / 2**20:.0f} MiB still held after applying 64 MiB"
+        assert (target / "f").stat().st_size == 64 * chunk
+    finally:
+        svc.stop()

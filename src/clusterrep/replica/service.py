@@ -75,7 +75,9 @@ class ReplicaService:
         self.started = time.time()
         self._lock = threading.Lock()  # received/journal append order
         self._queue: queue.Queue[list[Event] | None] = queue.Queue()
-        self._index: deque[tuple[int, Event]] = deque()  # journal index -> event, unapplied
+        # journal index -> what decides if a restart needs the record (not the event itself:
+        # that would keep every data payload in memory until the next checkpoint)
+        self._index: deque[tuple[int, _Keep]] = deque()
         self._stop = threading.Event()
         self._idle = threading.Event()
         # the merger belongs to the apply thread; it publishes a snapshot for status readers
@@ -100,7 +102,7 @@ class ReplicaService:
                 ev = decode(raw)
                 st = self.sources.setdefault(ev.source, SourceState())
                 st.received = max(st.received, ev.seq)
-                self._index.append((index, ev))
+                self._index.append((index, _keep(ev)))
                 events.append(ev)
             self.merger.add(events)
             count += len(events)
@@ -174,7 +176,7 @@ class ReplicaService:
                 first = self.journal.append([raw for _, raw in fresh])
                 now = time.monotonic()
                 for i, (ev, _) in enumerate(fresh):
-                    self._index.append((first + i, ev))
+                    self._index.append((first + i, _keep(ev)))
                 st.arrivals.append((fresh[-1][0].seq, now))
                 if st.pending_since is None:
                     st.pending_since = now
@@ -345,15 +347,23 @@ class ReplicaService:
         }
 
 
-def _needed_after_restart(ev: Event, pos: Position) -> bool:
-    """Must the journal keep ``ev`` for a restart from ``pos``?
+_Keep = tuple[int, str, int]  # (gseq of a metadata event or 0, source, seq)
+
+
+def _keep(ev: Event) -> _Keep:
+    return (ev.gseq if isinstance(ev, MetaEvent) else 0, ev.source, ev.seq)
+
+
+def _needed_after_restart(keep: _Keep, pos: Position) -> bool:
+    """Must the journal keep the event ``keep`` describes for a restart from ``pos``?
 
     A restarted merger reads each node's stream from the checkpoint's cursor, which only data
     events move: a node's metadata copy at or after it is needed even if its gseq is applied
     (the cursor must pass it). Unapplied metadata is needed whatever its position.
     """
-    if isinstance(ev, MetaEvent) and ev.gseq > pos.gseq:
+    gseq, source, seq = keep
+    if gseq and gseq > pos.gseq:
         return True
-    if ev.source == COORDINATOR:
+    if source == COORDINATOR:
         return False
-    return ev.seq >= pos.cursors.get(ev.source, 1)
+    return seq >= pos.cursors.get(source, 1)
