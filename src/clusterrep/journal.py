@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import re
@@ -286,6 +287,7 @@ class Journal:
         self._cond = threading.Condition(threading.Lock())
         self._segments: list[_Segment] = []
         self._sealed_bytes = 0  # size of every segment but the last
+        self._bytes_total = 0   # published by _publish()
         # the payloads of the newest records appended by this process, as appended: a reader
         # that keeps up (the shipper) gets them without a pread or a checksum pass
         self._tail_limit = tail_cache
@@ -379,6 +381,12 @@ class Journal:
     def _recount(self) -> None:
         """Size of every segment but the last (kept, so `bytes_total` needs no lock or sum)."""
         self._sealed_bytes = sum(s.end for s in self._segments[:-1])
+        self._publish()
+
+    def _publish(self) -> None:
+        """Make the size of the files readable without the lock: one attribute store, done after
+        each change under the lock, so a reader never sees half of an update."""
+        self._bytes_total = self._sealed_bytes + self._segments[-1].end
 
     def _cut_tail(self, segment: _Segment, why: str) -> None:
         size = segment.path.stat().st_size
@@ -446,8 +454,8 @@ class Journal:
     def bytes_total(self) -> int:
         """Size of all segment files, headers included."""
         # no lock: the FUSE write path asks on every write (back-pressure), and must not wait
-        # behind a reader; the figure is exact between appends, at worst a record stale during one
-        return self._sealed_bytes + self._segments[-1].end
+        # behind a reader; the figure is the one published after the last change
+        return self._bytes_total
 
     @property
     def segment_count(self) -> int:
@@ -523,6 +531,7 @@ class Journal:
                 if (index - segment.first) % _STRIDE == 0:
                     segment.marks.append(pos)
                 segment.end = pos + size
+                self._publish()
                 segment.count += 1
                 self._next_index = index + 1
                 self._keep_tail(index, [payload])
@@ -552,7 +561,7 @@ class Journal:
         out: list[tuple[int, bytes]] = []
         k = start - self._tail_first
         budget = max_bytes
-        for payload in self._tail[k : None if max_records is None else k + max_records]:
+        for payload in itertools.islice(self._tail, k, None if max_records is None else k + max_records):
             if budget is not None:
                 if out and len(payload) > budget:
                     break
@@ -595,6 +604,7 @@ class Journal:
             assert segment.fd is not None
             _pwritev_all(segment.fd, pending, segment.end)
         segment.end = pos
+        self._publish()
 
     def _roll(self, first: int) -> _Segment:
         """Close the current segment (fsync'd) and start a new one whose first record is ``first``."""
@@ -605,6 +615,7 @@ class Journal:
         new = self._create_segment(first)
         self._sealed_bytes += old.end
         self._segments.append(new)
+        self._publish()
         self._cache_reader(old)
         return new
 
@@ -628,6 +639,7 @@ class Journal:
                 segment.fd = os.open(segment.path, os.O_RDWR | os.O_CLOEXEC)
             os.ftruncate(segment.fd, end)
             segment.end, segment.count = end, count
+            self._publish()
             del segment.marks[marks:]
             self._next_index = segment.first + count
             if self._fsync:

@@ -14,6 +14,11 @@ Protocol (msgpack frames over an authenticated `wire.Connection`):
                                 <- {"t": "ack", "durable": SEQ}     (fsync'd in its journal)
     -> {"t": "beat", "captured": N}              <- {"t": "ack", "durable": SEQ}
     <- {"t": "error", "message": TEXT, "next": SEQ}   (the replica refuses; resend from next)
+
+Up to ``window`` batches are sent before their acknowledgements come back, so reading and
+sending the next batch overlaps the replica's journal write and fsync of the previous one. The
+replica answers them in order; a refusal ends the connection, and the resend starts from the
+replica's ``next`` as after any reconnect.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from . import wire
@@ -39,7 +45,7 @@ class ReplicaRefused(ClusterrepError):
 class Shipper:
     def __init__(self, journal: Journal, replica: str, auth: wire.Auth | bytes, *, name: str, role: str,
                  batch_bytes: int = 4 << 20, beat_interval: float = 0.2,
-                 retry_interval: float = 0.5, linger: float = 0.002) -> None:
+                 retry_interval: float = 0.5, linger: float = 0.002, window: int = 4) -> None:
         self.journal = journal
         self.replica = replica
         self.auth = auth
@@ -49,6 +55,7 @@ class Shipper:
         self.beat_interval = beat_interval
         self.retry_interval = retry_interval
         self.linger = linger  # wait this long for more events before shipping a small batch
+        self.window = window  # batches sent ahead of their acknowledgement (pipelining)
         self.durable = journal.first_index - 1
         self.received = self.durable  # in the replica's memory (not yet fsync'd there)
         self._acks = threading.Condition()
@@ -133,29 +140,24 @@ class Shipper:
                      self.replica, nxt)
             self.last_error = ""
         last_beat = 0.0
+        inflight: deque[int] = deque()  # last seq of each batch sent and not yet acknowledged
         while not self._stop.is_set():
-            records: list[tuple[int, bytes]] = []
-            if nxt < self.journal.next_index:
-                if self.linger and self.journal.next_index - nxt < 256:
-                    # a few events only: let more come, so that one fsync and one round trip
-                    # (here and on the replica) carry many of them
-                    self._stop.wait(self.linger)
-                if self.journal.durable_index <= nxt:
-                    # never let the replica hold an event this source could lose in a crash:
-                    # it would reuse the seq and the replica would drop the new event
-                    self.journal.sync()
-                records = self.journal.read(nxt, max_bytes=self.batch_bytes)
-                records = [r for r in records if r[0] < self.journal.durable_index]
-            if records:
-                events = [raw for _, raw in records]
-                conn.send({"t": "batch", "events": events, "captured": self.captured})
+            if len(inflight) < self.window:
+                records = self._next_batch(nxt, idle=not inflight)
+                if records:
+                    conn.send({"t": "batch", "events": [raw for _, raw in records],
+                               "captured": self.captured})
+                    inflight.append(records[-1][0])
+                    nxt = records[-1][0] + 1
+                    self.shipped_events += len(records)
+                    self.shipped_bytes += sum(len(raw) for _, raw in records)
+                    continue
+            if inflight:  # the window is full, or nothing more to send: take a reply
                 reply = self._reply(conn)
                 if reply.get("t") == "recv":  # in the replica's memory; the fsync'd ack follows
                     self._acked(None, received=int(reply["received"]))
-                    reply = self._reply(conn)
-                nxt = records[-1][0] + 1
-                self.shipped_events += len(events)
-                self.shipped_bytes += sum(len(e) for e in events)
+                    continue
+                inflight.popleft()
                 self._acked(int(reply["durable"]))
                 last_beat = time.monotonic()
                 continue
@@ -166,6 +168,21 @@ class Shipper:
             with self._wake:
                 if self.journal.next_index <= nxt and not self._stop.is_set():
                     self._wake.wait(self.beat_interval)
+
+    def _next_batch(self, nxt: int, *, idle: bool) -> list[tuple[int, bytes]]:
+        """The durable records from ``nxt`` on, up to ``batch_bytes`` (none if there are none)."""
+        if nxt >= self.journal.next_index:
+            return []
+        if idle and self.linger and self.journal.next_index - nxt < 256:
+            # a few events only and nothing in flight: let more come, so that one fsync and one
+            # round trip (here and on the replica) carry many of them
+            self._stop.wait(self.linger)
+        if self.journal.durable_index <= nxt:
+            # never let the replica hold an event this source could lose in a crash: it would
+            # reuse the seq and the replica would drop the new event
+            self.journal.sync()
+        records = self.journal.read(nxt, max_bytes=self.batch_bytes)
+        return [r for r in records if r[0] < self.journal.durable_index]
 
     def _reply(self, conn: wire.Connection) -> dict[str, Any]:
         reply = conn.recv(timeout=60.0)

@@ -91,7 +91,7 @@ HANDSHAKE_LIMIT = 4096            # largest handshake frame (payload bytes)
 
 _OVERHEAD = 8 + TAG_BYTES         # counter and tag around each payload
 _MIN_BODY = _OVERHEAD + 1         # the smallest msgpack value is one byte
-_MAX_LENGTH = 0xFFFFFFFF          # what the u32 length field can say
+_MAX_LENGTH = 0x7FFFFFFF          # the u32 length field could say more; AES-GCM takes < 2 GiB
 _LEN = struct.Struct(">I")
 _HEAD = struct.Struct(">IQ")
 _CLIENT, _SERVER = b"C", b"S"
@@ -546,7 +546,7 @@ class Connection:
         self.peer_role = peer_role
         self.peer_addr = peer_addr
         self.max_frame = max_frame
-        self.encrypted = isinstance(stream, TlsStream)
+        self.tls = isinstance(stream, TlsStream)  # (frames are always encrypted; this is TLS)
         self._stream = stream
         self._reader = reader
         mine, theirs = (_CLIENT, _SERVER) if client else (_SERVER, _CLIENT)
@@ -584,8 +584,8 @@ class Connection:
         with self._send_lock:
             if self._closed:
                 raise PeerClosed(f"connection with {self.who} is closed")
-            self._send_counter += 1
-            parts = _frame_parts(self._sealer, self._send_counter, payload)
+            parts = _frame_parts(self._sealer, self._send_counter + 1, payload)
+            self._send_counter += 1  # (only once the frame exists: a failure above skips no number)
             try:
                 self._stream.send_parts(parts)
             except WireError as exc:  # a TLS failure

@@ -66,3 +66,16 @@ def test_retire_and_clean_close_forget_extents(tmp_path: Path) -> None:
     log.activate(3, "h", 0, 10)
     log.close_clean()
     assert ActivityLog(tmp_path / "activity").recovered == []
+
+
+def test_an_extent_leaves_the_log_only_after_its_records_are_durable(tmp_path: Path) -> None:
+    log = ActivityLog(tmp_path / "activity")
+    log.activate(1, "f", 0, 10)
+    seen: list[list] = []
+
+    def make_durable() -> None:  # the spool's sync: the extent must still be on record here
+        seen.append(ActivityLog(tmp_path / "activity").recovered)
+
+    assert log.retire(-1.0, locks, make_durable) == 1
+    assert seen == [[(1, "f", 0)]]
+    assert ActivityLog(tmp_path / "activity").recovered == []

@@ -109,11 +109,11 @@ def test_frames_of_every_size_cross_an_encrypted_session(pki: dict[str, Path]) -
     seen = Seen()
     with serving(wire.Auth(TOKEN, tls(ours, "replica")), seen) as server, \
             dial(server, wire.Auth(TOKEN, tls(ours, "h1"))) as conn:
-        assert conn.encrypted
+        assert conn.tls
         for value in ({"t": "hi"}, b"x" * 100_000, b"\x00" * (3 * MiB), bytes(range(256)) * 80_000):
             conn.send(value)
             assert conn.recv(timeout=10) == value
-    assert seen.conns and seen.conns[0].encrypted
+    assert seen.conns and seen.conns[0].tls
     assert seen.conns[0].peer_name == "h1"
 
 

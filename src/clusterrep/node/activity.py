@@ -82,8 +82,14 @@ class ActivityLog:
             for e in new:
                 active[(ino, e)] = (path, now)
 
-    def retire(self, idle: float, lock_of: Callable[[int], threading.Lock]) -> int:
-        """Forget extents not written for ``idle`` seconds (none may be in flight); return how many."""
+    def retire(self, idle: float, lock_of: Callable[[int], threading.Lock],
+               make_durable: Callable[[], object] = lambda: None) -> int:
+        """Forget extents not written for ``idle`` seconds (none may be in flight); return how many.
+
+        ``make_durable`` (the spool's sync) runs before the log forgets them on disk: an extent
+        may only leave the log once the records of the writes into it cannot be lost, or a power
+        cut could lose a record and leave nothing to say where to repair.
+        """
         cutoff = time.monotonic() - idle
         stale = [(key, slot) for key, slot in list(self._active.items()) if slot[1] < cutoff]
         if not stale:
@@ -92,6 +98,7 @@ class ActivityLog:
             with lock_of(ino):  # no write into this file is between its pwrite and its record
                 if self._active.get((ino, e)) == slot:
                     del self._active[(ino, e)]
+        make_durable()
         self._rewrite()
         return len(stale)
 

@@ -333,7 +333,7 @@ class NodeAgent:
 
     def _retire_loop(self) -> None:
         while not self._stopping.wait(5.0):
-            self.activity.retire(10.0, self.lock)
+            self.activity.retire(10.0, self.lock, self.spool.sync)
 
     def _repair(self, extents: list[tuple[int, str, int]]) -> None:
         """After an unclean stop: record what the volume holds in every extent that was being
