@@ -143,6 +143,10 @@ def test_skewed_clocks_with_faketime(identical, make_cluster) -> None:
         os.pwrite(fd, rng.randbytes(4096), rng.randrange(256) * 4096)
     os.close(fd)
     identical(cluster)
+    for node in ("h1", "h2"):  # a skewed node stops cleanly too (time.sleep failed under faketime)
+        cluster.stop_process(node)  # (its exit status is faketime's: killed by the SIGTERM)
+        text = (cluster.logs / f"{node}.log").read_text()
+        assert "Traceback" not in text and "unmounted; flushing" in text, text[-2000:]
     cluster.stop()
     # the premise: the nodes' clocks really were skewed (their events carry those clocks)
     from clusterrep.events import decode

@@ -14,6 +14,7 @@ is on the volume when the call returns and an open sees what other hosts wrote b
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
@@ -317,6 +318,28 @@ class CaptureFUSE(fuse.FUSE):  # type: ignore[misc]
 
     def _path(self, path: bytes | None) -> str | None:
         return None if path is None else path.decode(self.encoding, self.errors)
+
+    def _wrapper(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not getattr(_thread, "pinned", False):
+            _pin_thread_state()
+        return super()._wrapper(func, *args, **kwargs)
+
+
+_thread = threading.local()
+
+
+def _pin_thread_state() -> None:
+    """Keep this libfuse worker thread's Python thread state for good.
+
+    ctypes enters a callback from a foreign thread with PyGILState_Ensure and leaves it with
+    PyGILState_Release; for a thread Python did not start, that creates and destroys a whole
+    thread state on every call (strace: a gettid, an mmap and a munmap of the frame stack per
+    FUSE request). One extra Ensure that is never released keeps the state alive, so later
+    callbacks only take and drop the GIL. A worker thread libfuse retires leaves one small
+    thread state behind.
+    """
+    ctypes.pythonapi.PyGILState_Ensure()
+    _thread.pinned = True
 
 
 def mount(fs: CaptureFS, mountpoint: str, *, foreground: bool = True) -> None:

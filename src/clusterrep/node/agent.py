@@ -41,6 +41,13 @@ log = logging.getLogger("clusterrep.node")
 ACK_LEVELS = ("async", "local", "received", "replicated")
 
 
+def _pause(seconds: float) -> None:
+    """Sleep. Not time.sleep: under libfaketime (a node whose clock is skewed, as the demo and
+    the tests run one) its absolute-deadline clock_nanosleep fails with EINVAL; a timed wait on
+    an event works."""
+    threading.Event().wait(seconds)
+
+
 class NodeAgent:
     def __init__(self, name: str, coordinator: str, replica: str, state: str | Path,
                  auth: wire.Auth | bytes, *, volume: str | Path | None = None, ack: str = "async",
@@ -102,7 +109,7 @@ class NodeAgent:
                 if time.monotonic() > deadline:
                     raise
                 log.info("waiting for the coordinator: %s", exc)
-                time.sleep(0.5)
+                _pause(0.5)
         if reply.get("event"):
             self._record_copy(reply["event"])
         self._joined = True
@@ -136,7 +143,7 @@ class NodeAgent:
                             "this node until it runs again", exc)
         deadline = time.monotonic() + drain_timeout
         while self.shipper.backlog > 0 and self.shipper.connected and time.monotonic() < deadline:
-            time.sleep(0.05)
+            _pause(0.05)
         if self.shipper.backlog > 0:
             log.warning("%d events not yet on the replica stay in the spool %s; they are shipped "
                         "when this node starts again", self.shipper.backlog, self.state / "spool")
@@ -304,7 +311,7 @@ class NodeAgent:
             raise OSError(errno.ENOSPC, "clusterrep spool full: the replica has not taken what "
                                         "this node captured")
         while self.spool.bytes_total >= self.spool_limit and not self._stopping.is_set():
-            time.sleep(0.05)
+            self._stopping.wait(0.05)
 
     def write(self, ino: int, hint: str, fd: int, data: bytes, offset: int) -> int:
         """Write to the backing file and record it, holding the token and the file's lock."""
