@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from clusterrep import pki, wire
+from clusterrep import pki, serve, wire
 from clusterrep.tls import TlsConfig
 
 TOKEN = b"benchmark-token-0123456789-abcdefghijkl"
@@ -75,7 +75,7 @@ def wire_run(frames: int, payload: bytes, server_auth: wire.Auth | bytes = TOKEN
         with contextlib.suppress(wire.PeerClosed):
             conn.recv(timeout=30)
 
-    with wire.Server(("127.0.0.1", 0), server_auth, name="bench", role="replica",
+    with serve.Server(("127.0.0.1", 0), server_auth, name="bench", role="replica",
                      handler=handler) as server:
         conn = wire.connect(server.address, client_auth, name="sender", role="node")
 

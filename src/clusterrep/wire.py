@@ -28,9 +28,7 @@ Counters start at 1 and grow by exactly one per frame and direction.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hmac
-import ipaddress
 import logging
 import math
 import os
@@ -40,26 +38,30 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import msgpack
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from .endpoint import (
+    Auth,
+    as_auth,
+    format_addr,
+    load_token,
+    normalise_addr,
+    parse_addr,
+)
 from .errors import (
     AddressError,
     AuthError,
-    ClusterrepError,
     ConfigError,
     FrameError,
     ListenError,
     PeerClosed,
     WireError,
 )
-from .tls import TlsConfig, TlsStream, client_wrap, server_wrap
+from .tls import TlsStream, client_wrap, server_wrap
 
 __all__ = [
     "MAX_FRAME",
@@ -71,10 +73,10 @@ __all__ = [
     "FrameError",
     "ListenError",
     "PeerClosed",
-    "Server",
     "WireError",
     "accept",
     "connect",
+    "format_addr",
     "load_token",
     "parse_addr",
 ]
@@ -86,7 +88,6 @@ PROTOCOL = "clusterrep"
 VERSION = 2                       # 2: frames encrypted with AES-256-GCM (1: HMAC tags only)
 NONCE_BYTES = 32
 TAG_BYTES = 16
-MIN_TOKEN_CHARS = 32
 HANDSHAKE_LIMIT = 4096            # largest handshake frame (payload bytes)
 
 _OVERHEAD = 8 + TAG_BYTES         # counter and tag around each payload
@@ -98,163 +99,12 @@ _CLIENT, _SERVER = b"C", b"S"
 _NONCE_PAD = bytes(4)             # AES-GCM nonce: 4 zero bytes, then the 8-byte frame counter
 _BUF_START = 256 * 1024           # receive buffer of a new connection
 _BUF_KEEP = 16 * 1024 * 1024      # a frame larger than this gets a buffer of its own, not kept
-_TOKEN_FILE_LIMIT = 4096
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}\Z")
 _ROLE_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
-_LABEL_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
-_PORT_RE = re.compile(r"[0-9]{1,5}\Z")
 _TOKEN_HINT = "check that both sides use the same --token-file"
 _TLS_NAME_HINT = ("with TLS, a node's or the coordinator's certificate must carry its name (--id, or "
                   "'coordinator') as its common name: clusterrep certs DIR NAME")
 ANONYMOUS_ROLES = frozenset({"client"})  # read-only tools: any certificate from the CA will do
-
-
-# ---------------------------------------------------------------------------------------------
-# Addresses and tokens
-
-
-def parse_addr(text: str, *, allow_port_zero: bool = False) -> tuple[str, int]:
-    """Split ``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (all interfaces) into ``(host, port)``.
-
-    Port 0 ("any free port") is refused unless ``allow_port_zero``: it only makes sense for a
-    server that reports the port it got. Raises `AddressError` saying what is wrong.
-    """
-    if not isinstance(text, str):
-        raise AddressError(f"an address must be a string like HOST:PORT, got {type(text).__name__}")
-    shown = text
-    text = text.strip()
-    if not text:
-        raise AddressError("the address is empty; expected HOST:PORT")
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise AddressError(f"address {shown!r} opens '[' but never closes it")
-        host, rest = text[1:end], text[end + 1 :]
-        if not rest.startswith(":"):
-            raise AddressError(f"address {shown!r} has no port after ']'; expected [IPv6]:PORT")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise AddressError(f"address {shown!r}: {host!r} is not an IPv6 address") from None
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise AddressError(f"address {shown!r} has no port; expected HOST:PORT")
-        if ":" in host:
-            raise AddressError(f"address {shown!r}: an IPv6 address must be in brackets, "
-                               f"e.g. [{host}]:{port_text}")
-        host = host or "0.0.0.0"
-        if not _valid_host(host):
-            raise AddressError(f"address {shown!r}: {host!r} is not a valid host name or IPv4 address")
-    return host, _parse_port(port_text, shown, allow_port_zero)
-
-
-def _valid_host(host: str) -> bool:
-    if len(host) > 253:
-        return False
-    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
-    return all(_LABEL_RE.match(label) for label in labels)
-
-
-def _parse_port(text: str, shown: str, allow_zero: bool) -> int:
-    if not text:
-        raise AddressError(f"address {shown!r} has no port number after ':'")
-    if not _PORT_RE.match(text):
-        raise AddressError(f"address {shown!r}: port {text!r} is not a number")
-    return _check_port(int(text), shown, allow_zero)
-
-
-def _check_port(port: int, shown: str, allow_zero: bool) -> int:
-    low = 0 if allow_zero else 1
-    if not low <= port <= 65535:
-        raise AddressError(f"address {shown!r}: port {port} is outside {low}..65535")
-    return port
-
-
-def _normalise_addr(addr: str | tuple[str, int], *, allow_port_zero: bool = False) -> tuple[str, int]:
-    """Accept ``"HOST:PORT"`` or ``(host, port)``; return a checked ``(host, port)``."""
-    if isinstance(addr, str):
-        return parse_addr(addr, allow_port_zero=allow_port_zero)
-    if (not isinstance(addr, tuple) or len(addr) != 2 or not isinstance(addr[0], str)
-            or type(addr[1]) is not int):
-        raise AddressError(f"an address must be 'HOST:PORT' or a (host, port) tuple, got {addr!r}")
-    host, port = addr
-    return host or "0.0.0.0", _check_port(port, format_addr(host, port), allow_port_zero)
-
-
-def format_addr(host: str, port: int) -> str:
-    """``host:port`` for logs and messages, with brackets around an IPv6 address."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def load_token(path: str | Path) -> bytes:
-    """Read the shared secret: one line of at least 32 characters (surrounding whitespace dropped).
-
-    Raises `ConfigError` if the file is missing, unreadable, empty, too short, or holds more
-    than one non-empty line. Like ssh, warns (but goes on) if group or others may read it.
-    """
-    path = Path(path)
-    make = f"create one with: openssl rand -base64 48 > {path} && chmod 600 {path}"
-    try:
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            raw = f.read(_TOKEN_FILE_LIMIT + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"token file {path} does not exist", hint=make) from None
-    except PermissionError:
-        raise ConfigError(f"cannot read token file {path}: permission denied",
-                          hint="run as a user that may read it, or fix its owner") from None
-    except IsADirectoryError:
-        raise ConfigError(f"token file {path} is a directory", hint=make) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read token file {path}: {exc.strerror or exc}", hint=make) from None
-    if mode & 0o077:
-        log.warning("token file %s may be read by group or others (mode %04o); "
-                    "run: chmod 600 %s", path, mode & 0o7777, path)
-    return _parse_token(raw, path, make)
-
-
-def _parse_token(raw: bytes, path: Path, make: str) -> bytes:
-    if len(raw) > _TOKEN_FILE_LIMIT:
-        raise ConfigError(f"token file {path} is larger than {_TOKEN_FILE_LIMIT} bytes; "
-                          "it must hold one line", hint=make)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"token file {path} is not UTF-8 text", hint=make) from None
-    text = text.strip()
-    if not text:
-        raise ConfigError(f"token file {path} is empty", hint=make)
-    lines = [line for line in text.splitlines() if line.strip()]
-    if len(lines) > 1:
-        raise ConfigError(f"token file {path} holds {len(lines)} non-empty lines; it must hold one",
-                          hint="keep only the secret, on one line")
-    if len(text) < MIN_TOKEN_CHARS:
-        raise ConfigError(f"the token in {path} is {len(text)} characters long; "
-                          f"it must be at least {MIN_TOKEN_CHARS}", hint=make)
-    return text.encode("utf-8")
-
-
-def _check_token(token: bytes) -> None:
-    if not isinstance(token, bytes) or len(token) < MIN_TOKEN_CHARS:
-        raise ConfigError(f"the token must be bytes of at least {MIN_TOKEN_CHARS} characters",
-                          hint="read it with wire.load_token(path)")
-
-
-@dataclass(frozen=True)
-class Auth:
-    """How a process proves itself: the shared token, and optionally TLS with certificates."""
-
-    token: bytes
-    tls: TlsConfig | None = None
-
-    def __post_init__(self) -> None:
-        _check_token(self.token)
-
-
-def _as_auth(auth: Auth | bytes) -> Auth:
-    return auth if isinstance(auth, Auth) else Auth(auth)
 
 
 def _check_identity(name: str, role: str) -> None:
@@ -719,10 +569,10 @@ def connect(addr: str | tuple[str, int], auth: Auth | bytes, *, name: str, role:
     or TLS is on at one end only, or a certificate is not trusted), `FrameError` (something
     else answers there), `ConfigError` (bad arguments).
     """
-    host, port = _normalise_addr(addr)
+    host, port = normalise_addr(addr)
     shown = format_addr(host, port)
     _check_identity(name, role)
-    auth = _as_auth(auth)
+    auth = as_auth(auth)
     _check_max_frame(max_frame)
     sock = _open_socket(host, port, shown, timeout)
     try:
@@ -828,7 +678,7 @@ def accept(sock: socket.socket, auth: Auth | bytes, *, name: str, role: str, tim
     shown = _peer_of(sock)
     try:
         _check_identity(name, role)
-        auth = _as_auth(auth)
+        auth = as_auth(auth)
         _check_max_frame(max_frame)
         sock.settimeout(None)
         _tune(sock)
@@ -892,208 +742,3 @@ def _close_quietly(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
     sock.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# Server
-
-
-class Server:
-    """Listens on HOST:PORT; each accepted connection is authenticated in its own thread and then
-    handed to ``handler(conn)`` in that thread.
-
-    Refused peers are logged with their address and reason; nothing of theirs reaches the
-    handler. The connection is closed when the handler returns (or raises: that is logged).
-    ``timeout`` bounds each handshake. ``stop()`` closes the listening socket and every
-    connection, and joins every thread it started.
-    """
-
-    def __init__(self, addr: str | tuple[str, int], auth: Auth | bytes, *, name: str, role: str,
-                 handler: Callable[[Connection], None], max_frame: int = MAX_FRAME,
-                 timeout: float = 10.0) -> None:
-        self.address: tuple[str, int] = _normalise_addr(addr, allow_port_zero=True)
-        self._auth = _as_auth(auth)
-        _check_identity(name, role)
-        _check_max_frame(max_frame)
-        self._name = name
-        self._role = role
-        self._handler = handler
-        self._max_frame = max_frame
-        self._timeout = timeout
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._listener: socket.socket | None = None
-        self._wake: tuple[socket.socket, socket.socket] | None = None
-        self._accept_thread: threading.Thread | None = None
-        self._threads: set[threading.Thread] = set()
-        # a second descriptor of each socket still in its handshake: TLS takes the first one
-        # over, and stop() must still be able to shut the connection down
-        self._pending: set[socket.socket] = set()
-        self._conns: set[Connection] = set()
-
-    def __repr__(self) -> str:
-        return f"<Server {self._role} {self._name} on {format_addr(*self.address)}>"
-
-    def start(self) -> None:
-        """Bind and listen (``SO_REUSEADDR``), then accept in a daemon thread."""
-        if self._listener is not None or self._stopping.is_set():
-            raise RuntimeError(f"{self!r} was already started")
-        self._listener = _listen(*self.address)
-        self.address = self._listener.getsockname()[:2]
-        self._wake = socket.socketpair()
-        self._accept_thread = threading.Thread(
-            target=self._accept_loop, name=f"wire-accept-{format_addr(*self.address)}", daemon=True)
-        self._accept_thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, close every connection, join every thread (each up to ``timeout``)."""
-        self._stopping.set()
-        accept_thread, self._accept_thread = self._accept_thread, None
-        if accept_thread is not None and self._wake is not None:
-            with contextlib.suppress(OSError):
-                self._wake[1].send(b"x")
-            accept_thread.join(timeout)
-        for sock in (self._listener, *(self._wake or ())):
-            if sock is not None:
-                sock.close()
-        with self._lock:
-            pending, conns = list(self._pending), list(self._conns)
-            threads = list(self._threads)
-        for waker in pending:
-            with contextlib.suppress(OSError):
-                waker.shutdown(socket.SHUT_RDWR)  # its thread closes it
-        for conn in conns:
-            conn.close()
-        end = time.monotonic() + timeout
-        for thread in threads:
-            thread.join(max(0.0, end - time.monotonic()))
-            if thread.is_alive():
-                log.warning("%r: thread %s did not finish within %gs of stop()", self, thread.name,
-                            timeout)
-
-    def __enter__(self) -> Server:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _accept_loop(self) -> None:
-        assert self._listener is not None and self._wake is not None
-        listener = self._listener
-        poller = select.poll()
-        poller.register(listener, select.POLLIN)
-        poller.register(self._wake[0], select.POLLIN)
-        while not self._stopping.is_set():
-            poller.poll()
-            if self._stopping.is_set():
-                break
-            try:
-                sock, _ = listener.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                continue
-            except OSError as exc:
-                if self._stopping.is_set():
-                    break
-                log.error("%r: accept failed: %s", self, exc.strerror or exc)
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._stopping.wait(0.1)  # out of resources: do not spin
-                continue
-            sock.setblocking(True)
-            self._spawn(sock)
-
-    def _spawn(self, sock: socket.socket) -> None:
-        try:
-            waker = sock.dup()
-        except OSError as exc:
-            log.error("%r: cannot serve %s: %s", self, _peer_of(sock), exc.strerror or exc)
-            sock.close()
-            return
-        thread = threading.Thread(target=self._serve, args=(sock, waker), daemon=True,
-                                  name=f"wire-conn-{_peer_of(sock)}")
-        with self._lock:
-            if self._stopping.is_set():
-                sock.close()
-                waker.close()
-                return
-            self._threads.add(thread)
-            self._pending.add(waker)
-        thread.start()
-
-    def _serve(self, sock: socket.socket, waker: socket.socket) -> None:
-        try:
-            try:
-                conn = accept(sock, self._auth, name=self._name, role=self._role,
-                              timeout=self._timeout, max_frame=self._max_frame)
-            except WireError:
-                return  # accept() logged it and closed the socket
-            finally:
-                with self._lock:
-                    self._pending.discard(waker)
-                waker.close()
-            with self._lock:
-                if self._stopping.is_set():
-                    conn.close()
-                    return
-                self._conns.add(conn)
-            try:
-                self._handler(conn)
-            except Exception:
-                log.exception("%r: handler for %s failed", self, conn.who)
-            finally:
-                conn.close()
-                with self._lock:
-                    self._conns.discard(conn)
-        finally:
-            with self._lock:
-                self._threads.discard(threading.current_thread())
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port, or `ListenError` saying why not."""
-    shown = format_addr(host, port)
-    try:
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as exc:
-        raise ListenError(f"cannot listen on {shown}: cannot resolve {host!r}: {exc.strerror}",
-                          hint="use an address of this machine, or :PORT for all interfaces") from None
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(128)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise ListenError(f"cannot listen on {shown}: address already in use",
-                              hint="another process (perhaps another clusterrep) listens there; "
-                                   "stop it or choose another port") from None
-        if exc.errno == errno.EADDRNOTAVAIL:
-            raise ListenError(f"cannot listen on {shown}: no such address on this machine",
-                              hint="use an address of this machine, or :PORT for all interfaces"
-                              ) from None
-        if exc.errno == errno.EACCES:
-            raise ListenError(f"cannot listen on {shown}: permission denied",
-                              hint="ports below 1024 need privileges; choose a higher port") from None
-        raise ListenError(f"cannot listen on {shown}: {exc.strerror or exc}") from None
-    return sock
-
-
-def route(conn: Connection, handlers: dict[str, Callable[[Connection], None]],
-          logger: logging.Logger) -> None:
-    """Serve one authenticated connection with the handler for the peer's role; a peer that
-    goes away ends it quietly, any other refusal is logged; the connection is always closed."""
-    try:
-        handler = handlers.get(conn.peer_role)
-        if handler is None:
-            conn.send({"t": "error", "message": f"unknown role {conn.peer_role!r}"})
-        else:
-            handler(conn)
-    except PeerClosed:
-        pass
-    except ClusterrepError as exc:
-        logger.warning("connection from %s (%s) closed: %s", conn.peer_addr, conn.peer_name, exc)
-    finally:
-        conn.close()

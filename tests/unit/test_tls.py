@@ -22,7 +22,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from clusterrep import wire
+from clusterrep import serve, wire
 from clusterrep.cli.main import main as cli_main
 from clusterrep.errors import AuthError, ConfigError, PeerClosed
 from clusterrep.pki import Member, issue, parse_member
@@ -73,8 +73,8 @@ class Seen:
 
 @contextmanager
 def serving(auth: wire.Auth | bytes, handler: Callable[[wire.Connection], None] = echo
-            ) -> Iterator[wire.Server]:
-    server = wire.Server(("127.0.0.1", 0), auth, name="replica", role="replica", handler=handler)
+            ) -> Iterator[serve.Server]:
+    server = serve.Server(("127.0.0.1", 0), auth, name="replica", role="replica", handler=handler)
     server.start()
     try:
         yield server
@@ -82,7 +82,7 @@ def serving(auth: wire.Auth | bytes, handler: Callable[[wire.Connection], None] 
         server.stop()
 
 
-def dial(server: wire.Server, auth: wire.Auth | bytes, *, name: str = "h1", role: str = "node",
+def dial(server: serve.Server, auth: wire.Auth | bytes, *, name: str = "h1", role: str = "node",
          timeout: float = 5.0) -> wire.Connection:
     return wire.connect(server.address, auth, name=name, role=role, timeout=timeout)
 
@@ -425,7 +425,7 @@ def test_failed_tls_handshakes_leave_no_descriptor_open(pki: dict[str, Path]) ->
 
 
 def test_stop_is_not_held_up_by_a_peer_stalled_in_its_tls_handshake(pki: dict[str, Path]) -> None:
-    server = wire.Server(("127.0.0.1", 0), wire.Auth(TOKEN, tls(pki["ours"], "replica")),
+    server = serve.Server(("127.0.0.1", 0), wire.Auth(TOKEN, tls(pki["ours"], "replica")),
                          name="replica", role="replica", handler=echo, timeout=30)
     server.start()
     stalled = socket.create_connection(server.address, timeout=5)  # takes no part in TLS

@@ -21,7 +21,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from clusterrep import wire
+from clusterrep import endpoint, serve, wire
 from clusterrep.errors import ClusterrepError
 
 TOKEN = b"test-token-0123456789-abcdefghijklmnop"
@@ -69,8 +69,8 @@ def echo(conn: wire.Connection) -> None:
 
 @contextmanager
 def serving(handler: Callable[[wire.Connection], None], token: bytes = TOKEN,
-            **kw: Any) -> Iterator[wire.Server]:
-    server = wire.Server(("127.0.0.1", 0), token, name="r1", role="replica", handler=handler, **kw)
+            **kw: Any) -> Iterator[serve.Server]:
+    server = serve.Server(("127.0.0.1", 0), token, name="r1", role="replica", handler=handler, **kw)
     server.start()
     try:
         yield server
@@ -78,7 +78,7 @@ def serving(handler: Callable[[wire.Connection], None], token: bytes = TOKEN,
         server.stop()
 
 
-def client(server: wire.Server, token: bytes = TOKEN, **kw: Any) -> wire.Connection:
+def client(server: serve.Server, token: bytes = TOKEN, **kw: Any) -> wire.Connection:
     return wire.connect(server.address, token, name=kw.pop("name", "h1"),
                         role=kw.pop("role", "node"), **kw)
 
@@ -98,7 +98,7 @@ def read_plain(sock: socket.socket) -> Any:
     return msgpack.unpackb(read_exact(sock, length), raw=False)
 
 
-def raw_client(server: wire.Server, token: bytes = TOKEN) -> tuple[socket.socket, bytes]:
+def raw_client(server: serve.Server, token: bytes = TOKEN) -> tuple[socket.socket, bytes]:
     """A client socket that did the handshake by hand; returns it and the session key."""
     sock = socket.create_connection(server.address, timeout=2)
     hello = read_plain(sock)
@@ -573,7 +573,7 @@ def test_frames_cross_the_wire_encrypted() -> None:
 
 def test_stop_closes_everything_and_leaves_no_thread_behind() -> None:
     before = set(threading.enumerate())
-    server = wire.Server("127.0.0.1:0", TOKEN, name="r1", role="replica", handler=echo)
+    server = serve.Server("127.0.0.1:0", TOKEN, name="r1", role="replica", handler=echo)
     server.start()
     conns = [client(server) for _ in range(3)]
     for conn in conns:
@@ -597,7 +597,7 @@ def test_stop_closes_everything_and_leaves_no_thread_behind() -> None:
 def test_a_busy_port_gives_a_clear_error() -> None:
     with serving(echo) as first:
         host, port = first.address
-        second = wire.Server((host, port), TOKEN, name="r2", role="replica", handler=echo)
+        second = serve.Server((host, port), TOKEN, name="r2", role="replica", handler=echo)
         with pytest.raises(wire.ListenError) as info:
             second.start()
     assert f"cannot listen on 127.0.0.1:{port}: address already in use" in str(info.value)
@@ -682,7 +682,7 @@ def test_load_token_refuses_missing_and_unreadable_files(tmp_path: Path,
     def denied(*args: object, **kw: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(wire, "open", denied, raising=False)  # as root, chmod 000 would not stop us
+    monkeypatch.setattr(endpoint, "open", denied, raising=False)  # as root, chmod 000 would not stop us
     with pytest.raises(wire.ConfigError, match="permission denied"):
         wire.load_token(path)
 

@@ -21,7 +21,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .. import wire
+from .. import serve, wire
 from ..errors import ClusterrepError
 from ..events import encode
 from ..shipper import Shipper
@@ -45,7 +45,7 @@ class CoordinatorServer:
     def __init__(self, service: CoordinatorService, listen: str, replica: str,
                  auth: wire.Auth | bytes) -> None:
         self.service = service
-        self.server = wire.Server(listen, auth, name="coordinator", role="coordinator",
+        self.server = serve.Server(listen, auth, name="coordinator", role="coordinator",
                                   handler=self._handle)
         self.shipper = Shipper(service.journal, replica, auth, name="coordinator", role="coordinator")
         service.recaller = self._recall
@@ -79,7 +79,7 @@ class CoordinatorServer:
     # -- connections -------------------------------------------------------------------------
 
     def _handle(self, conn: wire.Connection) -> None:
-        wire.route(conn, {"node": self._requests, "node-control": self._control}, log)
+        serve.route(conn, {"node": self._requests, "node-control": self._control}, log)
 
     def _requests(self, conn: wire.Connection) -> None:
         node = conn.peer_name

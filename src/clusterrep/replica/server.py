@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .. import wire
+from .. import serve, wire
 from .merger import COORDINATOR
 from .service import BatchRefused, ReplicaService
 
@@ -20,7 +20,7 @@ log = logging.getLogger("clusterrep.replica")
 class ReplicaServer:
     def __init__(self, service: ReplicaService, listen: str, auth: wire.Auth | bytes) -> None:
         self.service = service
-        self.server = wire.Server(listen, auth, name="replica", role="replica", handler=self._handle)
+        self.server = serve.Server(listen, auth, name="replica", role="replica", handler=self._handle)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -37,7 +37,7 @@ class ReplicaServer:
     # -- one connection ----------------------------------------------------------------------
 
     def _handle(self, conn: wire.Connection) -> None:
-        wire.route(conn, {"node": self._stream, "coordinator": self._stream,
+        serve.route(conn, {"node": self._stream, "coordinator": self._stream,
                           "client": self._client}, log)
 
     def _stream(self, conn: wire.Connection) -> None:
