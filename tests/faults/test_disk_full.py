@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -66,6 +67,10 @@ def test_replica_target_disk_full_pauses_applying_then_resumes(tmp_path: Path, i
                 assert time.monotonic() < deadline, st
                 time.sleep(0.2)
             assert st["stalled"]
+            shown = subprocess.run([sys.executable, "-m", "clusterrep", "status", "--replica",
+                                    c.replica_addr, "--token-file", str(c.token_file)],
+                                   capture_output=True, text=True, timeout=60)
+            assert "PAUSED: applying waits" in shown.stdout, shown.stdout  # the operator sees it
             subprocess.run(["mount", "-o", "remount,size=64m", str(c.target)], check=True)
             identical(c)
             assert c.status()["stalled"] is None

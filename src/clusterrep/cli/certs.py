@@ -12,10 +12,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "certs", help="create a CA and TLS certificates for the cluster's members",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Write DIR/ca.pem and DIR/ca.key (a new CA, or the one already in DIR) and, "
-                    "per MEMBER,\nDIR/NAME.pem and DIR/NAME.key. A certificate names its member "
-                    "(common name and DNS\nsubjectAltName) and the addresses others dial it at. "
-                    "Keys are written mode 0600.\nCopy ca.pem and a member's own pair to its "
-                    "host; keep ca.key offline.",
+                    "per MEMBER,\nDIR/NAME.pem and DIR/NAME.key. A certificate's common name is "
+                    "its member's identity;\nits subjectAltNames are only the addresses others "
+                    "dial it at. Keys are written mode 0600.\nCopy ca.pem and a member's own pair "
+                    "to its host; keep ca.key offline.",
         epilog="Members: NAME or NAME=ADDR[,ADDR...]. NAME is a node's --id, 'coordinator' or "
                "'replica' (the\nidentity each presents); the status tools may use any "
                "certificate from the CA.\n\nexample:\n"

@@ -39,6 +39,8 @@ def format_status(st: dict[str, Any]) -> str:
              f"journal {st['journal_bytes'] / 2**20:.1f} MiB"]
     if st.get("error"):
         lines.append(f"ERROR: applying stopped: {st['error']}")
+    if st.get("stalled"):
+        lines.append(f"PAUSED: applying waits (it resumes by itself): {st['stalled']}")
     head = f"{'source':14} {'link':5} {'captured':>9} {'received':>9} {'applied':>9} " \
            f"{'lag ev':>7} {'lag s':>6} {'MiB in':>8}"
     lines.append(head)
