@@ -397,6 +397,9 @@ def encode_write(source: str, seq: int, wall: int, after: int, path: str, offset
                          use_bin_type=True)
 
 
+_WRITE_KIND = Write.KIND
+
+
 def decode(raw: bytes) -> Event:
     """Decode and validate one event; raise `DecodeError` / `InvalidEvent` saying what is wrong."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):
@@ -412,6 +415,17 @@ def decode(raw: bytes) -> Event:
     if not isinstance(items, list) or len(items) < 5:
         raise DecodeError("encoded event must be an array of at least 5 items")
     version, kind = items[0], items[1]
+    if (type(kind) is int and kind == _WRITE_KIND and type(version) is int
+            and version == WIRE_VERSION and len(items) == 9):
+        # the common case, without the generic loop (the same checks: types, NUL, then the
+        # dataclass's own validation)
+        _, _, source, seq, wall, after, path, offset, data = items
+        if type(path) is bytes and b"\0" not in path:
+            try:
+                return Write(source=source, seq=seq, wall=wall, after=after,
+                             path=os.fsdecode(path), offset=offset, data=data)
+            except TypeError as exc:
+                raise DecodeError(f"Write: {exc}") from None
     if type(version) is not int or version != WIRE_VERSION:
         raise DecodeError(f"unsupported wire version {version!r} (this build speaks {WIRE_VERSION})")
     cls = EVENT_TYPES.get(kind) if type(kind) is int else None

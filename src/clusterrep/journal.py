@@ -905,6 +905,12 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 
 def _pwritev_all(fd: int, buffers: list[bytes], offset: int) -> None:
     """Write ``buffers`` back to back from ``offset`` with as few pwritev calls as possible."""
+    if len(buffers) <= _IOV_MAX:  # the usual case: one call writes it all, no views needed
+        total = sum(len(b) for b in buffers)
+        written = os.pwritev(fd, buffers, offset)
+        if written == total:
+            return
+        buffers, offset = [memoryview(b"".join(buffers))[written:]], offset + written
     views = [memoryview(b) for b in buffers if b]
     while views:
         chunk = views[:_IOV_MAX]
