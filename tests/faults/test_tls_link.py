@@ -62,6 +62,9 @@ def test_tls_cluster_through_a_damaging_link(tmp_path: Path, identical) -> None:
         status = cli(c, "status")
         assert status.returncode == 0, status.stderr
         assert "replica: gseq" in status.stdout
+        rows = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[2:]
+                if line and line.split()[0] in ("h1", "h2", "coordinator")}
+        assert rows == {"h1": "tls", "h2": "tls", "coordinator": "tls"}, status.stdout
         plain = cli(c, "status", tls=False)
         assert plain.returncode == AuthError.exit_code
         assert "requires TLS" in plain.stderr and "--tls-cert" in plain.stderr

@@ -45,7 +45,8 @@ def format_status(st: dict[str, Any]) -> str:
            f"{'lag ev':>7} {'lag s':>6} {'MiB in':>8}"
     lines.append(head)
     for name, s in st["sources"].items():
-        lines.append(f"{name:14} {'up' if s['connected'] else 'down':5} {s['captured']:>9} "
+        link = ("tls" if s.get("tls") else "up") if s["connected"] else "down"
+        lines.append(f"{name:14} {link:5} {s['captured']:>9} "
                      f"{s['received']:>9} {s['applied']:>9} {s['lag_events']:>7} "
                      f"{s['lag_seconds']:>6.1f} {s['bytes_received'] / 2**20:>8.1f}")
     for reason in st.get("waiting_for") or []:

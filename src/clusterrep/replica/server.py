@@ -50,6 +50,7 @@ class ReplicaServer:
         if not isinstance(hello, dict) or hello.get("t") != "hello" or hello.get("source") != source:
             conn.send({"t": "error", "message": "expected hello for the authenticated source"})
             return
+        self.service.report(source, 0, tls=conn.tls)
         conn.send({"t": "welcome", "next": self.service.next_seq(source)})
         log.info("%s %s connected from %s", conn.peer_role, source, conn.peer_addr)
         try:

@@ -52,6 +52,7 @@ class SourceState:
     captured: int = 0  # highest seq the source says it has captured
     reported_at: float = 0.0  # monotonic time of the last report from the source
     connected: bool = False
+    tls: bool = False  # its (last) connection ran over TLS
     bytes_received: int = 0
     events_received: int = 0
     pending_since: float | None = None  # when the oldest unapplied event of this source arrived
@@ -131,12 +132,15 @@ class ReplicaService:
         with self._lock:
             return self.sources.setdefault(source, SourceState()).received + 1
 
-    def report(self, source: str, captured: int, connected: bool = True) -> int:
+    def report(self, source: str, captured: int, connected: bool = True,
+               tls: bool | None = None) -> int:
         with self._lock:
             st = self.sources.setdefault(source, SourceState())
             st.captured = max(st.captured, captured)
             st.reported_at = time.monotonic()
             st.connected = connected
+            if tls is not None:
+                st.tls = tls
             return st.received
 
     def receive(self, source: str, raw_events: list[Any], captured: int,
@@ -324,6 +328,7 @@ class ReplicaService:
                     "captured": st.captured,
                     "applied": applied,
                     "connected": st.connected,
+                    "tls": st.tls,
                     "events_received": st.events_received,
                     "bytes_received": st.bytes_received,
                     "lag_events": max(0, st.captured - applied),
