@@ -539,10 +539,10 @@ class Journal:
         return self._append_many([payload])
 
     def _keep_tail(self, start: int, payloads: list[bytes]) -> None:
+        """Add the payloads just appended at ``start`` (the tail always ends at next_index: it
+        starts there when the journal opens, and only successful appends extend both)."""
         if not self._tail_limit:
             return
-        if self._tail_first + len(self._tail) != start:  # (after a reopen: the cache starts here)
-            self._tail, self._tail_first, self._tail_bytes = [], start, 0
         self._tail += payloads
         self._tail_bytes += sum(len(p) for p in payloads)
         if self._tail_bytes > self._tail_limit:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .errors import AuthError, ConfigError, FrameError, PeerClosed
 
-__all__ = ["TlsConfig", "TlsStream", "cert_names", "client_wrap", "server_wrap"]
+__all__ = ["TlsConfig", "TlsStream", "cert_names", "client_wrap", "server_wrap", "wait_ready"]
 
 _TLS_HINT = "check --tls-cert, --tls-key and --tls-ca on both sides: certificates from one CA"
 # OpenSSL reasons that mean the other end did not speak TLS at all.
@@ -111,7 +111,7 @@ def cert_names(cert: dict | None) -> set[str]:  # type: ignore[type-arg]
     return names
 
 
-def _wait(sock: socket.socket, event: int, deadline: float | None) -> None:
+def wait_ready(sock: socket.socket, event: int, deadline: float | None) -> None:
     """Wait until ``sock`` is ready for ``event``; `TimeoutError` at ``deadline``."""
     poller = select.poll()
     try:
@@ -132,9 +132,9 @@ def _handshake(ssock: ssl.SSLSocket, deadline: float) -> None:
             ssock.do_handshake()
             return
         except ssl.SSLWantReadError:
-            _wait(ssock, select.POLLIN, deadline)
+            wait_ready(ssock, select.POLLIN, deadline)
         except ssl.SSLWantWriteError:
-            _wait(ssock, select.POLLOUT, deadline)
+            wait_ready(ssock, select.POLLOUT, deadline)
 
 
 def client_wrap(sock: socket.socket, config: TlsConfig, host: str, peer: str,
@@ -229,7 +229,7 @@ class TlsStream:
             n, event = self._attempt(self._sock.recv_into, view)
             if not event:
                 return n
-            _wait(self._sock, event, deadline)
+            wait_ready(self._sock, event, deadline)
 
     def send_parts(self, parts: Iterable[bytes | memoryview]) -> None:
         """Send the parts in order (joined when small: each TLS write makes its own record)."""
@@ -244,7 +244,7 @@ class TlsStream:
         while view:
             n, event = self._attempt(self._sock.send, view)
             if event:
-                _wait(self._sock, event, None)  # retried with the same bytes, as OpenSSL requires
+                wait_ready(self._sock, event, None)  # retried with the same bytes, as OpenSSL requires
             else:
                 view = view[n:]
 

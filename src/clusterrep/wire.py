@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
-import math
 import os
 import re
 import select
@@ -61,7 +60,7 @@ from .errors import (
     PeerClosed,
     WireError,
 )
-from .tls import TlsStream, client_wrap, server_wrap
+from .tls import TlsStream, client_wrap, server_wrap, wait_ready
 
 __all__ = [
     "MAX_FRAME",
@@ -325,19 +324,7 @@ class _PlainStream:
                     return self._sock.recv_into(view)
                 return self._sock.recv_into(view, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                self._wait(deadline)
-
-    def _wait(self, deadline: float) -> None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        poller = select.poll()
-        try:
-            poller.register(self._sock, select.POLLIN)
-        except (ValueError, OSError):
-            raise PeerClosed("connection is closed") from None
-        if not poller.poll(math.ceil(remaining * 1000)):
-            raise TimeoutError
+                wait_ready(self._sock, select.POLLIN, deadline)
 
     def send_parts(self, parts: tuple[bytes, ...]) -> None:
         """Send ``parts`` as one stream write without joining them (no copy of a large payload)."""

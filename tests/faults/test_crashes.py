@@ -76,6 +76,13 @@ class Writers:
                 self.errors.append(exc)  # (after stop: the node was killed under the writer)
 
 
+def assert_applied_exactly_once(cluster: LocalCluster, seed: int) -> None:
+    """Stop the cluster, then: every distinct event was applied, and none twice."""
+    cluster.stop()
+    applied, expected = applied_exactly_once(cluster)
+    assert applied == expected, f"seed {seed}: applied {applied} events, {expected} exist"
+
+
 def applied_exactly_once(cluster: LocalCluster) -> tuple[int, int]:
     """(events the replica's checkpoint counts as applied, distinct events that exist)."""
     expected = 0
@@ -110,9 +117,7 @@ def test_replica_killed_at_random_moments_under_load(make_cluster, identical, tl
             cluster.start_replica()
         time.sleep(0.5)
     identical(cluster)
-    cluster.stop()
-    applied, expected = applied_exactly_once(cluster)
-    assert applied == expected, f"seed {seed}: applied {applied} events, {expected} exist"
+    assert_applied_exactly_once(cluster, seed)
 
 
 def test_node_killed_mid_write_restarts_and_converges(make_cluster, identical) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from proxy import start_behind_proxy
-from test_crashes import Writers, applied_exactly_once
+from test_crashes import Writers, assert_applied_exactly_once
 
 from clusterrep.localcluster import LocalCluster
 
@@ -43,9 +43,7 @@ def test_link_faults_under_load(tmp_path, identical) -> None:
         identical(c)
         log_text = (c.logs / "replica.log").read_text()
         assert "integrity" in log_text or "frame" in log_text.lower()  # damage was refused
-        c.stop()
-        applied, expected = applied_exactly_once(c)
-        assert applied == expected, f"seed {seed}: applied {applied} events, {expected} exist"
+        assert_applied_exactly_once(c, seed)
     finally:
         c.stop()
         proxy.close()

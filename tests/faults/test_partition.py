@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_crashes import Writers, applied_exactly_once
+from test_crashes import Writers, assert_applied_exactly_once
 
 from clusterrep.localcluster import LocalCluster, free_port
 
@@ -65,6 +65,4 @@ def test_replica_link_down_under_load(tmp_path, identical, replica_namespace) ->
             ip("link", "set", link, "up")  # ... and comes back
             time.sleep(1.0)
         identical(c, timeout=180)
-        c.stop()
-        applied, expected = applied_exactly_once(c)
-        assert applied == expected, f"seed {seed}: applied {applied} events, {expected} exist"
+        assert_applied_exactly_once(c, seed)

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from proxy import start_behind_proxy
-from test_crashes import Writers, applied_exactly_once
+from test_crashes import Writers, assert_applied_exactly_once
 
 from clusterrep.capture.check import check_fuse
 from clusterrep.errors import AuthError
@@ -71,9 +71,7 @@ def test_tls_cluster_through_a_damaging_link(tmp_path: Path, identical) -> None:
         waited = cli(c, "wait", "--timeout", "60")
         assert waited.returncode == 0, waited.stderr
 
-        c.stop()
-        applied, expected = applied_exactly_once(c)
-        assert applied == expected, f"seed {seed}: applied {applied} events, {expected} exist"
+        assert_applied_exactly_once(c, seed)
     finally:
         c.stop()
         proxy.close()
