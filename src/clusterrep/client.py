@@ -8,6 +8,7 @@ from typing import Any
 
 from . import wire
 from .errors import ClusterrepError
+from .timing import pause
 
 
 def _ask(conn: wire.Connection) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def pending(st: dict[str, Any], since: float) -> list[str]:
 def wait_for(replica: str, auth: wire.Auth | bytes,
              timeout: float) -> tuple[bool, list[str], dict[str, Any]]:
     start = time.monotonic()
-    time.sleep(0.3)  # let every source report at least once after we started
+    pause(0.3)  # let every source report at least once after we started
     conn = _connect(replica, auth)  # one connection for all the polls, not one per poll
     try:
         while True:
@@ -65,6 +66,6 @@ def wait_for(replica: str, auth: wire.Auth | bytes,
                 return True, [], st
             if time.monotonic() - start > timeout:
                 return False, why, st
-            time.sleep(0.1)
+            pause(0.1)
     finally:
         conn.close()

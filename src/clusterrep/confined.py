@@ -8,6 +8,7 @@ Files are only opened if they are regular files (a FIFO or device swapped in is 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
@@ -19,6 +20,16 @@ from .errors import ApplyError, TargetEscape
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 MAX_OPEN_FILES = 256
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def renameat2(src_dir: int, src: str, dst_dir: int, dst: str, flags: int) -> None:
+    """``renameat2(2)`` (glibc 2.28+; Python has no wrapper). Raises OSError like ``os.rename``."""
+    if _libc.renameat2(src_dir, os.fsencode(src), dst_dir, os.fsencode(dst), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), src, None, dst)
 
 
 class Target:
@@ -192,11 +203,16 @@ class Target:
         parent, name = self.parent(path)
         return os.stat(name, dir_fd=parent, follow_symlinks=False)
 
-    def rename(self, src: str, dst: str) -> None:
+    def rename(self, src: str, dst: str, *, noreplace: bool = False) -> None:
+        """Rename ``src`` to ``dst``; with ``noreplace``, fail with EEXIST if ``dst`` exists
+        (one atomic ``renameat2(RENAME_NOREPLACE)``, never a check then a rename)."""
         sparent, sname = self.parent(src)
         dparent, dname = self.parent(dst)
         try:
-            os.rename(sname, dname, src_dir_fd=sparent, dst_dir_fd=dparent)
+            if noreplace:
+                renameat2(sparent, sname, dparent, dname, RENAME_NOREPLACE)
+            else:
+                os.rename(sname, dname, src_dir_fd=sparent, dst_dir_fd=dparent)
         except OSError as exc:
             raise ApplyError(f"cannot rename {src!r} to {dst!r} in the target: {exc}",
                              errno=exc.errno or errno.EIO) from None

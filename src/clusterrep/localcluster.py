@@ -24,6 +24,7 @@ from .capture.check import mounted_here
 from .client import fetch_status, wait_for
 from .errors import ClusterrepError
 from .pki import Member, issue
+from .timing import pause
 from .tls import TlsConfig
 from .verify import Difference, compare_trees
 
@@ -95,7 +96,7 @@ class LocalCluster:
                 with socket.create_connection((host, int(port)), timeout=0.5):
                     return
             except OSError:
-                time.sleep(0.05)
+                pause(0.05)
         raise ClusterrepError(f"{name} did not start listening on {addr} within {timeout:g} s",
                               hint=f"see {self.logs / name}.log")
 
@@ -145,7 +146,7 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise ClusterrepError(f"node {node} did not mount {mnt} within {timeout:g} s",
                                       hint=f"see {self.logs / node}.log")
-            time.sleep(0.05)
+            pause(0.05)
 
     def start(self) -> LocalCluster:
         self.start_replica()
@@ -177,7 +178,7 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-            time.sleep(0.05)
+            pause(0.05)
         if name in self.nodes and mounted_here(str(self.mount(name))):
             # a node that did not stop cleanly leaves its mount behind, possibly dead
             subprocess.run(["fusermount3", "-u", "-z", str(self.mount(name))], check=False,

@@ -37,6 +37,7 @@ FUSE_CAP_WRITEBACK_CACHE = 1 << 16
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 RENAME_NOREPLACE = 1
+MAX_RACE_RETRIES = 1000  # an open that loses this many races in a row to other hosts fails (EIO)
 
 # Shared-volume consistency and speed (measured, see docs/benchmarks.md):
 MOUNT_OPTIONS: dict[str, Any] = {
@@ -71,6 +72,7 @@ class Handle:
     ino: int
     path: str
     write: bool
+    append: bool = False  # O_APPEND: each write goes to the file's end as the volume has it
 
 
 def _backing_flags(flags: int) -> int:
@@ -158,30 +160,88 @@ class CaptureFS(fuse.Operations):
 
     @guarded
     def create(self, path: str, mode: int, flags: int = os.O_WRONLY) -> int:
+        """``open(O_CREAT)`` of a name the kernel found missing. Without ``O_EXCL`` another host
+        may create it first: then this opens that file, as one file system would."""
         p = rel(path)
-        reply = self.agent.meta("create", path=p, mode=mode & 0o7777)
-        fd = os.open(p, _backing_flags(flags), dir_fd=self.root)
-        return self._register(fd, Handle(int(reply["ino"]), p, True))
+        for _ in range(MAX_RACE_RETRIES):
+            if not flags & os.O_EXCL:
+                try:
+                    return self._open_for_write(p, flags)
+                except FileNotFoundError:
+                    pass
+            try:
+                reply = self.agent.meta("create", path=p, mode=mode & 0o7777)
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                continue  # created by another host meanwhile: open it
+            ino = int(reply["ino"])
+            fd = self._open_created(p, flags, ino)
+            return self._register(fd, Handle(ino, p, True, bool(flags & os.O_APPEND)))
+        raise OSError(errno.EIO, f"create of {p!r} kept racing other hosts")
+
+    def _open_created(self, p: str, flags: int, ino: int) -> int:
+        """The backing descriptor of the file the coordinator just created as ``ino``, wherever
+        another host's rename has moved it since; an anonymous file if it was already removed
+        (what the program writes then goes nowhere, as to a file unlinked while open)."""
+        for _ in range(MAX_RACE_RETRIES):
+            try:
+                fd = os.open(p, _backing_flags(flags) | os.O_NOFOLLOW, dir_fd=self.root)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.EISDIR, errno.ENOTDIR):
+                    raise
+            else:
+                if os.fstat(fd).st_ino == ino:
+                    return fd
+                os.close(fd)
+            where = self.agent.where(ino, p)
+            if where is None:
+                self.agent.orphaned(ino)
+                return os.open(self.agent.state, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            p = where
+        raise OSError(errno.EIO, f"created file {p!r} kept moving while being opened")
+
+    def _open_for_write(self, p: str, flags: int) -> int:
+        """Open an existing file for writing, in the coordinator's order: open the backing file,
+        then the coordinator confirms (under its lock, as an ``Open`` mark) that this inode is
+        still the one named ``p``; if a rename or unlink got in between, open again."""
+        for _ in range(MAX_RACE_RETRIES):
+            fd = os.open(p, _backing_flags(flags), dir_fd=self.root)
+            try:
+                ino = os.fstat(fd).st_ino
+                self.agent.meta("open", path=p, ino=ino)
+                if flags & os.O_TRUNC:
+                    self._truncate_open(fd, ino, p, 0)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno == errno.ESTALE:
+                    continue
+                raise
+            return self._register(fd, Handle(ino, p, True, bool(flags & os.O_APPEND)))
+        raise OSError(errno.EIO, f"open of {p!r} kept racing other hosts")
+
+    def _truncate_open(self, fd: int, ino: int, hint: str, length: int) -> None:
+        """Truncate the file open as ``fd``, whatever its name is now; one without a name any
+        more is truncated here alone (nothing to replicate)."""
+        try:
+            self.agent.meta("truncate", path=self.agent.paths.get(ino, hint), size=length, ino=ino)
+        except FileNotFoundError:
+            os.ftruncate(fd, length)
 
     @guarded
     def open(self, path: str, flags: int) -> int:
         p = rel(path)
-        writing = bool(flags & _WRITE_FLAGS)
-        if not writing:
-            fd = os.open(p, (flags & ~(os.O_TRUNC | os.O_DIRECT)) | os.O_CLOEXEC, dir_fd=self.root)
-            return self._register(fd, Handle(os.fstat(fd).st_ino, p, False))
-        reply = self.agent.meta("open", path=p)
-        if flags & os.O_TRUNC:
-            self.agent.meta("truncate", path=p, size=0)
-        fd = os.open(p, _backing_flags(flags), dir_fd=self.root)
-        return self._register(fd, Handle(int(reply["ino"]), p, True))
+        if flags & _WRITE_FLAGS:
+            return self._open_for_write(p, flags)
+        fd = os.open(p, (flags & ~(os.O_TRUNC | os.O_DIRECT)) | os.O_CLOEXEC, dir_fd=self.root)
+        return self._register(fd, Handle(os.fstat(fd).st_ino, p, False))
 
     @guarded
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         handle = self.handles.get(fh)
         if handle is None or not handle.write:
             raise OSError(errno.EBADF, "not open for writing")
-        return self.agent.write(handle.ino, handle.path, fh, data, offset)
+        return self.agent.write(handle.ino, handle.path, fh, data, offset, append=handle.append)
 
     def _target(self, path: str | None, fh: int | None) -> dict[str, Any]:
         """Which file an attribute change is for: by inode when the caller has it open, since
@@ -195,7 +255,11 @@ class CaptureFS(fuse.Operations):
 
     @guarded
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
-        self.agent.meta("truncate", size=length, **self._target(path, fh))
+        handle = self.handles.get(fh) if fh is not None else None
+        if handle is not None:
+            self._truncate_open(fh, handle.ino, handle.path, length)  # type: ignore[arg-type]
+        else:
+            self.agent.meta("truncate", size=length, **self._target(path, None))
         return 0
 
     @guarded
@@ -214,6 +278,9 @@ class CaptureFS(fuse.Operations):
     def release(self, path: str, fh: int) -> int:
         with self._lock:
             handle = self.handles.pop(fh, None)
+            last = handle is not None and all(h.ino != handle.ino for h in self.handles.values())
+        if last:
+            self.agent.released(handle.ino)  # type: ignore[union-attr]
         try:
             if handle is not None and handle.write:
                 current = self.agent.paths.get(handle.ino, handle.path)
@@ -249,8 +316,11 @@ class CaptureFS(fuse.Operations):
         return 0
 
     @guarded
-    def rename(self, old: str, new: str) -> int:
-        self.agent.meta("rename", path=rel(old), dst=rel(new))
+    def rename(self, old: str, new: str, flags: int = 0) -> int:
+        if flags & RENAME_NOREPLACE:  # decided by the coordinator, atomically: one host wins
+            self.agent.meta("rename", path=rel(old), dst=rel(new), noreplace=True)
+        else:
+            self.agent.meta("rename", path=rel(old), dst=rel(new))
         return 0
 
     @guarded
@@ -314,7 +384,26 @@ class CaptureFUSE(fuse.FUSE):  # type: ignore[misc]
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         if flags & ~RENAME_NOREPLACE:  # RENAME_EXCHANGE, RENAME_WHITEOUT: not supported
             return -errno.EINVAL
-        return self.rename_fuse_2(old, new)  # type: ignore[no-any-return]
+        return self.operations.rename(self._path(old), self._path(new), flags)  # type: ignore[no-any-return]
+
+    def open(self, path: bytes, fip: Any) -> int:
+        result = super().open(path, fip)
+        self._cache_mode(fip)
+        return result  # type: ignore[no-any-return]
+
+    def create(self, path: bytes, mode: int, fip: Any) -> int:
+        result = super().create(path, mode, fip)
+        self._cache_mode(fip)
+        return result  # type: ignore[no-any-return]
+
+    def _cache_mode(self, fip: Any) -> None:
+        """An O_APPEND handle bypasses the kernel's page cache: the kernel picks the offset of
+        an append from its own idea of the size, which another host's appends make stale; we
+        write at the volume's end instead, and cached pages at the kernel's offset would lie."""
+        fi = fip.contents
+        handle = self.operations.handles.get(fi.fh)
+        if handle is not None and handle.append:
+            fi.direct_io = 1
 
     def _path(self, path: bytes | None) -> str | None:
         return None if path is None else path.decode(self.encoding, self.errors)

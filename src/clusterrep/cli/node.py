@@ -41,9 +41,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--on-spool-full", choices=("block", "fail"), default="block",
                    help="when the spool is full: block writes until the replica catches up "
                         "(default), or fail them with ENOSPC")
+    p.add_argument("--coordinator-timeout", type=positive_seconds, default=120.0, metavar="SECONDS",
+                   help="while the coordinator is unreachable (restarting, moving, link down), "
+                        "metadata operations and writes that need it wait this long, as on an "
+                        "NFS hard mount, then fail with EIO (default 120; the wait is logged when "
+                        "it starts and when it ends)")
     add_auth(p)
     add_verbose(p)
     p.set_defaults(func=main)
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: more than 0, at most 86400")
+    return value
 
 
 def parse_size(text: str) -> int:
@@ -79,11 +94,12 @@ def main(args: argparse.Namespace) -> int:
     check_mountpoint(args.mount, args.volume)
 
     from ..capture.fs import CaptureFS, mount
-    from ..node.agent import NodeAgent
+    from ..node.agent import NodeAgent, NodeOptions
 
-    agent = NodeAgent(args.id, args.coordinator, args.replica, args.state, creds,
-                      volume=args.volume, ack=args.ack, ack_timeout=args.ack_timeout,
-                      spool_limit=args.spool_limit, on_spool_full=args.on_spool_full)
+    options = NodeOptions(volume=args.volume, ack=args.ack, ack_timeout=args.ack_timeout,
+                          spool_limit=args.spool_limit, on_spool_full=args.on_spool_full,
+                          coordinator_timeout=args.coordinator_timeout)
+    agent = NodeAgent(args.id, args.coordinator, args.replica, args.state, creds, options)
     try:
         agent.start()
     except (OSError, ClusterrepError) as exc:

@@ -4,7 +4,8 @@ Each node opens two authenticated connections:
 
 * role ``node``: requests, each ``{"id": N, "op": ...}``, answered ``{"id": N, ...}``; requests
   run concurrently (a request waiting for a token recall must not hold up the node's others).
-  Ops: ``join``, ``leave``, ``meta`` (kind + fields), ``acquire`` (ino, path), ``ping``.
+  Ops: ``join``, ``leave``, ``meta`` (kind + fields), ``acquire`` (ino, path), ``where``
+  (ino, path: the file's current path, or none once it has no name), ``ping``.
   A failure is answered ``{"id": N, "errno": E, "message": TEXT}``.
 * role ``node-control``: the coordinator pushes ``{"t": "recall", "id": K, "ino": I}`` (answered
   ``{"t": "released", "id": K}`` once the node has stopped writing that file) and
@@ -131,6 +132,11 @@ class CoordinatorServer:
             if not isinstance(ino, int) or not isinstance(path, str):
                 raise OpFailed("acquire needs ino and path", errno.EINVAL)
             return svc.acquire(node, op_id, ino, path)
+        if op == "where":
+            ino, path = msg.get("ino"), msg.get("path")
+            if not isinstance(ino, int) or not isinstance(path, str):
+                raise OpFailed("where needs ino and path", errno.EINVAL)
+            return {"gseq": svc.gseq, "path": svc.where(ino, path)}
         if op == "meta":
             fields = msg.get("fields")
             if not isinstance(fields, dict) or not isinstance(msg.get("kind"), str):

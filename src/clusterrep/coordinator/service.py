@@ -17,6 +17,7 @@ has open, and the coordinator tells the writer the current path when it acquires
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,17 @@ class VolumeNotEmpty(ClusterrepError):
     exit_code = 2
 
 
+@dataclass(frozen=True)
+class Options:
+    """What a request says beyond the event's fields (see `CoordinatorService.execute`)."""
+
+    ino: Any = None
+    noreplace: bool = False
+
+
+Handler = Callable[[str, str, dict[str, Any], Options], dict[str, Any]]
+MAX_ORPHANS = 65536
+
 # recall(node, ino) blocks until ``node`` has released the token of ``ino`` (or is gone)
 Recaller = Callable[[str, int], None]
 
@@ -102,6 +115,9 @@ class CoordinatorService:
         if members_file.exists():
             self.members = set(json.loads(members_file.read_text()))
         self.paths: dict[int, str] = {}  # ino -> current path, for files opened for writing
+        # inodes whose last name went while tracked: known to have no path (a node may still
+        # hold them open), so asking for their path costs no search of the volume
+        self.orphans: OrderedDict[int, None] = OrderedDict()
         self.holders: dict[int, str] = {}  # ino -> node holding the write token
         self.recalling: dict[int, threading.Event] = {}  # ino -> set when its recall is over
         self.lock = threading.RLock()
@@ -113,6 +129,7 @@ class CoordinatorService:
         self.recaller: Recaller | None = None
         self.on_record: Callable[[], None] | None = None  # wakes the shipper
         self.ops = 0
+        self._handlers = self._handler_table()
         self._remember_journal()
         self._recover_intent()
 
@@ -261,9 +278,9 @@ class CoordinatorService:
         try:
             cls(source=COORDINATOR, seq=1, gseq=1, op_id=op_id, origin=origin, **fields)
         except InvalidEvent as exc:
-            raise OpFailed(str(exc), 22) from None  # EINVAL: nothing executed
+            raise OpFailed(str(exc), errno.EINVAL) from None  # nothing executed
         except TypeError as exc:
-            raise OpFailed(f"bad fields for {cls.__name__}: {exc}", 22) from None
+            raise OpFailed(f"bad fields for {cls.__name__}: {exc}", errno.EINVAL) from None
 
     # -- membership --------------------------------------------------------------------------
 
@@ -334,11 +351,20 @@ class CoordinatorService:
                 del self.recalling[ino]
             done.set()
 
+    def _forget(self, ino: int) -> None:
+        """File ``ino`` lost its name (unlinked, or replaced by a rename); lock held."""
+        self.paths.pop(ino, None)
+        self.orphans[ino] = None
+        while len(self.orphans) > MAX_ORPHANS:
+            self.orphans.popitem(last=False)
+
     def _resolve(self, ino: int, hint: str) -> str | None:
         """The current path of file ``ino`` (None if it no longer has one)."""
         path = self.paths.get(ino)
         if path is not None:
             return path
+        if ino in self.orphans:
+            return None
         try:
             st = self.vol.lstat(hint)
         except (OSError, ApplyError):
@@ -377,25 +403,36 @@ class CoordinatorService:
     # -- metadata operations -----------------------------------------------------------------
 
     def execute(self, node: str, kind: str, op_id: str, fields: dict[str, Any]) -> dict[str, Any]:
-        """Execute one metadata operation for ``node``; raise `OpFailed` with an errno."""
+        """Execute one metadata operation for ``node``; raise `OpFailed` with an errno.
+
+        ``fields`` are the event's fields plus options that are not part of the event:
+        ``ino`` (the caller has the file open: act on that file wherever its name is now; for
+        ``open``, the inode the caller opened, which must still be the one at ``path``) and
+        ``noreplace`` (rename: fail with EEXIST if ``dst`` exists, atomically).
+        """
         cls = KINDS.get(kind)
         if cls is None:
-            raise OpFailed(f"unknown operation {kind!r}", 22)
-        ino_hint = fields.pop("ino", None)
+            raise OpFailed(f"unknown operation {kind!r}", errno.EINVAL)
+        opts = Options(ino=fields.pop("ino", None), noreplace=bool(fields.pop("noreplace", False)))
         for name in ("atime_ns", "mtime_ns"):
             if fields.get(name) == "now":  # the coordinator's clock, not a node's skewed one
                 fields[name] = time.time_ns()
         self._validate(cls, node, op_id, fields)
         try:
-            result = self._execute(node, cls, op_id, fields, ino_hint)
+            result = self._handlers[cls](node, op_id, fields, opts)
         except ApplyError as exc:
             self._intent_done()  # it failed: nothing happened on the volume
             raise OpFailed(str(exc), exc.errno) from None
         except OSError as exc:
             self._intent_done()
-            raise OpFailed(f"{kind} failed: {exc}", exc.errno or 5) from None
+            raise OpFailed(f"{kind} failed: {exc}", exc.errno or errno.EIO) from None
         self._durable()
         return result
+
+    def where(self, ino: int, hint: str) -> str | None:
+        """The current path of file ``ino`` (None once it has no name)."""
+        with self.lock:
+            return self._resolve(ino, hint)
 
     def _ino_of(self, path: str) -> int | None:
         try:
@@ -407,73 +444,102 @@ class CoordinatorService:
     def _under(self, path: str) -> list[int]:
         return [ino for ino, p in self.paths.items() if p == path or p.startswith(path + "/")]
 
-    def _execute(self, node: str, cls: type[MetaEvent], op_id: str, f: dict[str, Any],
-                 ino_hint: Any) -> dict[str, Any]:
-        vol = self.vol
-        if isinstance(ino_hint, int) and cls in (Truncate, SetAttr):
-            with self.lock:  # the caller has the file open: act on it, wherever it is now
-                path = self._resolve(ino_hint, f["path"])
-            if path is None:
-                raise OpFailed(f"the file open as inode {ino_hint} no longer has a name", 2)
-            f = {**f, "path": path}
-        if cls is Truncate:
-            path = f["path"]
-
-            def truncate() -> dict[str, Any]:
-                self._intent(Truncate, node, op_id, f)
-                vol.truncate(path, f["size"])
-                return self._done(Truncate, node, op_id, f)
-            return self._free(lambda: [i for i in [self._ino_of(path)] if i is not None], truncate)
-        if cls is Unlink:
-            path = f["path"]
-
-            def unlink() -> dict[str, Any]:
-                ino = self._ino_of(path)
-                self._intent(Unlink, node, op_id, f)
-                vol.unlink(path, missing_ok=False)
-                if ino is not None:
-                    self.paths.pop(ino, None)
-                return self._done(Unlink, node, op_id, f)
-            return self._free(lambda: [i for i in [self._ino_of(path)] if i is not None], unlink)
-        if cls is Rename:
-            return self._free(lambda: self._rename_inos(f["path"], f["dst"]),
-                              lambda: self._rename(node, op_id, f))
+    def _by_ino(self, f: dict[str, Any], opts: Options) -> dict[str, Any]:
+        """``f`` with the current path of the open file ``opts.ino`` (if the caller has one)."""
+        if not isinstance(opts.ino, int):
+            return f
         with self.lock:
-            if cls is Create:
-                self._intent(Create, node, op_id, f)
-                vol.create(f["path"], f.get("mode", 0o644), exist_ok=False)
-                ino = vol.lstat(f["path"]).st_ino
-                self.paths[ino] = f["path"]
-                result = self._done(Create, node, op_id, f)
-                self.holders[ino] = node  # the creator holds the token
-                result["ino"] = ino
-                return result
-            if cls is Mkdir:
-                self._intent(Mkdir, node, op_id, f)
-                vol.mkdir(f["path"], f.get("mode", 0o755), exist_ok=False)
-            elif cls is Rmdir:
-                self._intent(Rmdir, node, op_id, f)
-                vol.rmdir(f["path"], missing_ok=False)
-            elif cls is Symlink:
-                self._intent(Symlink, node, op_id, f)
-                vol.symlink(f["path"], f["target"], replace=False)
-            elif cls is SetAttr:
-                self._intent(SetAttr, node, op_id, f)
-                vol.setattr(f["path"], f.get("mode"), f.get("atime_ns"), f.get("mtime_ns"))
-            elif cls is Open:
-                st = vol.lstat(f["path"])
-                if not stat.S_ISREG(st.st_mode):
-                    raise OpFailed(f"{f['path']!r} is not a regular file", 21)
-                self.paths[st.st_ino] = f["path"]
-                result = self._done(Open, node, op_id, f)
-                result["ino"] = st.st_ino
-                return result
-            elif cls is Close and isinstance(ino_hint, int):
-                path = self._resolve(ino_hint, f["path"])
+            path = self._resolve(opts.ino, f["path"])
+        if path is None:
+            raise OpFailed(f"the file open as inode {opts.ino} no longer has a name", errno.ENOENT)
+        return {**f, "path": path}
+
+    def _truncate(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
+        f = self._by_ino(f, opts)
+        path = f["path"]
+
+        def truncate() -> dict[str, Any]:
+            self._intent(Truncate, node, op_id, f)
+            self.vol.truncate(path, f["size"])
+            return self._done(Truncate, node, op_id, f)
+        return self._free(lambda: [i for i in [self._ino_of(path)] if i is not None], truncate)
+
+    def _unlink(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
+        path = f["path"]
+
+        def unlink() -> dict[str, Any]:
+            ino = self._ino_of(path)
+            self._intent(Unlink, node, op_id, f)
+            self.vol.unlink(path, missing_ok=False)
+            if ino is not None:
+                self._forget(ino)
+            return self._done(Unlink, node, op_id, f)
+        return self._free(lambda: [i for i in [self._ino_of(path)] if i is not None], unlink)
+
+    def _rename_op(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
+        return self._free(lambda: self._rename_inos(f["path"], f["dst"]),
+                          lambda: self._rename(node, op_id, f, opts.noreplace))
+
+    def _create(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
+        with self.lock:
+            self._intent(Create, node, op_id, f)
+            self.vol.create(f["path"], f.get("mode", 0o644), exist_ok=False)
+            ino = self.vol.lstat(f["path"]).st_ino
+            self.paths[ino] = f["path"]
+            self.orphans.pop(ino, None)
+            result = self._done(Create, node, op_id, f)
+            self.holders[ino] = node  # the creator holds the token
+            result["ino"] = ino
+            return result
+
+    def _open(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
+        with self.lock:
+            st = self.vol.lstat(f["path"])
+            if not stat.S_ISREG(st.st_mode):
+                raise OpFailed(f"{f['path']!r} is not a regular file", errno.EISDIR)
+            if isinstance(opts.ino, int) and st.st_ino != opts.ino:
+                # the node opened another file under this name than the one there now: its open
+                # raced a rename or unlink; it opens again (the order is the coordinator's)
+                raise OpFailed(f"{f['path']!r} changed while being opened", errno.ESTALE)
+            self.paths[st.st_ino] = f["path"]
+            self.orphans.pop(st.st_ino, None)
+            result = self._done(Open, node, op_id, f)
+            result["ino"] = st.st_ino
+            return result
+
+    def _close(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
+        with self.lock:
+            if isinstance(opts.ino, int):
+                path = self._resolve(opts.ino, f["path"])
                 if path is None:
                     return {"gseq": self.gseq, "event": None}  # unlinked meanwhile
                 f = {**f, "path": path}
-            return self._done(cls, node, op_id, f)
+            return self._done(Close, node, op_id, f)
+
+    def _simple(self, cls: type[MetaEvent], run: Callable[[dict[str, Any]], None]) -> Handler:
+        """A handler for an operation that needs no token: note the intent, run, record."""
+
+        def handler(node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
+            f = self._by_ino(f, opts) if cls is SetAttr else f
+            with self.lock:
+                self._intent(cls, node, op_id, f)
+                run(f)
+                return self._done(cls, node, op_id, f)
+        return handler
+
+    def _handler_table(self) -> dict[type[MetaEvent], Handler]:
+        vol = self.vol
+        return {
+            Create: self._create, Open: self._open, Close: self._close,
+            Truncate: self._truncate, Unlink: self._unlink, Rename: self._rename_op,
+            Mkdir: self._simple(Mkdir, lambda f: vol.mkdir(f["path"], f.get("mode", 0o755),
+                                                           exist_ok=False)),
+            Rmdir: self._simple(Rmdir, lambda f: vol.rmdir(f["path"], missing_ok=False)),
+            Symlink: self._simple(Symlink, lambda f: vol.symlink(f["path"], f["target"],
+                                                                 replace=False)),
+            SetAttr: self._simple(SetAttr, lambda f: vol.setattr(
+                f["path"], f.get("mode"), f.get("atime_ns"), f.get("mtime_ns"))),
+        }
 
     def _done(self, cls: type[MetaEvent], node: str, op_id: str, f: dict[str, Any]) -> dict[str, Any]:
         ev = self._record(cls, node, op_id, **f)
@@ -487,13 +553,13 @@ class CoordinatorService:
                 inos.append(ino)
         return inos
 
-    def _rename(self, node: str, op_id: str, f: dict[str, Any]) -> dict[str, Any]:
+    def _rename(self, node: str, op_id: str, f: dict[str, Any], noreplace: bool) -> dict[str, Any]:
         src, dst = f["path"], f["dst"]
         replaced = self._ino_of(dst)
         self._intent(Rename, node, op_id, f)
-        self.vol.rename(src, dst)
+        self.vol.rename(src, dst, noreplace=noreplace)
         if replaced is not None:
-            self.paths.pop(replaced, None)
+            self._forget(replaced)
         for ino, p in list(self.paths.items()):
             if p == src:
                 self.paths[ino] = dst

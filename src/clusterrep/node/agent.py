@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from .. import wire
 from ..events import Event, MetaEvent, Tick, decode, encode, encode_write
 from ..journal import Journal
 from ..shipper import Shipper
+from ..timing import pause
 from .activity import EXTENT, ActivityLog
 from .client import ControlLink, CoordinatorClient
 
@@ -41,42 +43,65 @@ log = logging.getLogger("clusterrep.node")
 ACK_LEVELS = ("async", "local", "received", "replicated")
 
 
-def _pause(seconds: float) -> None:
-    """Sleep. Not time.sleep: under libfaketime (a node whose clock is skewed, as the demo and
-    the tests run one) its absolute-deadline clock_nanosleep fails with EINVAL; a timed wait on
-    an event works."""
-    threading.Event().wait(seconds)
+def _write_unrecorded(fd: int, data: bytes, offset: int, append: bool) -> int:
+    """A write to a file without a name on the volume: nothing can show it, nothing records it."""
+    return os.pwrite(fd, data, os.fstat(fd).st_size if append else offset)
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    """How a node agent behaves; built and checked by the CLI (`clusterrep node`).
+
+    ``ack``: when an application's write returns (`ACK_LEVELS`); ``ack_timeout`` (s): how long
+    ``received``/``replicated`` wait for the replica before falling back to local fsync;
+    ``spool_limit`` (bytes) and ``on_spool_full`` (``block``/``fail``): back-pressure;
+    ``coordinator_timeout`` (s): how long an operation waits for an unreachable coordinator
+    before it fails with EIO; ``volume``: the volume directory (needed to repair after a crash).
+    Raises ValueError for a value out of range.
+    """
+
+    volume: str | Path | None = None
+    ack: str = "async"
+    ack_timeout: float = 30.0
+    spool_limit: int = 8 << 30
+    on_spool_full: str = "block"
+    coordinator_timeout: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.ack not in ACK_LEVELS:
+            raise ValueError(f"unknown acknowledgement level {self.ack!r}; one of "
+                             f"{', '.join(ACK_LEVELS)}")
+        if self.on_spool_full not in ("block", "fail"):
+            raise ValueError(f"on_spool_full must be block or fail, not {self.on_spool_full!r}")
+        if not 0 < self.coordinator_timeout <= 86400:
+            raise ValueError(f"coordinator timeout must be 0 < seconds <= 86400, not "
+                             f"{self.coordinator_timeout:g}")
 
 
 class NodeAgent:
     def __init__(self, name: str, coordinator: str, replica: str, state: str | Path,
-                 auth: wire.Auth | bytes, *, volume: str | Path | None = None, ack: str = "async",
-                 ack_timeout: float = 30.0, spool_limit: int = 8 << 30,
-                 on_spool_full: str = "block") -> None:
-        if ack not in ACK_LEVELS:
-            raise ValueError(f"unknown acknowledgement level {ack!r}; one of {', '.join(ACK_LEVELS)}")
+                 auth: wire.Auth | bytes, options: NodeOptions | None = None) -> None:
+        opts = options if options is not None else NodeOptions()
         self.name = name
-        self.ack = ack
-        self.ack_timeout = ack_timeout
+        self.ack = opts.ack
+        self.ack_timeout = opts.ack_timeout
         self.degraded = False  # an ack level could not be met in time (replica away)
         self.state = Path(state)
         self.state.mkdir(parents=True, exist_ok=True)
-        self.volume = Path(volume) if volume is not None else None
-        if on_spool_full not in ("block", "fail"):
-            raise ValueError(f"on_spool_full must be block or fail, not {on_spool_full!r}")
-        self.spool_limit = spool_limit
-        self.on_spool_full = on_spool_full
+        self.volume = Path(opts.volume) if opts.volume is not None else None
+        self.spool_limit = opts.spool_limit
+        self.on_spool_full = opts.on_spool_full
         self.spool_full = False
         self.spool = Journal(self.state / "spool",
-                             segment_bytes=max(64 << 10, min(64 << 20, spool_limit // 8)))
+                             segment_bytes=max(64 << 10, min(64 << 20, self.spool_limit // 8)))
         self.activity = ActivityLog(self.state / "activity.log")
         self._retirer = threading.Thread(target=self._retire_loop, name="activity", daemon=True)
         self._stopping = threading.Event()
-        self.client = CoordinatorClient(coordinator, auth, name)
+        self.client = CoordinatorClient(coordinator, auth, name, wait_for=opts.coordinator_timeout)
         self.control = ControlLink(coordinator, auth, name, on_recall=self._recalled,
                                    on_gseq=self.learn, on_down=self._drop_tokens)
         # a writer waiting for the replica's ack must not wait for a batch to fill
-        linger = 0.0 if ack in ("received", "replicated") else 0.002
+        linger = 0.0 if self.ack in ("received", "replicated") else 0.002
         self.shipper = Shipper(self.spool, replica, auth, name=name, role="node", linger=linger)
         self.known = 0
         self._ticked = 0
@@ -89,6 +114,7 @@ class NodeAgent:
         self._locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self.paths: dict[int, str] = {}  # ino -> current volume path, as the coordinator says
+        self.orphans: set[int] = set()  # open files without a name on the volume
         self._ops = itertools.count(1)
         self._op_prefix = f"{name}-{time.time_ns():x}"
         self.writes = 0
@@ -109,7 +135,7 @@ class NodeAgent:
                 if time.monotonic() > deadline:
                     raise
                 log.info("waiting for the coordinator: %s", exc)
-                _pause(0.5)
+                pause(0.5)
         if reply.get("event"):
             self._record_copy(reply["event"])
         self._joined = True
@@ -143,7 +169,7 @@ class NodeAgent:
                             "this node until it runs again", exc)
         deadline = time.monotonic() + drain_timeout
         while self.shipper.backlog > 0 and self.shipper.connected and time.monotonic() < deadline:
-            _pause(0.05)
+            pause(0.05)
         if self.shipper.backlog > 0:
             log.warning("%d events not yet on the replica stay in the spool %s; they are shipped "
                         "when this node starts again", self.shipper.backlog, self.state / "spool")
@@ -233,7 +259,7 @@ class NodeAgent:
             self.paths[ino] = fields["path"]
             self._granted(ino, before)  # the creator holds the token
         elif kind == "open" and isinstance(reply.get("ino"), int):
-            self.paths.setdefault(reply["ino"], fields["path"])
+            self.paths[reply["ino"]] = fields["path"]  # the coordinator's word, as of now
         elif kind == "rename":
             self._renamed(fields["path"], fields["dst"])
         return reply
@@ -244,6 +270,21 @@ class NodeAgent:
                 self.paths[ino] = dst
             elif p.startswith(src + "/"):
                 self.paths[ino] = dst + p[len(src):]
+
+    def where(self, ino: int, hint: str) -> str | None:
+        """The current volume path of file ``ino``, or None once it has no name."""
+        reply = self.client.call("where", ino=ino, path=hint, op_id=self._op_id())
+        path = reply.get("path")
+        return path if isinstance(path, str) else None
+
+    def orphaned(self, ino: int) -> None:
+        """File ``ino`` has no name on the volume: writes to it are not recorded (nothing on
+        the volume can show them) and need no token. Until `released` for it."""
+        self.orphans.add(ino)
+
+    def released(self, ino: int) -> None:
+        """This node no longer has ``ino`` open (its number may be reused for a new file)."""
+        self.orphans.discard(ino)
 
     # -- tokens and writes -------------------------------------------------------------------
 
@@ -313,18 +354,29 @@ class NodeAgent:
         while self.spool.bytes_total >= self.spool_limit and not self._stopping.is_set():
             self._stopping.wait(0.05)
 
-    def write(self, ino: int, hint: str, fd: int, data: bytes, offset: int) -> int:
-        """Write to the backing file and record it, holding the token and the file's lock."""
+    def write(self, ino: int, hint: str, fd: int, data: bytes, offset: int, *,
+              append: bool = False) -> int:
+        """Write to the backing file and record it, holding the token and the file's lock.
+
+        With ``append`` the data goes to the end of the file as the volume has it (``offset``
+        is ignored): the token makes appends of all hosts one serial order, so none overwrites
+        another's.
+        """
         self._room()
         while True:
+            if ino in self.orphans:
+                return _write_unrecorded(fd, data, offset, append)
             if ino not in self._tokens:
                 path = self._acquire(ino, self.paths.get(ino, hint))
                 if path is None:
                     # the file was deleted on the volume: write to the orphan, record nothing
-                    return os.pwrite(fd, data, offset)
+                    self.orphaned(ino)
+                    return _write_unrecorded(fd, data, offset, append)
             with self.lock(ino):
                 if ino not in self._tokens:
                     continue  # recalled between acquire and lock: ask again
+                if append:
+                    offset = os.fstat(fd).st_size
                 self.activity.activate(ino, self.paths[ino], offset, len(data))
                 n = os.pwrite(fd, data, offset)
                 seq = 0

@@ -20,6 +20,7 @@ from typing import Any
 
 from .. import wire
 from ..errors import AuthError, ClusterrepError
+from ..timing import pause
 
 log = logging.getLogger("clusterrep.node")
 
@@ -29,8 +30,16 @@ class _LinkLost(Exception):
 
 
 class CoordinatorClient:
-    def __init__(self, addr: str, auth: wire.Auth | bytes, name: str, *, timeout: float = 60.0) -> None:
+    """``timeout`` (s): how long one request waits for its answer on a live link;
+    ``wait_for`` (s): how long a request waits for an unreachable coordinator (it is sent again
+    whenever the link comes back) before it fails with EIO."""
+
+    def __init__(self, addr: str, auth: wire.Auth | bytes, name: str, *, timeout: float = 60.0,
+                 wait_for: float = 120.0) -> None:
         self.addr, self.auth, self.name, self.timeout = addr, auth, name, timeout
+        self.wait_for = wait_for
+        self._outage: float | None = None  # monotonic time the coordinator became unreachable
+        self._outage_lock = threading.Lock()
         self._conn: wire.Connection | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -68,22 +77,44 @@ class CoordinatorClient:
             for slot in list(self._waiting.values()):
                 slot[0].set()  # reply stays None: the caller fails with EIO
 
-    def call(self, op: str, *, retry_for: float = 30.0, **fields: Any) -> dict[str, Any]:
+    def call(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send one request and wait for its reply; raise OSError(errno) if it failed.
 
         If the link breaks before the reply, the same request (same op_id) is sent again for
-        up to ``retry_for`` seconds: the coordinator runs an op_id once and answers a retry
+        up to ``wait_for`` seconds: the coordinator runs an op_id once and answers a retry
         with the first answer, so a coordinator restart costs the application only a pause.
+        After that the request fails with EIO.
         """
-        deadline = time.monotonic() + retry_for
+        deadline = time.monotonic() + self.wait_for
         while True:
             try:
-                return self._call_once(op, fields)
+                reply = self._call_once(op, fields)
             except _LinkLost as exc:
+                self._unreachable(exc)
                 if self._closed or time.monotonic() > deadline:
-                    raise OSError(errno.EIO, str(exc)) from None
-                log.info("retrying %s after: %s", op, exc)
-                time.sleep(0.2)
+                    raise OSError(errno.EIO, f"{exc}; gave up after waiting "
+                                             f"{self.wait_for:g} s") from None
+                pause(0.2)
+                continue
+            self._reachable()
+            return reply
+
+    def _unreachable(self, exc: _LinkLost) -> None:
+        with self._outage_lock:
+            if self._outage is not None or self._closed:
+                return
+            self._outage = time.monotonic()
+        log.warning("coordinator unreachable (%s): operations wait for it, up to %g s each",
+                    exc, self.wait_for)
+
+    def _reachable(self) -> None:
+        if self._outage is None:
+            return
+        with self._outage_lock:
+            began, self._outage = self._outage, None
+        if began is not None:
+            log.warning("coordinator reachable again after %.1f s: waiting operations go on",
+                        time.monotonic() - began)
 
     def _call_once(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
         try:
