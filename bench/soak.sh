@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Soak: run the fault tests (and the simulator) again and again with fresh random seeds, for as
 # long as asked, and report rounds and failures. Every failing round's seed and output are kept.
+# The fault tests include the race torture (three hosts hammering a few names), each of its
+# rounds hammering TORTURE_SECONDS (default 30).
 #   bench/soak.sh [MINUTES] [KILL_ROUNDS]      (defaults: 30 minutes, 50 kill rounds per test)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +16,7 @@ while [ "$(date +%s)" -lt "$end" ]; do
   rounds=$((rounds + 1))
   seed=$RANDOM$RANDOM
   if CLUSTERREP_SEED=$seed CLUSTERREP_KILL_ROUNDS=$kill_rounds HYPOTHESIS_PROFILE=soak \
+     CLUSTERREP_TORTURE_SECONDS=${TORTURE_SECONDS:-30} \
      python3 -m pytest -q -x tests/faults tests/property >"${logdir}/round-${rounds}.log" 2>&1; then
     rm -f "${logdir}/round-${rounds}.log"
     echo "round ${rounds}: ok (seed ${seed})"

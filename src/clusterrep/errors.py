@@ -171,3 +171,18 @@ class RecordTooLarge(JournalError, ValueError):
     """A record bigger than the journal accepts (64 MiB)."""
 
     hint = "split the data into smaller records"
+
+
+class InvalidLock(ClusterrepError, ValueError):
+    """A lock request or record that is malformed: bad range, type, owner, inode or field."""
+
+    exit_code = 3
+    hint = "the sender produced a malformed lock request; nothing was changed"
+
+
+class ReclaimConflict(ClusterrepError):
+    """A reclaimed lock conflicts with one already held (the table was left unchanged)."""
+
+    exit_code = 4
+    hint = ("two nodes claim incompatible locks; the coordinator lost or mixed up lock state, "
+            "and no reclaimed lock was installed")

@@ -6,7 +6,7 @@ Two classes of events exist:
   coordinator sequence number (``gseq``) the node knew when it recorded the event. That stamp,
   not any clock, places the event on the coordinator's timeline.
 * **Metadata events** (`Create`, `Open`, `Close`, `Mkdir`, `Rmdir`, `Unlink`, `Rename`,
-  `Truncate`, `SetAttr`, `Symlink`, `Acquire`, `Join`, `Leave`) are executed by the coordinator,
+  `Truncate`, `SetAttr`, `Symlink`, `Acquire`, `Join`, `Leave`, `Lock`) are executed by the coordinator,
   which numbers them with ``gseq``. The coordinator records one copy; the node that asked
   (``origin``) records another. Both copies carry the same ``op_id`` and ``gseq``: matching them
   is a *time mark*.
@@ -357,10 +357,23 @@ class Leave(MetaEvent):
     KIND: ClassVar[int] = 22
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Lock(MetaEvent):
+    """The coordinator granted ``origin`` a file lock (POSIX or flock) on ``path`` that another
+    node held or was the last to hold. Changes nothing on disk; it is a mark: the previous
+    holder recorded what it did under its lock before releasing it (``after < gseq``), and
+    ``origin`` stamps what it does under this one with ``after >= gseq``, so the replica applies
+    them in that order, on every file (a database and its journal)."""
+
+    path: str
+    KIND: ClassVar[int] = 23
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = _P
+
+
 EVENT_TYPES: dict[int, type[Event]] = {
     cls.KIND: cls
     for cls in (Write, Tick, Create, Open, Close, Mkdir, Rmdir, Unlink, Rename, Truncate,
-                SetAttr, Symlink, Acquire, Join, Leave)
+                SetAttr, Symlink, Acquire, Join, Leave, Lock)
 }
 _EXTRA: dict[type[Event], tuple[str, ...]] = {
     cls: tuple(f.name for f in fields(cls) if f.name not in ("source", "seq", "wall")

@@ -25,6 +25,7 @@ from clusterrep.events import (
     Event,
     Join,
     Leave,
+    Lock,
     Mkdir,
     Open,
     Rename,
@@ -95,6 +96,7 @@ SAMPLES: list[Event] = [
     Symlink(**{**META, "path": "ln", "target": "/etc/passwd"}),
     Symlink(**{**META, "path": "ln2", "target": "../../caf\udce9/☃"}),
     Acquire(**{**META, "path": UNICODE, "origin": "h2", "op_id": "h2-99"}),
+    Lock(**{**META, "path": NON_UTF8, "origin": "h2", "op_id": "h2-100"}),
     Join(**META),
     Leave(**{**META, "seq": 40, "gseq": 41, "op_id": "h1-leave", "wall": 5}),
 ]

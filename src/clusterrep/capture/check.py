@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import shutil
@@ -10,7 +9,7 @@ import subprocess
 
 from ..errors import ClusterrepError
 
-INSTALL = "apt-get install -y fuse3 libfuse3-dev && python3 -m pip install mfusepy"
+INSTALL = "apt-get install -y fuse3"
 
 
 class FuseUnavailable(ClusterrepError):
@@ -26,14 +25,6 @@ def check_fuse() -> None:
                               "or this container was started without it)")
     if shutil.which("fusermount3") is None:
         raise FuseUnavailable("fusermount3 is not installed")
-    try:
-        ctypes.CDLL(os.environ.get("FUSE_LIBRARY_PATH", "libfuse3.so.3"))
-    except OSError as exc:
-        raise FuseUnavailable(f"libfuse 3 cannot be loaded: {exc}") from None
-    try:
-        import mfusepy  # noqa: F401
-    except ImportError as exc:
-        raise FuseUnavailable(f"the Python FUSE binding mfusepy is missing: {exc}") from None
 
 
 def mounted_here(mount: str) -> str | None:

@@ -1,70 +1,55 @@
 """The capture file system: a FUSE pass-through over the volume that records every change.
 
-Reads and data writes go straight to the backing files (the *direct I/O* path); each write is
-recorded by the `NodeAgent` under the file's lock and write token. Metadata operations (create,
-open for writing, close, mkdir, rmdir, unlink, rename, truncate, chmod, utimens, symlink) are
-sent to the coordinator, which executes them on the volume; the agent records its own copy.
+It speaks the kernel's inode-based protocol (`session`, `kernel`): every inode the kernel
+knows is held open (`inodes`), so an operation on an open file or directory acts on that file
+or directory whatever happened to its name, on this host or another. Reads and data writes go
+straight to the backing files (the *direct I/O* path); each write is recorded by the
+`NodeAgent` under the file's lock and write token. Metadata operations (create, open for
+writing, close, mkdir, rmdir, unlink, rename, truncate, chmod, utimens, symlink) and file locks
+are sent to the coordinator, which decides them in one order for all hosts and executes them
+on the volume; the agent records its own copy.
 
-Handlers may raise only OSError (mfusepy turns it into the errno); anything else is logged and
-answered with EIO, so a bug never takes the mount down. Nothing is cached by inode: every call
-resolves its path against the volume afresh (another host may have renamed or deleted it), and
-the mount is made with zero attribute/entry timeouts and without write-back caching, so a write
-is on the volume when the call returns and an open sees what other hosts wrote before it.
+Names and paths: the kernel names a child of a directory inode; the path the coordinator needs
+is the directory's *current* path (asked of the kernel) plus the name, and the coordinator
+checks, in the same step as the operation, that this path still leads to that directory
+(``dir_ino``) or file (``ino``). If another host renamed something in between, it answers
+ESTALE and the operation is tried again with fresh paths: the order is the coordinator's.
+
+Nothing is cached: entries and attributes are valid for 0 s and there is no write-back cache,
+so a write is on the volume when the call returns and a lookup, stat or read sees what other
+hosts did before it. An O_APPEND handle bypasses the page cache (see `NodeAgent.write`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import functools
+import fcntl
 import logging
 import os
+import signal
 import stat
+import subprocess
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import mfusepy as fuse
-
-from ..errors import ClusterrepError
+from ..locks import MAX, FlockType, LockType
 from ..node.agent import NodeAgent
+from . import kernel as k
+from .inodes import Inode, Inodes
+from .session import NO_REPLY, Session, mount_fuse
 
 log = logging.getLogger("clusterrep.capture")
-F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
-FUSE_CAP_WRITEBACK_CACHE = 1 << 16
-UTIME_NOW = (1 << 30) - 1
-UTIME_OMIT = (1 << 30) - 2
 RENAME_NOREPLACE = 1
-MAX_RACE_RETRIES = 1000  # an open that loses this many races in a row to other hosts fails (EIO)
-
-# Shared-volume consistency and speed (measured, see docs/benchmarks.md):
-MOUNT_OPTIONS: dict[str, Any] = {
-    "attr_timeout": 0,  # sizes and modes changed by other hosts are seen at once
-    "entry_timeout": 0,  # names created, renamed or removed by other hosts too
-    "negative_timeout": 0,
-    "use_ino": True,
-    "hard_remove": True,  # unlink while open really unlinks (no .fuse_hidden files on the volume)
-    "auto_unmount": True,  # a killed node agent leaves no dead mount behind
-}
-MAX_WRITE = 1 << 20  # 1 MiB write requests for sequential I/O (set in init: not a mount option)
-
-
-def guarded(func: F) -> F:
-    """Turn every non-OSError exception into EIO (logged), so the mount survives bugs."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except OSError:
-            raise
-        except Exception:
-            log.exception("capture: %s failed", func.__name__)
-            raise OSError(errno.EIO, "internal error in clusterrep capture") from None
-
-    return wrapper  # type: ignore[return-value]
+MAX_RACE_RETRIES = 1000  # an operation that loses this many races in a row to other hosts: EIO
+INIT_FLAGS = (k.ASYNC_READ | k.POSIX_LOCKS | k.FLOCK_LOCKS | k.ATOMIC_O_TRUNC | k.BIG_WRITES
+              | k.AUTO_INVAL_DATA | k.PARALLEL_DIROPS | k.MAX_PAGES | k.ASYNC_DIO)
+MOUNT_OPTIONS = "fsname=clusterrep,subtype=clusterrep,auto_unmount"
+_FLOCK_OF = {fcntl.F_RDLCK: FlockType.SHARED, fcntl.F_WRLCK: FlockType.EXCLUSIVE,
+             fcntl.F_UNLCK: FlockType.UNLOCK}
 
 
 @dataclass
@@ -75,81 +60,221 @@ class Handle:
     append: bool = False  # O_APPEND: each write goes to the file's end as the volume has it
 
 
+@dataclass
+class DirHandle:
+    fd: int
+    entries: list[bytes] = field(default_factory=list)
+
+
 def _backing_flags(flags: int) -> int:
-    """Flags for the backing file of a write handle. O_APPEND is dropped: the kernel already
-    chose the offset, and pwrite on an O_APPEND descriptor would ignore it (Linux), so the data
-    could land elsewhere than the offset we record. Creation and truncation were done by the
-    coordinator. O_DIRECT is dropped too (FUSE hands us unaligned buffers; the kernel side of the
-    mount already bypasses its cache as the application asked)."""
-    return (flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_DIRECT)) | os.O_CLOEXEC
+    """Flags for opening a backing file. O_APPEND is dropped: the kernel or the agent chose the
+    offset, and pwrite on an O_APPEND descriptor would ignore it (Linux). Creation and
+    truncation are the coordinator's. O_DIRECT is dropped too (requests carry unaligned
+    buffers; the kernel side of the mount already bypasses its cache as the program asked), and
+    O_NOFOLLOW (the kernel resolved the name; we open the inode through its /proc link)."""
+    return (flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_APPEND | os.O_DIRECT
+                      | os.O_NOCTTY | os.O_NOFOLLOW)) | os.O_CLOEXEC
 
 
-def rel(path: str) -> str:
-    return path.lstrip("/") or "."
+def _retry_stale(op: Callable[[], T]) -> T:
+    """Run ``op`` again while the coordinator answers ESTALE (a name changed under it)."""
+    for _ in range(MAX_RACE_RETRIES):
+        try:
+            return op()
+        except OSError as exc:
+            if exc.errno != errno.ESTALE:
+                raise
+    raise OSError(errno.EIO, "the operation kept racing other hosts")
 
 
-class CaptureFS(fuse.Operations):
-    use_ns = True
+class CaptureFS:
+    """The FUSE operations, by opcode (`handlers`); ``session`` is set once mounted."""
 
     def __init__(self, volume: str, agent: NodeAgent) -> None:
-        self.volume = os.path.realpath(volume)
-        self.root = os.open(self.volume, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.inodes = Inodes(volume)
+        self.volume = self.inodes.volume
         self.agent = agent
         self.handles: dict[int, Handle] = {}
+        self.dirs: dict[int, DirHandle] = {}
+        # POSIX lock owners seen on each open file: an open-file-description lock (owner = the
+        # open file) goes when that file is released, which the kernel does not say itself
+        self.lock_owners: dict[int, set[int]] = {}
         self._lock = threading.Lock()
+        self.session: Session | None = None
         self.mounted = False
 
-    # -- life cycle --------------------------------------------------------------------------
-
-    def init_with_config(self, conn: Any, config: Any) -> None:
-        self.mounted = True
-        if conn is not None:
-            conn.want &= ~FUSE_CAP_WRITEBACK_CACHE  # write-through only, whatever the default
-            conn.max_write = MAX_WRITE
-
-    # -- reading -----------------------------------------------------------------------------
-
-    @guarded
-    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        st = os.fstat(fh) if fh is not None else os.stat(rel(path), dir_fd=self.root,
-                                                         follow_symlinks=False)
+    def handlers(self) -> dict[int, Callable[[k.Header, memoryview], Any]]:
         return {
-            "st_mode": st.st_mode, "st_nlink": st.st_nlink, "st_uid": st.st_uid,
-            "st_gid": st.st_gid, "st_size": st.st_size, "st_ino": st.st_ino,
-            "st_atime": st.st_atime_ns, "st_mtime": st.st_mtime_ns, "st_ctime": st.st_ctime_ns,
-            "st_blocks": st.st_blocks, "st_blksize": st.st_blksize,
+            k.LOOKUP: self.lookup, k.FORGET: self.forget, k.BATCH_FORGET: self.batch_forget,
+            k.GETATTR: self.getattr, k.SETATTR: self.setattr, k.READLINK: self.readlink,
+            k.SYMLINK: self.symlink, k.MKDIR: self.mkdir, k.UNLINK: self.unlink,
+            k.RMDIR: self.rmdir, k.RENAME: self.rename, k.RENAME2: self.rename2,
+            k.LINK: self.unsupported, k.MKNOD: self.unsupported, k.OPEN: self.open,
+            k.CREATE: self.create, k.READ: self.read, k.WRITE: self.write,
+            k.STATFS: self.statfs, k.FLUSH: self.flush, k.RELEASE: self.release,
+            k.FSYNC: self.fsync, k.OPENDIR: self.opendir, k.READDIR: self.readdir,
+            k.RELEASEDIR: self.releasedir, k.FSYNCDIR: self.fsyncdir, k.GETLK: self.getlk,
+            k.SETLK: self.setlk, k.SETLKW: self.setlk,
         }
 
-    @guarded
-    def readdir(self, path: str, fh: int) -> list[Any]:
-        # with use_ino the kernel drops entries whose inode is 0: give the real ones
-        fd = os.open(rel(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root)
+    # -- names -------------------------------------------------------------------------------
+
+    def lookup(self, hdr: k.Header, body: memoryview) -> bytes:
+        name = k.names(body, 1)[0]
+        inode, st = self.inodes.lookup(self.inodes.get(hdr.nodeid), name)
+        return k.pack_entry(inode.nodeid, st)
+
+    def forget(self, hdr: k.Header, body: memoryview) -> object:
+        self.inodes.forget(hdr.nodeid, k.FORGET_IN.unpack_from(body)[0])
+        return NO_REPLY
+
+    def batch_forget(self, hdr: k.Header, body: memoryview) -> object:
+        count = k.BATCH_FORGET_IN.unpack_from(body)[0]
+        for i in range(count):
+            nodeid, nlookup = k.FORGET_ONE.unpack_from(body, k.BATCH_FORGET_IN.size + 16 * i)
+            self.inodes.forget(nodeid, nlookup)
+        return NO_REPLY
+
+    def _entry(self, parent: Inode, name: bytes) -> bytes:
+        inode, st = self.inodes.lookup(parent, name)
+        return k.pack_entry(inode.nodeid, st)
+
+    def _in_dir(self, kind: str, parent: Inode, name: bytes, **fields: Any) -> None:
+        """A metadata operation on ``name`` in directory ``parent``, decided by the coordinator
+        while that directory is still where its path says (else retried with a fresh one)."""
+        def run() -> None:
+            self.agent.meta(kind, path=self.inodes.child(parent, name), dir_ino=parent.ino, **fields)
+        _retry_stale(run)
+
+    # -- attributes --------------------------------------------------------------------------
+
+    def getattr(self, hdr: k.Header, body: memoryview) -> bytes:
+        flags, _, fh = k.GETATTR_IN.unpack_from(body)
+        if flags & k.GETATTR_FH and fh in self.handles:
+            st = os.fstat(fh)
+        else:
+            st = os.fstat(self.inodes.get(hdr.nodeid).fd)
+        return k.ATTR_OUT.pack(0, 0, 0) + k.pack_attr(st)
+
+    def setattr(self, hdr: k.Header, body: memoryview) -> bytes:
+        (valid, _, fh, size, _owner, atime, mtime, _ctime, atimens, mtimens, _ctimens, mode,
+         _, uid, gid, _) = k.SETATTR_IN.unpack_from(body)
+        inode = self.inodes.get(hdr.nodeid)
+        handle = self.handles.get(fh) if valid & k.FATTR_FH else None
+        if valid & k.FATTR_SIZE:
+            self._truncate(inode, fh if handle is not None else None, size)
+        fields: dict[str, Any] = {}
+        if valid & k.FATTR_MODE:
+            fields["mode"] = mode & 0o7777
+        if valid & k.FATTR_ATIME:
+            fields["atime_ns"] = "now" if valid & k.FATTR_ATIME_NOW else atime * 10**9 + atimens
+        if valid & k.FATTR_MTIME:
+            fields["mtime_ns"] = "now" if valid & k.FATTR_MTIME_NOW else mtime * 10**9 + mtimens
+        if fields:  # (UTIME_NOW: the coordinator's clock; a node's may be skewed by hours)
+            self._setattr(inode, fields)
+        if valid & (k.FATTR_UID | k.FATTR_GID):
+            self._chown(inode, uid if valid & k.FATTR_UID else -1, gid if valid & k.FATTR_GID else -1)
+        st = os.fstat(fh) if handle is not None else os.fstat(inode.fd)
+        return k.ATTR_OUT.pack(0, 0, 0) + k.pack_attr(st)
+
+    def _chown(self, inode: Inode, uid: int, gid: int) -> None:
+        """Ownership is not replicated yet (docs/operations.md); passed through for tar & co."""
+        if not stat.S_ISLNK(inode.mode):
+            os.chown(inode.proc, uid, gid)  # (follows the magic link to the inode itself)
+            return
+        path = self.inodes.path(inode)
+        if path is None:
+            raise OSError(errno.ENOENT, "no longer has a name")
+        os.chown(path, uid, gid, dir_fd=self.inodes.root.fd, follow_symlinks=False)
+
+    def _truncate(self, inode: Inode, fd: int | None, length: int) -> None:
+        """Truncate this inode wherever its name is now; one without a name any more is
+        truncated here alone (nothing on the volume can show it)."""
+        def run() -> None:
+            path = self.inodes.path(inode)
+            if path is None:
+                raise FileNotFoundError(errno.ENOENT, "no name")
+            self.agent.meta("truncate", path=path, size=length, ino=inode.ino)
         try:
-            here = os.fstat(fd)
-            out: list[Any] = [(".", {"st_mode": here.st_mode, "st_ino": here.st_ino}, 0),
-                              ("..", {"st_mode": stat.S_IFDIR, "st_ino": 1}, 0)]
-            with os.scandir(fd) as it:
-                for entry in it:
-                    st = entry.stat(follow_symlinks=False)
-                    out.append((entry.name, {"st_mode": st.st_mode, "st_ino": st.st_ino}, 0))
-            return out
-        finally:
-            os.close(fd)
+            _retry_stale(run)
+        except FileNotFoundError:
+            if fd is not None:
+                os.ftruncate(fd, length)
+            else:
+                os.truncate(inode.proc, length)
 
-    @guarded
-    def readlink(self, path: str) -> str:
-        return os.readlink(rel(path), dir_fd=self.root)
+    def _setattr(self, inode: Inode, fields: dict[str, Any]) -> None:
+        def run() -> None:
+            path = self.inodes.path(inode)
+            if path is None:
+                raise FileNotFoundError(errno.ENOENT, "no name")
+            if path == "":
+                path = "."
+            self.agent.meta("setattr", path=path, ino=inode.ino, **fields)
+        try:
+            _retry_stale(run)
+        except FileNotFoundError:  # no name: change the orphan here (nothing to replicate)
+            if "mode" in fields:
+                os.chmod(inode.proc, fields["mode"])
+            if "atime_ns" in fields or "mtime_ns" in fields:
+                st = os.fstat(inode.fd)
+                now = self.agent.now_ns()
+                times = tuple(now if v == "now" else v for v in (
+                    fields.get("atime_ns", st.st_atime_ns), fields.get("mtime_ns", st.st_mtime_ns)))
+                os.utime(inode.proc, ns=times)  # type: ignore[arg-type]
 
-    @guarded
-    def statfs(self, path: str) -> dict[str, int]:
+    def readlink(self, hdr: k.Header, body: memoryview) -> bytes:
+        return os.fsencode(os.readlink("", dir_fd=self.inodes.get(hdr.nodeid).fd))
+
+    def statfs(self, hdr: k.Header, body: memoryview) -> bytes:
         sv = os.statvfs(self.volume)
-        return {k: getattr(sv, k) for k in (
-            "f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail", "f_ffree",
-            "f_files", "f_flag", "f_frsize", "f_namemax")}
+        return k.STATFS_OUT.pack(sv.f_blocks, sv.f_bfree, sv.f_bavail, sv.f_files, sv.f_ffree,
+                                 sv.f_bsize, sv.f_namemax, sv.f_frsize, 0, *([0] * 6))
 
-    @guarded
-    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        return os.pread(fh, size, offset)
+    # -- namespace (through the coordinator) -------------------------------------------------
+
+    def mkdir(self, hdr: k.Header, body: memoryview) -> bytes:
+        mode, _umask = k.MKDIR_IN.unpack_from(body)
+        name = k.names(body[k.MKDIR_IN.size:], 1)[0]
+        parent = self.inodes.get(hdr.nodeid)
+        self._in_dir("mkdir", parent, name, mode=mode & 0o7777)
+        return self._entry(parent, name)
+
+    def rmdir(self, hdr: k.Header, body: memoryview) -> None:
+        self._in_dir("rmdir", self.inodes.get(hdr.nodeid), k.names(body, 1)[0])
+
+    def unlink(self, hdr: k.Header, body: memoryview) -> None:
+        self._in_dir("unlink", self.inodes.get(hdr.nodeid), k.names(body, 1)[0])
+
+    def symlink(self, hdr: k.Header, body: memoryview) -> bytes:
+        name, target = k.names(body, 2)
+        parent = self.inodes.get(hdr.nodeid)
+        self._in_dir("symlink", parent, name, target=os.fsdecode(target))
+        return self._entry(parent, name)
+
+    def rename(self, hdr: k.Header, body: memoryview) -> None:
+        newdir = k.RENAME_IN.unpack_from(body)[0]
+        self._rename(hdr.nodeid, newdir, 0, body[k.RENAME_IN.size:])
+
+    def rename2(self, hdr: k.Header, body: memoryview) -> None:
+        newdir, flags, _ = k.RENAME2_IN.unpack_from(body)
+        self._rename(hdr.nodeid, newdir, flags, body[k.RENAME2_IN.size:])
+
+    def _rename(self, olddir: int, newdir: int, flags: int, body: memoryview) -> None:
+        if flags & ~RENAME_NOREPLACE:  # RENAME_EXCHANGE, RENAME_WHITEOUT: not supported yet
+            raise OSError(errno.EINVAL, "rename flags not supported")
+        old, new = k.names(body, 2)
+        src, dst = self.inodes.get(olddir), self.inodes.get(newdir)
+        opts: dict[str, Any] = {"noreplace": True} if flags & RENAME_NOREPLACE else {}
+
+        def run() -> None:
+            # decided by the coordinator, atomically: with NOREPLACE one host wins
+            self.agent.meta("rename", path=self.inodes.child(src, old), dst=self.inodes.child(dst, new),
+                            dir_ino=src.ino, dst_dir_ino=dst.ino, **opts)
+        _retry_stale(run)
+
+    def unsupported(self, hdr: k.Header, body: memoryview) -> None:
+        raise OSError(errno.EOPNOTSUPP, "hard links and special files are not replicated yet")
 
     # -- files -------------------------------------------------------------------------------
 
@@ -158,287 +283,252 @@ class CaptureFS(fuse.Operations):
             self.handles[fd] = handle
         return fd
 
-    @guarded
-    def create(self, path: str, mode: int, flags: int = os.O_WRONLY) -> int:
+    def _open_out(self, fd: int) -> bytes:
+        handle = self.handles[fd]
+        # an O_APPEND handle bypasses the page cache: the kernel picks an append's offset from
+        # its own idea of the size, which other hosts' appends make stale; the agent writes at
+        # the volume's end instead, and pages cached at the kernel's offset would lie
+        return k.OPEN_OUT.pack(fd, k.FOPEN_DIRECT_IO if handle.append else 0, 0)
+
+    def open(self, hdr: k.Header, body: memoryview) -> bytes:
+        flags, _ = k.OPEN_IN.unpack_from(body)
+        inode = self.inodes.get(hdr.nodeid)
+        if flags & _WRITE_FLAGS:
+            return self._open_out(self._open_for_write(inode, flags))
+        fd = os.open(inode.proc, _backing_flags(flags))
+        return self._open_out(self._register(fd, Handle(inode.ino, "", False)))
+
+    def _open_for_write(self, inode: Inode, flags: int) -> int:
+        """Open this inode for writing, in the coordinator's order: it confirms (an ``Open``
+        mark) that the inode is still the one at its current path; if a rename got in between,
+        it answers ESTALE and we ask again. An inode without a name is opened as an orphan."""
+        fd = os.open(inode.proc, _backing_flags(flags))
+        try:
+            def run() -> str | None:
+                path = self.inodes.path(inode)
+                if path is not None:
+                    self.agent.meta("open", path=path, ino=inode.ino)
+                return path
+            path = _retry_stale(run)
+            if path is None:
+                self.agent.orphaned(inode.ino)
+            if flags & os.O_TRUNC:
+                self._truncate(inode, fd, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._register(fd, Handle(inode.ino, path or "", True, bool(flags & os.O_APPEND)))
+
+    def create(self, hdr: k.Header, body: memoryview) -> bytes:
         """``open(O_CREAT)`` of a name the kernel found missing. Without ``O_EXCL`` another host
         may create it first: then this opens that file, as one file system would."""
-        p = rel(path)
+        flags, mode, _umask, _ = k.CREATE_IN.unpack_from(body)
+        name = k.names(body[k.CREATE_IN.size:], 1)[0]
+        parent = self.inodes.get(hdr.nodeid)
         for _ in range(MAX_RACE_RETRIES):
             if not flags & os.O_EXCL:
                 try:
-                    return self._open_for_write(p, flags)
+                    inode, _st = self.inodes.lookup(parent, name)
                 except FileNotFoundError:
                     pass
+                else:
+                    try:
+                        return self._created_reply(inode, self._open_for_write(inode, flags))
+                    except BaseException:
+                        self.inodes.forget(inode.nodeid, 1)  # the kernel never saw this lookup
+                        raise
             try:
-                reply = self.agent.meta("create", path=p, mode=mode & 0o7777)
+                reply = _retry_stale(lambda: self.agent.meta(
+                    "create", path=self.inodes.child(parent, name), dir_ino=parent.ino,
+                    mode=mode & 0o7777))
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
                 continue  # created by another host meanwhile: open it
-            ino = int(reply["ino"])
-            fd = self._open_created(p, flags, ino)
-            return self._register(fd, Handle(ino, p, True, bool(flags & os.O_APPEND)))
-        raise OSError(errno.EIO, f"create of {p!r} kept racing other hosts")
+            return self._open_created(parent, name, flags, int(reply["ino"]))
+        raise OSError(errno.EIO, "create kept racing other hosts")
 
-    def _open_created(self, p: str, flags: int, ino: int) -> int:
-        """The backing descriptor of the file the coordinator just created as ``ino``, wherever
-        another host's rename has moved it since; an anonymous file if it was already removed
-        (what the program writes then goes nowhere, as to a file unlinked while open)."""
+    def _created_reply(self, inode: Inode, fd: int) -> bytes:
+        return k.pack_entry(inode.nodeid, os.fstat(fd)) + self._open_out(fd)
+
+    def _open_created(self, parent: Inode, name: bytes, flags: int, ino: int) -> bytes:
+        """Open the file the coordinator just created as ``ino``, wherever another host's rename
+        has moved it since; an anonymous file if it was already removed (what the program
+        writes then goes nowhere, as to a file unlinked while open)."""
+        path: str | None = self.inodes.child(parent, name)
         for _ in range(MAX_RACE_RETRIES):
             try:
-                fd = os.open(p, _backing_flags(flags) | os.O_NOFOLLOW, dir_fd=self.root)
+                fd = os.open(path, _backing_flags(flags) | os.O_NOFOLLOW,  # type: ignore[arg-type]
+                             dir_fd=self.inodes.root.fd)
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.EISDIR, errno.ENOTDIR):
                     raise
             else:
-                if os.fstat(fd).st_ino == ino:
-                    return fd
+                st = os.fstat(fd)
+                if st.st_ino == ino:
+                    return self._new_file(fd, Handle(ino, path, True, bool(flags & os.O_APPEND)))  # type: ignore[arg-type]
                 os.close(fd)
-            where = self.agent.where(ino, p)
-            if where is None:
+            path = self.agent.where(ino, path)  # type: ignore[arg-type]
+            if path is None:
                 self.agent.orphaned(ino)
-                return os.open(self.agent.state, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-            p = where
-        raise OSError(errno.EIO, f"created file {p!r} kept moving while being opened")
+                fd = os.open(self.agent.state, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+                return self._new_file(fd, Handle(ino, "", True, bool(flags & os.O_APPEND)))
+        raise OSError(errno.EIO, "created file kept moving while being opened")
 
-    def _open_for_write(self, p: str, flags: int) -> int:
-        """Open an existing file for writing, in the coordinator's order: open the backing file,
-        then the coordinator confirms (under its lock, as an ``Open`` mark) that this inode is
-        still the one named ``p``; if a rename or unlink got in between, open again."""
-        for _ in range(MAX_RACE_RETRIES):
-            fd = os.open(p, _backing_flags(flags), dir_fd=self.root)
-            try:
-                ino = os.fstat(fd).st_ino
-                self.agent.meta("open", path=p, ino=ino)
-                if flags & os.O_TRUNC:
-                    self._truncate_open(fd, ino, p, 0)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno == errno.ESTALE:
-                    continue
-                raise
-            return self._register(fd, Handle(ino, p, True, bool(flags & os.O_APPEND)))
-        raise OSError(errno.EIO, f"open of {p!r} kept racing other hosts")
+    def _new_file(self, fd: int, handle: Handle) -> bytes:
+        ref = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
+        inode = self.inodes.learn(ref, os.fstat(ref))
+        self._register(fd, handle)
+        return self._created_reply(inode, fd)
 
-    def _truncate_open(self, fd: int, ino: int, hint: str, length: int) -> None:
-        """Truncate the file open as ``fd``, whatever its name is now; one without a name any
-        more is truncated here alone (nothing to replicate)."""
-        try:
-            self.agent.meta("truncate", path=self.agent.paths.get(ino, hint), size=length, ino=ino)
-        except FileNotFoundError:
-            os.ftruncate(fd, length)
+    def read(self, hdr: k.Header, body: memoryview) -> bytes:
+        fh, offset, size, *_ = k.READ_IN.unpack_from(body)
+        return os.pread(fh, size, offset)
 
-    @guarded
-    def open(self, path: str, flags: int) -> int:
-        p = rel(path)
-        if flags & _WRITE_FLAGS:
-            return self._open_for_write(p, flags)
-        fd = os.open(p, (flags & ~(os.O_TRUNC | os.O_DIRECT)) | os.O_CLOEXEC, dir_fd=self.root)
-        return self._register(fd, Handle(os.fstat(fd).st_ino, p, False))
-
-    @guarded
-    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+    def write(self, hdr: k.Header, body: memoryview) -> bytes:
+        fh, offset, size, *_ = k.WRITE_IN.unpack_from(body)
         handle = self.handles.get(fh)
         if handle is None or not handle.write:
             raise OSError(errno.EBADF, "not open for writing")
-        return self.agent.write(handle.ino, handle.path, fh, data, offset, append=handle.append)
+        data = bytes(body[k.WRITE_IN.size:k.WRITE_IN.size + size])
+        n = self.agent.write(handle.ino, handle.path, fh, data, offset, append=handle.append)
+        return k.WRITE_OUT.pack(n, 0)
 
-    def _target(self, path: str | None, fh: int | None) -> dict[str, Any]:
-        """Which file an attribute change is for: by inode when the caller has it open, since
-        another host may have renamed it (libfuse's path would then be stale)."""
-        handle = self.handles.get(fh) if fh is not None else None
-        if handle is not None:
-            return {"path": self.agent.paths.get(handle.ino, handle.path), "ino": handle.ino}
-        if path is None:
-            raise OSError(errno.EBADF, "no path and no open file")
-        return {"path": rel(path)}
-
-    @guarded
-    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
-        handle = self.handles.get(fh) if fh is not None else None
-        if handle is not None:
-            self._truncate_open(fh, handle.ino, handle.path, length)  # type: ignore[arg-type]
-        else:
-            self.agent.meta("truncate", size=length, **self._target(path, None))
-        return 0
-
-    @guarded
-    def flush(self, path: str, fh: int) -> int:
-        return 0
-
-    @guarded
-    def fsync(self, path: str, datasync: int, fh: int) -> int:
-        if datasync:
+    def fsync(self, hdr: k.Header, body: memoryview) -> None:
+        fh, flags, _ = k.FSYNC_IN.unpack_from(body)
+        if flags & k.FSYNC_FDATASYNC:
             os.fdatasync(fh)
         else:
             os.fsync(fh)
-        return 0
 
-    @guarded
-    def release(self, path: str, fh: int) -> int:
+    def flush(self, hdr: k.Header, body: memoryview) -> None:
+        """A close of one descriptor: the closing process's POSIX locks on the file go."""
+        fh, _, _, owner = k.FLUSH_IN.unpack_from(body)
+        handle = self.handles.get(fh)
+        if handle is not None:
+            self.agent.drop_posix_locks(handle.ino, owner, handle.path)
+
+    def release(self, hdr: k.Header, body: memoryview) -> None:
+        fh, _flags, release_flags, owner = k.RELEASE_IN.unpack_from(body)
         with self._lock:
             handle = self.handles.pop(fh, None)
             last = handle is not None and all(h.ino != handle.ino for h in self.handles.values())
-        if last:
-            self.agent.released(handle.ino)  # type: ignore[union-attr]
+            owners = self.lock_owners.pop(fh, set())
         try:
-            if handle is not None and handle.write:
-                current = self.agent.paths.get(handle.ino, handle.path)
+            if handle is None:
+                return
+            if release_flags & k.RELEASE_FLOCK_UNLOCK:
+                self.agent.drop_flock(handle.ino, owner, handle.path)
+            for lock_owner in owners:  # a process's own were dropped at its flush already
+                self.agent.drop_posix_locks(handle.ino, lock_owner, handle.path)
+            if last:
+                self.agent.released(handle.ino)
+            current = self.agent.paths.get(handle.ino, handle.path)
+            if handle.write and current:  # (a file without a name needs no Close mark)
                 try:
                     self.agent.meta("close", path=current, ino=handle.ino)
                 except OSError as exc:
                     log.warning("close of %s not recorded: %s", current, exc)
         finally:
             os.close(fh)
-        return 0
 
-    # -- namespace and attributes (through the coordinator) ----------------------------------
+    # -- directories -------------------------------------------------------------------------
 
-    @guarded
-    def mkdir(self, path: str, mode: int) -> int:
-        self.agent.meta("mkdir", path=rel(path), mode=mode & 0o7777)
-        return 0
+    def opendir(self, hdr: k.Header, body: memoryview) -> bytes:
+        fd = os.open(self.inodes.get(hdr.nodeid).proc, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        with self._lock:
+            self.dirs[fd] = DirHandle(fd)
+        return k.OPEN_OUT.pack(fd, 0, 0)
 
-    @guarded
-    def rmdir(self, path: str) -> int:
-        self.agent.meta("rmdir", path=rel(path))
-        return 0
+    def readdir(self, hdr: k.Header, body: memoryview) -> bytes:
+        fh, offset, size, *_ = k.READ_IN.unpack_from(body)
+        handle = self.dirs.get(fh)
+        if handle is None:
+            raise OSError(errno.EBADF, "directory not open")
+        if offset == 0:  # (again: rewinddir) what the directory holds now
+            handle.entries = self._list(handle.fd)
+        out = bytearray()
+        for i in range(offset, len(handle.entries)):
+            rec = handle.entries[i]
+            if len(out) + len(rec) > size:
+                break
+            out += rec
+        return bytes(out)
 
-    @guarded
-    def unlink(self, path: str) -> int:
-        self.agent.meta("unlink", path=rel(path))
-        return 0
+    def _list(self, fd: int) -> list[bytes]:
+        here = os.fstat(fd)
+        recs = [k.pack_dirent(here.st_ino, 1, b".", stat.S_IFDIR >> 12),
+                k.pack_dirent(k.ROOT_ID, 2, b"..", stat.S_IFDIR >> 12)]
+        with os.scandir(fd) as it:
+            for entry in it:
+                try:
+                    dtype = entry.stat(follow_symlinks=False).st_mode >> 12
+                except OSError:
+                    continue  # removed meanwhile
+                recs.append(k.pack_dirent(entry.inode(), len(recs) + 1, os.fsencode(entry.name), dtype))
+        return recs
 
-    @guarded
-    def symlink(self, target: str, source: str) -> int:
-        # mfusepy: ``target`` is the new link's path, ``source`` its content
-        self.agent.meta("symlink", path=rel(target), target=source)
-        return 0
+    def releasedir(self, hdr: k.Header, body: memoryview) -> None:
+        fh = k.RELEASE_IN.unpack_from(body)[0]
+        with self._lock:
+            handle = self.dirs.pop(fh, None)
+        if handle is not None:
+            os.close(handle.fd)
 
-    @guarded
-    def rename(self, old: str, new: str, flags: int = 0) -> int:
-        if flags & RENAME_NOREPLACE:  # decided by the coordinator, atomically: one host wins
-            self.agent.meta("rename", path=rel(old), dst=rel(new), noreplace=True)
-        else:
-            self.agent.meta("rename", path=rel(old), dst=rel(new))
-        return 0
+    def fsyncdir(self, hdr: k.Header, body: memoryview) -> None:
+        os.fsync(k.FSYNC_IN.unpack_from(body)[0])
 
-    @guarded
-    def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
-        self.agent.meta("setattr", mode=mode & 0o7777, **self._target(path, fh))
-        return 0
+    # -- locks (held cluster-wide, through the coordinator) ----------------------------------
 
-    @guarded
-    def utimens(self, path: str | None, times: tuple[int, int] | None = None,
-                fh: int | None = None) -> int:
-        # UTIME_NOW becomes "now" (the coordinator's clock: a node's may be skewed by hours);
-        # UTIME_OMIT leaves that time alone
-        atime, mtime = times if times is not None else (UTIME_NOW, UTIME_NOW)
-        fields: dict[str, Any] = {}
-        for name, value in (("atime_ns", atime), ("mtime_ns", mtime)):
-            if value == UTIME_NOW:
-                fields[name] = "now"
-            elif value != UTIME_OMIT:
-                fields[name] = int(value)
-        if fields:
-            self.agent.meta("setattr", **fields, **self._target(path, fh))
-        return 0
+    def _lock_request(self, hdr: k.Header, body: memoryview) -> tuple[dict[str, Any], bool]:
+        fh, owner, start, end, ltype, _pid, lk_flags, _ = k.LK_IN.unpack_from(body)
+        handle = self.handles.get(fh)
+        inode = self.inodes.get(hdr.nodeid)
+        path = (handle.path if handle is not None else "") or self.inodes.path(inode) or "."
+        flock = bool(lk_flags & k.LK_FLOCK)
+        if not flock and handle is not None:
+            with self._lock:
+                self.lock_owners.setdefault(fh, set()).add(owner)
+        req: dict[str, Any] = {"ino": inode.ino, "path": path, "kind": "flock" if flock else "posix",
+                               "owner": owner, "type": int(_FLOCK_OF[ltype]) if flock else ltype,
+                               "start": min(start, MAX), "end": min(end, MAX)}
+        return req, flock
 
-    @guarded
-    def chown(self, path: str, uid: int, gid: int) -> int:
-        # ownership is not replicated (see docs); pass it through so tools like tar work
-        os.chown(rel(path), uid, gid, dir_fd=self.root, follow_symlinks=False)
-        return 0
+    def getlk(self, hdr: k.Header, body: memoryview) -> bytes:
+        req, _ = self._lock_request(hdr, body)
+        conflict = self.agent.file_lock({**req, "test": True}, interrupted=lambda: False)
+        if conflict is None:
+            return k.LK_OUT.pack(0, 0, LockType.UNLOCK, 0)
+        ltype, start, end = conflict
+        return k.LK_OUT.pack(start, end, ltype, 0)  # the holder may be on another host: no pid
 
-    @guarded
-    def link(self, target: str, source: str) -> int:
-        raise OSError(errno.EOPNOTSUPP, "hard links are not supported on a replicated volume")
-
-    @guarded
-    def mknod(self, path: str, mode: int, dev: int) -> int:
-        raise OSError(errno.EOPNOTSUPP, "special files are not supported on a replicated volume")
-
-
-def _fh(fip: Any) -> int | None:
-    return fip.contents.fh if fip else None
-
-
-class CaptureFUSE(fuse.FUSE):  # type: ignore[misc]
-    """mfusepy with the libfuse 3 arguments it drops passed on: the open file of ftruncate,
-    fchmod and futimens (a path alone may be stale on a shared volume), and rename flags (an
-    exchange must be refused, not silently run as a plain rename)."""
-
-    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
-        return self.operations.truncate(self._path(path), length, _fh(fip))  # type: ignore[no-any-return]
-
-    def chmod_fuse_3(self, path: bytes | None, mode: int, fip: Any) -> int:
-        return self.operations.chmod(self._path(path), mode, _fh(fip))  # type: ignore[no-any-return]
-
-    def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
-        times = None
-        if buf:
-            times = (fuse.time_of_timespec(buf.contents.actime, use_ns=True),
-                     fuse.time_of_timespec(buf.contents.modtime, use_ns=True))
-        return self.operations.utimens(self._path(path), times, _fh(fip))  # type: ignore[no-any-return]
-
-    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
-        if flags & ~RENAME_NOREPLACE:  # RENAME_EXCHANGE, RENAME_WHITEOUT: not supported
-            return -errno.EINVAL
-        return self.operations.rename(self._path(old), self._path(new), flags)  # type: ignore[no-any-return]
-
-    def open(self, path: bytes, fip: Any) -> int:
-        result = super().open(path, fip)
-        self._cache_mode(fip)
-        return result  # type: ignore[no-any-return]
-
-    def create(self, path: bytes, mode: int, fip: Any) -> int:
-        result = super().create(path, mode, fip)
-        self._cache_mode(fip)
-        return result  # type: ignore[no-any-return]
-
-    def _cache_mode(self, fip: Any) -> None:
-        """An O_APPEND handle bypasses the kernel's page cache: the kernel picks the offset of
-        an append from its own idea of the size, which another host's appends make stale; we
-        write at the volume's end instead, and cached pages at the kernel's offset would lie."""
-        fi = fip.contents
-        handle = self.operations.handles.get(fi.fh)
-        if handle is not None and handle.append:
-            fi.direct_io = 1
-
-    def _path(self, path: bytes | None) -> str | None:
-        return None if path is None else path.decode(self.encoding, self.errors)
-
-    def _wrapper(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if not getattr(_thread, "pinned", False):
-            _pin_thread_state()
-        return super()._wrapper(func, *args, **kwargs)
+    def setlk(self, hdr: k.Header, body: memoryview) -> None:
+        req, _ = self._lock_request(hdr, body)
+        req["wait"] = hdr.opcode == k.SETLKW
+        session = self.session
+        self.agent.file_lock(req, interrupted=lambda: session is not None
+                             and session.interrupted(hdr.unique))
 
 
-_thread = threading.local()
+def mount(fs: CaptureFS, mountpoint: str) -> None:
+    """Mount ``fs`` and serve until unmounted or sent SIGINT/SIGTERM (then unmount)."""
+    fd, keeper = mount_fuse(mountpoint, MOUNT_OPTIONS)
+    session = Session(fd, fs.handlers(), init_flags=INIT_FLAGS)
+    fs.session = session
 
+    def stop(signum: int, frame: Any) -> None:
+        log.info("signal %d: unmounting %s", signum, mountpoint)
+        subprocess.run(["fusermount3", "-u", "-z", "--", mountpoint], check=False,
+                       capture_output=True)
+        session.stop()
 
-def _pin_thread_state() -> None:
-    """Keep this libfuse worker thread's Python thread state for good.
-
-    ctypes enters a callback from a foreign thread with PyGILState_Ensure and leaves it with
-    PyGILState_Release; for a thread Python did not start, that creates and destroys a whole
-    thread state on every call (strace: a gettid, an mmap and a munmap of the frame stack per
-    FUSE request). One extra Ensure that is never released keeps the state alive, so later
-    callbacks only take and drop the GIL. A worker thread libfuse retires leaves one small
-    thread state behind.
-    """
-    ctypes.pythonapi.PyGILState_Ensure()
-    _thread.pinned = True
-
-
-def mount(fs: CaptureFS, mountpoint: str, *, foreground: bool = True) -> None:
-    """Mount ``fs`` and serve until unmounted or signalled (libfuse handles SIGINT/SIGTERM)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+    fs.mounted = True
     try:
-        CaptureFUSE(fs, mountpoint, foreground=foreground, nothreads=False, fsname="clusterrep",
-                  **MOUNT_OPTIONS)
-    except RuntimeError as exc:
-        # libfuse returns non-zero when its loop ended by a signal; that is a clean stop once
-        # the mount is gone
-        if not fs.mounted or os.path.ismount(mountpoint):
-            raise ClusterrepError(f"FUSE failed on {mountpoint}: {exc}") from None
-        log.debug("FUSE loop ended (%s)", exc)
+        session.serve()
+    finally:
+        fs.mounted = False
+        os.close(fd)
+        keeper.close()

@@ -9,7 +9,12 @@ Each node opens two authenticated connections:
   A failure is answered ``{"id": N, "errno": E, "message": TEXT}``.
 * role ``node-control``: the coordinator pushes ``{"t": "recall", "id": K, "ino": I}`` (answered
   ``{"t": "released", "id": K}`` once the node has stopped writing that file) and
-  ``{"t": "gseq", "g": G}`` whenever the global sequence advanced, so idle nodes can tick.
+  ``{"t": "gseq", "g": G}`` whenever the global sequence advanced, so idle nodes can tick, and
+  ``{"t": "unlocked", "ino": I}`` when a lock on a file this node waits for was released.
+
+Lock requests (op ``lock``: ino, path, kind, owner, type, start, end, test, wait) never wait in
+the coordinator: a refused one is answered at once and the node waits for ``unlocked`` (or
+for a signal). After a restart, nodes ``reclaim`` (locks: list) what they hold.
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import serve, wire
-from ..errors import ClusterrepError
+from ..errors import ClusterrepError, InvalidLock, ReclaimConflict
 from ..events import encode
 from ..shipper import Shipper
-from .service import CoordinatorService, OpFailed
+from .service import CoordinatorService, LockRequest, OpFailed
 
 log = logging.getLogger("clusterrep.coordinator")
 RECALL_TIMEOUT = 30.0
@@ -51,12 +56,14 @@ class CoordinatorServer:
         self.shipper = Shipper(service.journal, replica, auth, name="coordinator", role="coordinator")
         service.recaller = self._recall
         service.on_record = self._recorded
+        service.on_unlock = self._unlocked
         self._controls: dict[str, _Control] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="coord-op")
         self._stop = threading.Event()
         self._changed = threading.Condition()
+        self._unlocks: list[tuple[str, int]] = []  # (node, ino) to tell "unlocked"
         self._pusher = threading.Thread(target=self._push_gseq, name="gseq-push", daemon=True)
 
     @property
@@ -96,6 +103,11 @@ class CoordinatorServer:
             reply = self._dispatch(node, msg)
         except OpFailed as exc:
             reply = {"errno": exc.errno, "message": str(exc)}
+        except InvalidLock as exc:
+            reply = {"errno": errno.EINVAL, "message": str(exc)}
+        except ReclaimConflict as exc:
+            log.error("node %s could not reclaim its locks: %s", node, exc)
+            reply = {"errno": errno.ENOLCK, "message": str(exc)}
         except ClusterrepError as exc:
             log.error("request %r from %s failed: %s", msg.get("op"), node, exc)
             reply = {"errno": errno.EIO, "message": str(exc)}
@@ -132,6 +144,13 @@ class CoordinatorServer:
             if not isinstance(ino, int) or not isinstance(path, str):
                 raise OpFailed("acquire needs ino and path", errno.EINVAL)
             return svc.acquire(node, op_id, ino, path)
+        if op == "lock":
+            return svc.file_lock(node, op_id, LockRequest.parse(msg))
+        if op == "reclaim":
+            records = msg.get("locks")
+            if not isinstance(records, list):
+                raise OpFailed("reclaim needs a list of locks", errno.EINVAL)
+            return svc.reclaim(node, records)
         if op == "where":
             ino, path = msg.get("ino"), msg.get("path")
             if not isinstance(ino, int) or not isinstance(path, str):
@@ -189,6 +208,23 @@ class CoordinatorServer:
             raise OpFailed(f"node {node} did not release the write token of inode {ino} within "
                            f"{RECALL_TIMEOUT:.0f} s", errno.ETIMEDOUT)
 
+    def _unlocked(self, nodes: set[str], ino: int) -> None:
+        """Tell ``nodes`` that a lock on ``ino`` was released: their waiters try again. (Called
+        under the service's lock: the pusher thread sends it.)"""
+        with self._changed:
+            self._unlocks.extend((node, ino) for node in nodes)
+            self._changed.notify_all()
+
+    def _push_unlocks(self) -> None:
+        with self._changed:
+            pending, self._unlocks = self._unlocks, []
+        for node, ino in pending:
+            with self._lock:
+                ctl = self._controls.get(node)
+            if ctl is not None:
+                with contextlib.suppress(ClusterrepError, OSError):
+                    ctl.conn.send({"t": "unlocked", "ino": ino})
+
     def _recorded(self) -> None:
         self.shipper.notify()
         with self._changed:
@@ -197,7 +233,9 @@ class CoordinatorServer:
     def _push_gseq(self) -> None:
         while not self._stop.is_set():
             with self._changed:
-                self._changed.wait(0.1)
+                if not self._unlocks:
+                    self._changed.wait(0.1)
+            self._push_unlocks()  # at once: a waiting program gets its lock
             self._stop.wait(0.02)  # at most ~50 pushes a second: ticks stay cheap
             g = self.service.gseq
             with self._lock:

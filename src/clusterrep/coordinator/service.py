@@ -32,7 +32,7 @@ from typing import Any
 
 from ..confined import Target
 from ..durable import atomic_write
-from ..errors import ApplyError, ClusterrepError, InvalidEvent
+from ..errors import ApplyError, ClusterrepError, InvalidEvent, InvalidLock
 from ..events import (
     EVENT_TYPES,
     Acquire,
@@ -40,6 +40,7 @@ from ..events import (
     Create,
     Join,
     Leave,
+    Lock,
     MetaEvent,
     Mkdir,
     Open,
@@ -53,6 +54,7 @@ from ..events import (
     encode,
 )
 from ..journal import Journal
+from ..locks import MAX, FlockType, LockTable, LockType
 from ..replica.merger import COORDINATOR
 
 log = logging.getLogger("clusterrep.coordinator")
@@ -84,9 +86,58 @@ class Options:
 
     ino: Any = None
     noreplace: bool = False
+    dir_ino: Any = None
+    dst_dir_ino: Any = None
 
 
 Handler = Callable[[str, str, dict[str, Any], Options], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class LockRequest:
+    """One lock request of a node: ``kind`` ``posix`` (byte range ``[start, end]``, inclusive,
+    ``end`` = `locks.MAX` for "to end of file"; ``type`` a `LockType`) or ``flock`` (whole
+    file; ``type`` a `FlockType`); ``owner`` the node's own number for the lock owner (POSIX)
+    or open file (flock); ``test``: F_GETLK; ``wait``: the node waits if refused."""
+
+    ino: int
+    path: str
+    kind: str
+    owner: int
+    type: int
+    start: int = 0
+    end: int = MAX
+    test: bool = False
+    wait: bool = False
+
+    @property
+    def unlock(self) -> bool:
+        return self.type == (LockType.UNLOCK if self.kind == "posix" else FlockType.UNLOCK)
+
+    @property
+    def shared(self) -> bool:
+        return self.type == (LockType.READ if self.kind == "posix" else FlockType.SHARED)
+
+    @classmethod
+    def parse(cls, msg: dict[str, Any]) -> LockRequest:
+        """From a request map; raises InvalidLock for anything malformed."""
+        try:
+            req = cls(ino=msg["ino"], path=msg["path"], kind=msg["kind"], owner=msg["owner"],
+                      type=msg["type"], start=msg.get("start", 0), end=msg.get("end", MAX),
+                      test=bool(msg.get("test")), wait=bool(msg.get("wait")))
+        except KeyError as exc:
+            raise InvalidLock(f"lock request without {exc}") from None
+        ints = (req.ino, req.owner, req.type, req.start, req.end)
+        if not all(type(v) is int for v in ints) or not isinstance(req.path, str):
+            raise InvalidLock("lock request: ino, owner, type, start, end must be integers")
+        if req.kind not in ("posix", "flock"):
+            raise InvalidLock(f"lock kind must be posix or flock, not {req.kind!r}")
+        valid = LockType if req.kind == "posix" else FlockType
+        if req.type not in set(valid):
+            raise InvalidLock(f"{req.kind} lock type {req.type} is not one of {[int(v) for v in valid]}")
+        if not 0 <= req.start <= req.end <= MAX:
+            raise InvalidLock(f"lock range [{req.start}, {req.end}] is not within [0, {MAX}]")
+        return req
 MAX_ORPHANS = 65536
 
 # recall(node, ino) blocks until ``node`` has released the token of ``ino`` (or is gone)
@@ -94,7 +145,8 @@ Recaller = Callable[[str, int], None]
 
 
 class CoordinatorService:
-    def __init__(self, volume: str | Path, state: str | Path, *, allow_existing: bool = False) -> None:
+    def __init__(self, volume: str | Path, state: str | Path, *, allow_existing: bool = False,
+                 lock_grace: float = 15.0) -> None:
         self.volume_path = Path(volume)
         if not self.volume_path.is_dir():
             raise ClusterrepError(f"volume {volume} is not a directory",
@@ -127,6 +179,15 @@ class CoordinatorService:
         self._inflight: dict[str, threading.Event] = {}
         self._intent_open = False
         self.recaller: Recaller | None = None
+        # file locks of every host (not journaled: after a restart their holders reclaim them
+        # within the grace period, during which no new lock is granted, as in NFSv4)
+        self.locks = LockTable()
+        self.lock_waiters: dict[int, set[str]] = {}  # ino -> nodes waiting for a lock on it
+        self.last_locker: dict[int, str] = {}  # ino -> node granted the last lock on it
+        self.on_unlock: Callable[[set[str], int], None] | None = None  # wakes waiting nodes
+        restarted = self.journal.next_index > 1
+        self.grace_until = time.monotonic() + lock_grace if restarted and self.members else 0.0
+        self.reclaimed: set[str] = set()
         self.on_record: Callable[[], None] | None = None  # wakes the shipper
         self.ops = 0
         self._handlers = self._handler_table()
@@ -205,7 +266,9 @@ class CoordinatorService:
             records = self.journal.read(start, max_bytes=16 << 20)
             for _, raw in records:
                 ev = decode(raw)
-                if isinstance(ev, MetaEvent):
+                if isinstance(ev, MetaEvent) and not isinstance(ev, Lock):
+                    # (a lock granted before a restart is not in the new lock table: a retry
+                    # of its request must run again, not be told it was granted)
                     reply: dict[str, Any] = {"gseq": ev.gseq, "event": raw}
                     if isinstance(ev, Acquire):
                         reply["path"] = ev.path
@@ -304,15 +367,19 @@ class CoordinatorService:
             self.members.discard(node)
             for ino in [i for i, h in self.holders.items() if h == node]:
                 del self.holders[ino]
+            for ino in self.locks.release_node(node):
+                self._wake(ino)
             atomic_write(self.state / "members.json", json.dumps(sorted(self.members)).encode())
         self._durable()
         return ev
 
     def node_gone(self, node: str) -> None:
-        """The node's control link broke: it dropped its tokens, so do we."""
+        """The node's control link broke: it dropped its tokens, so do we, and its locks (it
+        reclaims them when its link is back; a dead node's are free for others)."""
         with self.lock:
             for ino in [i for i, h in self.holders.items() if h == node]:
                 del self.holders[ino]
+        self.release_locks(node)
 
     # -- tokens ------------------------------------------------------------------------------
 
@@ -400,20 +467,108 @@ class CoordinatorService:
         self._durable()
         return {"gseq": ev.gseq, "path": path, "event": encode(ev)}
 
+    # -- file locks --------------------------------------------------------------------------
+
+    def in_grace(self) -> bool:
+        """After a restart, until every member reclaimed its locks (or the grace period ended),
+        no new lock is granted: one could take a lock another node still holds."""
+        if not self.grace_until:
+            return False
+        if time.monotonic() >= self.grace_until or self.members <= self.reclaimed:
+            self.grace_until = 0.0
+            log.info("lock grace period over")
+            return False
+        return True
+
+    def reclaim(self, node: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """``node`` (re)connected and says which locks it holds; keep them. Raises
+        `ReclaimConflict` (nothing installed) if they clash with locks held by others."""
+        with self.lock:
+            owned = [{**r, "owner": [node, *list(r.get("owner", []))[1:]]} for r in records]
+            self.locks.reclaim(owned)
+            self.reclaimed.add(node)
+            for r in owned:
+                self.last_locker[int(r["ino"])] = node
+        return {"gseq": self.gseq}
+
+    def file_lock(self, node: str, op_id: str, req: LockRequest) -> dict[str, Any]:
+        """Test, take or release one lock for ``node``; never waits. The answer says
+        ``granted`` (or, for a test, ``conflict``: [type, start, end] or None) and carries a
+        `Lock` event when the lock changes hands between nodes (a mark). A refused request with
+        ``req.wait`` makes ``node`` a waiter: it is told when a lock on the file is released."""
+        ev = None
+        with self.lock:
+            if self.in_grace() and not req.unlock:
+                return {"gseq": self.gseq, "granted": False, "grace": True}
+            owner = (node, req.owner)
+            if req.test:
+                c = self.locks.test(req.ino, owner, req.type, req.start, req.end)
+                return {"gseq": self.gseq,
+                        "conflict": None if c is None else [int(c.type), c.start, c.end]}
+            if not self._set_lock(req, owner):
+                if req.wait:
+                    self.lock_waiters.setdefault(req.ino, set()).add(node)
+                return {"gseq": self.gseq, "granted": False}
+            if req.unlock or req.shared:
+                self._wake(req.ino)  # a release or a downgrade may let a waiter in
+            if not req.unlock:
+                ev = self._lock_mark(node, op_id, req)
+        if ev is None:
+            return {"gseq": self.gseq, "granted": True}
+        self._durable()
+        return {"gseq": ev.gseq, "granted": True, "event": encode(ev)}
+
+    def _set_lock(self, req: LockRequest, owner: tuple[Any, ...]) -> bool:
+        if req.kind == "posix":
+            return self.locks.set(req.ino, owner, req.type, req.start, req.end)
+        if self.locks.set_flock(req.ino, owner, req.type):
+            return True
+        # Linux converts a flock lock by dropping the old one first, also when the new one
+        # cannot be had: two shared holders both upgrading must not wait on each other
+        if owner in self.locks.flocks(req.ino) and self.locks.release_flock(req.ino, owner):
+            self._wake(req.ino)
+        return False
+
+    def _lock_mark(self, node: str, op_id: str, req: LockRequest) -> MetaEvent | None:
+        """Record a `Lock` mark if the last lock on this file went to another node (lock held)."""
+        previous = self.last_locker.get(req.ino)
+        self.last_locker[req.ino] = node
+        if previous is None or previous == node:
+            return None
+        path = self._resolve(req.ino, req.path)
+        if path is None:
+            return None  # no name: nothing on the replica to order
+        return self._record(Lock, node, op_id, path=path)
+
+    def release_locks(self, node: str, inos: list[int] | None = None) -> None:
+        """Drop every lock ``node`` holds (it left, or its link and lease are gone)."""
+        with self.lock:
+            for ino in self.locks.release_node(node):
+                self._wake(ino)
+            self.reclaimed.discard(node)
+
+    def _wake(self, ino: int) -> None:
+        waiters = self.lock_waiters.pop(ino, None)
+        if waiters and self.on_unlock is not None:
+            self.on_unlock(waiters, ino)
+
     # -- metadata operations -----------------------------------------------------------------
 
     def execute(self, node: str, kind: str, op_id: str, fields: dict[str, Any]) -> dict[str, Any]:
         """Execute one metadata operation for ``node``; raise `OpFailed` with an errno.
 
         ``fields`` are the event's fields plus options that are not part of the event:
-        ``ino`` (the caller has the file open: act on that file wherever its name is now; for
-        ``open``, the inode the caller opened, which must still be the one at ``path``) and
-        ``noreplace`` (rename: fail with EEXIST if ``dst`` exists, atomically).
+        ``ino`` (the inode the caller means: it must still be the one at ``path``),
+        ``dir_ino``/``dst_dir_ino`` (the directory the caller means: it must still be the one
+        that holds ``path``/``dst``) and ``noreplace`` (rename: fail with EEXIST if ``dst``
+        exists, atomically). Those checks are made in the same locked step as the operation;
+        a failed one answers ESTALE (the caller looks again and retries) and changes nothing.
         """
         cls = KINDS.get(kind)
         if cls is None:
             raise OpFailed(f"unknown operation {kind!r}", errno.EINVAL)
-        opts = Options(ino=fields.pop("ino", None), noreplace=bool(fields.pop("noreplace", False)))
+        opts = Options(ino=fields.pop("ino", None), noreplace=bool(fields.pop("noreplace", False)),
+                       dir_ino=fields.pop("dir_ino", None), dst_dir_ino=fields.pop("dst_dir_ino", None))
         for name in ("atime_ns", "mtime_ns"):
             if fields.get(name) == "now":  # the coordinator's clock, not a node's skewed one
                 fields[name] = time.time_ns()
@@ -444,21 +599,28 @@ class CoordinatorService:
     def _under(self, path: str) -> list[int]:
         return [ino for ino, p in self.paths.items() if p == path or p.startswith(path + "/")]
 
-    def _by_ino(self, f: dict[str, Any], opts: Options) -> dict[str, Any]:
-        """``f`` with the current path of the open file ``opts.ino`` (if the caller has one)."""
-        if not isinstance(opts.ino, int):
-            return f
-        with self.lock:
-            path = self._resolve(opts.ino, f["path"])
-        if path is None:
-            raise OpFailed(f"the file open as inode {opts.ino} no longer has a name", errno.ENOENT)
-        return {**f, "path": path}
+    def _verify(self, f: dict[str, Any], opts: Options) -> None:
+        """The paths the caller computed still lead to what it meant (lock held); ESTALE if not."""
+        checks = [(f["path"], opts.ino)]
+        checks += [(f[key].rpartition("/")[0], ino)
+                   for key, ino in (("path", opts.dir_ino), ("dst", opts.dst_dir_ino))
+                   if isinstance(ino, int)]
+        for path, ino in checks:
+            if not isinstance(ino, int):
+                continue
+            try:
+                found = self.vol.lstat(path).st_ino if path else os.fstat(self.vol.root_fd).st_ino
+            except (OSError, ApplyError):
+                found = None
+            if found != ino:
+                raise OpFailed(f"{path or 'the volume root'!r} is no longer inode {ino}: it was "
+                               "renamed or removed meanwhile", errno.ESTALE)
 
     def _truncate(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
-        f = self._by_ino(f, opts)
         path = f["path"]
 
         def truncate() -> dict[str, Any]:
+            self._verify(f, opts)
             self._intent(Truncate, node, op_id, f)
             self.vol.truncate(path, f["size"])
             return self._done(Truncate, node, op_id, f)
@@ -468,6 +630,7 @@ class CoordinatorService:
         path = f["path"]
 
         def unlink() -> dict[str, Any]:
+            self._verify(f, opts)
             ino = self._ino_of(path)
             self._intent(Unlink, node, op_id, f)
             self.vol.unlink(path, missing_ok=False)
@@ -478,10 +641,11 @@ class CoordinatorService:
 
     def _rename_op(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
         return self._free(lambda: self._rename_inos(f["path"], f["dst"]),
-                          lambda: self._rename(node, op_id, f, opts.noreplace))
+                          lambda: self._rename(node, op_id, f, opts))
 
     def _create(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
         with self.lock:
+            self._verify(f, opts)
             self._intent(Create, node, op_id, f)
             self.vol.create(f["path"], f.get("mode", 0o644), exist_ok=False)
             ino = self.vol.lstat(f["path"]).st_ino
@@ -520,8 +684,8 @@ class CoordinatorService:
         """A handler for an operation that needs no token: note the intent, run, record."""
 
         def handler(node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
-            f = self._by_ino(f, opts) if cls is SetAttr else f
             with self.lock:
+                self._verify(f, opts)
                 self._intent(cls, node, op_id, f)
                 run(f)
                 return self._done(cls, node, op_id, f)
@@ -553,7 +717,9 @@ class CoordinatorService:
                 inos.append(ino)
         return inos
 
-    def _rename(self, node: str, op_id: str, f: dict[str, Any], noreplace: bool) -> dict[str, Any]:
+    def _rename(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
+        self._verify(f, opts)
+        noreplace = opts.noreplace
         src, dst = f["path"], f["dst"]
         replaced = self._ino_of(dst)
         self._intent(Rename, node, op_id, f)

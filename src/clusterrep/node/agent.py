@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 from .. import wire
 from ..events import Event, MetaEvent, Tick, decode, encode, encode_write
 from ..journal import Journal
+from ..locks import MAX, FlockType, LockTable, LockType
 from ..shipper import Shipper
 from ..timing import pause
 from .activity import EXTENT, ActivityLog
@@ -99,7 +101,8 @@ class NodeAgent:
         self._stopping = threading.Event()
         self.client = CoordinatorClient(coordinator, auth, name, wait_for=opts.coordinator_timeout)
         self.control = ControlLink(coordinator, auth, name, on_recall=self._recalled,
-                                   on_gseq=self.learn, on_down=self._drop_tokens)
+                                   on_gseq=self.learn, on_down=self._drop_tokens,
+                                   on_unlocked=self.lock_released, on_up=self._reclaim)
         # a writer waiting for the replica's ack must not wait for a batch to fill
         linger = 0.0 if self.ack in ("received", "replicated") else 0.002
         self.shipper = Shipper(self.spool, replica, auth, name=name, role="node", linger=linger)
@@ -113,6 +116,9 @@ class NodeAgent:
         self._tokens: set[int] = set()
         self._locks: dict[int, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self.my_locks = LockTable()  # the file locks this node holds (a copy of the coordinator's)
+        self._lock_wake = threading.Condition()  # notified when the coordinator says "unlocked"
+        self._unlocks_seen = 0
         self.paths: dict[int, str] = {}  # ino -> current volume path, as the coordinator says
         self.orphans: set[int] = set()  # open files without a name on the volume
         self._ops = itertools.count(1)
@@ -387,6 +393,108 @@ class NodeAgent:
             if seq:
                 self._acknowledge(seq)  # outside the file's lock: a recall must not wait on it
             return n
+
+    # -- file locks (held cluster-wide through the coordinator) -----------------------------
+
+    def file_lock(self, req: dict[str, Any], *, interrupted: Callable[[], bool]) -> Any:
+        """Test, take or release a file lock through the coordinator, so every host sees it.
+
+        ``req``: ino, path, kind (``posix``/``flock``), owner, type, start, end, test, wait (as
+        `coordinator.service.LockRequest`). Returns the conflict ([type, start, end] or None)
+        for a test, else None once the lock is held or released. Raises OSError EAGAIN if
+        refused without ``wait``, EINTR if ``interrupted()`` (the program got a signal).
+        A granted lock that changed hands between nodes comes with a `Lock` mark, recorded
+        like any metadata copy, so what this node does under it is applied after what the last
+        holder did under its own.
+        """
+        while True:
+            with self._lock_wake:
+                seen = self._unlocks_seen
+            reply = self.client.call("lock", op_id=self._op_id(), **req)
+            self._learn_reply(reply)
+            if req.get("test"):
+                return reply.get("conflict")
+            if reply.get("granted"):
+                self._mirror(req)
+                return None
+            if req["kind"] == "flock" and not reply.get("grace"):
+                # a refused conversion lost the old lock, as on Linux
+                self.my_locks.release_flock(req["ino"], (self.name, req["owner"]))
+            if not req.get("wait") and not reply.get("grace"):
+                raise OSError(errno.EAGAIN, "the lock is held through another mount or process")
+            with self._lock_wake:  # until an "unlocked" push; now and then in case it was lost
+                if self._unlocks_seen == seen:
+                    self._lock_wake.wait(0.1 if reply.get("grace") else 0.5)
+            if interrupted():
+                raise OSError(errno.EINTR, "interrupted while waiting for a lock")
+
+    def _learn_reply(self, reply: dict[str, Any]) -> None:
+        """Raise what we know to the reply's gseq (before anything else is recorded) and record
+        the copy of its event, if any."""
+        with self._rec:
+            self.known = max(self.known, int(reply["gseq"]))
+        if reply.get("event"):
+            self._record_copy(reply["event"])
+        self.learn(int(reply["gseq"]))
+
+    def _mirror(self, req: dict[str, Any]) -> None:
+        """Keep our own copy of what we hold, to reclaim it after a coordinator restart."""
+        owner = (self.name, req["owner"])
+        if req["kind"] == "posix":
+            self.my_locks.set(req["ino"], owner, req["type"], req["start"], req["end"])
+        else:
+            self.my_locks.set_flock(req["ino"], owner, req["type"])
+
+    def drop_posix_locks(self, ino: int, owner: int, path: str) -> None:
+        """A descriptor of ``ino`` was closed by lock owner ``owner``: its POSIX locks on the
+        file go (POSIX close semantics). Asks the coordinator only if it holds any."""
+        key = (self.name, owner)
+        if any(lk.owner == key for lk in self.my_locks.locks(ino)):
+            self._unlock({"ino": ino, "path": path or ".", "kind": "posix", "owner": owner,
+                          "type": int(LockType.UNLOCK), "start": 0, "end": MAX})
+
+    def drop_flock(self, ino: int, owner: int, path: str) -> None:
+        """The last descriptor of an open file was closed: its flock lock goes."""
+        if (self.name, owner) in self.my_locks.flocks(ino):
+            self._unlock({"ino": ino, "path": path or ".", "kind": "flock", "owner": owner,
+                          "type": int(FlockType.UNLOCK)})
+
+    def _unlock(self, req: dict[str, Any]) -> None:
+        try:
+            self.file_lock(req, interrupted=lambda: False)
+        except OSError as exc:
+            log.warning("could not release a lock on %s: %s (the coordinator drops it when this "
+                        "node leaves or its link breaks)", req["path"], exc)
+            owner = (self.name, req["owner"])
+            if req["kind"] == "posix":
+                self.my_locks.release_posix(req["ino"], owner)
+            else:
+                self.my_locks.release_flock(req["ino"], owner)
+
+    @staticmethod
+    def now_ns() -> int:
+        """This host's clock (only for files without a name: nothing replicates them)."""
+        return time.time_ns()
+
+    def lock_released(self, ino: int) -> None:
+        """The coordinator says a lock on ``ino`` was released: waiters try again."""
+        with self._lock_wake:
+            self._unlocks_seen += 1
+            self._lock_wake.notify_all()
+
+    def _reclaim(self) -> None:
+        """The control link is (back) up: tell the coordinator which locks we hold (after its
+        restart it knows none; after a broken link it dropped them)."""
+        records = self.my_locks.held_by(self.name)
+        if not records and not self._joined:
+            return  # starting: nothing held, and the coordinator does not know us yet
+        try:
+            self.client.call("reclaim", op_id=self._op_id(), locks=records)
+        except OSError as exc:
+            log.error("could not reclaim %d file lock(s) after the link to the coordinator came "
+                      "back: %s; programs holding them may now conflict with other hosts",
+                      len(records), exc)
+            self.my_locks = LockTable()
 
     # -- activity log ------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ id and a reader thread hands every reply to the thread waiting for it. A broken 
 reconnected on the next call; a request in flight when the link broke fails with EIO (the
 application sees an I/O error; the operation may or may not have run, as on NFS).
 
-`ControlLink` receives recalls and gseq pushes and answers recalls.
+`ControlLink` receives recalls, gseq and unlock pushes, and answers recalls.
 """
 
 from __future__ import annotations
@@ -150,12 +150,17 @@ class CoordinatorClient:
 
 
 class ControlLink:
-    """Keeps the control connection up; calls ``on_recall(ino)`` and ``on_gseq(g)``."""
+    """Keeps the control connection up; calls ``on_recall(ino)``, ``on_gseq(g)``,
+    ``on_unlocked(ino)`` for pushes, ``on_up()`` (in a thread of its own) each time the link
+    comes up and ``on_down()`` each time it breaks."""
 
     def __init__(self, addr: str, auth: wire.Auth | bytes, name: str, *, on_recall: Callable[[int], None],
-                 on_gseq: Callable[[int], None], on_down: Callable[[], None]) -> None:
+                 on_gseq: Callable[[int], None], on_down: Callable[[], None],
+                 on_unlocked: Callable[[int], None] | None = None,
+                 on_up: Callable[[], None] | None = None) -> None:
         self.addr, self.auth, self.name = addr, auth, name
         self.on_recall, self.on_gseq, self.on_down = on_recall, on_gseq, on_down
+        self.on_unlocked, self.on_up = on_unlocked, on_up
         self.up = threading.Event()
         self._stop = threading.Event()
         self._conn: wire.Connection | None = None
@@ -180,6 +185,8 @@ class ControlLink:
                 continue
             self._conn = conn
             self.up.set()
+            if self.on_up is not None:
+                threading.Thread(target=self.on_up, name="control-up", daemon=True).start()
             try:
                 while True:
                     msg = conn.recv()
@@ -190,6 +197,9 @@ class ControlLink:
                         conn.send({"t": "released", "id": msg.get("id")})
                     elif msg.get("t") == "gseq" and isinstance(msg.get("g"), int):
                         self.on_gseq(msg["g"])
+                    elif (msg.get("t") == "unlocked" and isinstance(msg.get("ino"), int)
+                          and self.on_unlocked is not None):
+                        self.on_unlocked(msg["ino"])
             except (ClusterrepError, OSError) as exc:
                 if not self._stop.is_set():
                     log.warning("control link to coordinator lost: %s", exc)

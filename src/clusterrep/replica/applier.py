@@ -20,7 +20,7 @@ Exactly-once apply rests on two facts:
      checkpoints just before and just after each. Replayed alone, each detects it already ran
      (the name is gone, or the rename's source is gone and its destination exists) and does
      nothing.
-   * ``Open``, ``Close``, ``Acquire``, ``Join``, ``Leave``, ``Tick`` change nothing on disk.
+   * ``Open``, ``Close``, ``Acquire``, ``Lock``, ``Join``, ``Leave``, ``Tick`` change nothing on disk.
 
 Outside the replay window (from start-up to the first barrier, the furthest a crash can have
 got past the checkpoint), a missing or unexpected name is not
@@ -170,7 +170,7 @@ class Applier:
             t.rmdir(ev.path, missing_ok=self.replaying)  # type: ignore[attr-defined]
         elif cls is Rename:
             self._rename(ev)  # type: ignore[arg-type]
-        # Open, Close, Acquire, Join, Leave, Tick: marks only
+        # Open, Close, Acquire, Lock, Join, Leave, Tick: marks only
 
     def _rename(self, ev: Rename) -> None:
         t = self.target

@@ -1,0 +1,111 @@
+"""The capture file system's inode table: the kernel's node ids mapped to backing inodes.
+
+Each inode the kernel knows (it looked it up and has not forgotten it) is held open with an
+``O_PATH`` descriptor, so every operation on it reaches that inode whatever happened to its
+name meanwhile, on this host or another: renamed, replaced, unlinked. Its current name is asked
+of the kernel when needed (`Inodes.path`), never remembered. Holding the descriptor also keeps
+the backing inode's number from being reused while the kernel may still name it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from dataclasses import dataclass
+
+from . import kernel as k
+
+_OPATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass
+class Inode:
+    nodeid: int
+    fd: int  # O_PATH descriptor of the backing inode
+    ino: int  # the backing inode number (also what stat shows on the mount)
+    dev: int
+    mode: int  # file type bits (S_IFMT part) as first seen
+    nlookup: int = 0
+
+    @property
+    def proc(self) -> str:
+        """A path that opens this very inode (``/proc/self/fd/N``), whatever its name."""
+        return f"/proc/self/fd/{self.fd}"
+
+
+class Inodes:
+    def __init__(self, volume: str) -> None:
+        self.volume = os.path.realpath(volume)
+        fd = os.open(self.volume, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        self.root = Inode(k.ROOT_ID, fd, st.st_ino, st.st_dev, st.st_mode & 0o170000, 1 << 62)
+        self._by_id: dict[int, Inode] = {k.ROOT_ID: self.root}
+        self._by_key: dict[tuple[int, int], Inode] = {(st.st_dev, st.st_ino): self.root}
+        self._next = k.ROOT_ID + 1
+        self._lock = threading.Lock()
+
+    def get(self, nodeid: int) -> Inode:
+        inode = self._by_id.get(nodeid)
+        if inode is None:
+            raise OSError(errno.ESTALE, f"unknown node id {nodeid}")
+        return inode
+
+    def lookup(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
+        """Look ``name`` up in directory ``parent``; count one kernel reference to the result."""
+        fd = os.open(name, _OPATH, dir_fd=parent.fd)
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        return self.learn(fd, st), st
+
+    def learn(self, fd: int, st: os.stat_result) -> Inode:
+        """Take ``fd`` (an O_PATH descriptor, consumed) as a kernel reference to its inode."""
+        key = (st.st_dev, st.st_ino)
+        with self._lock:
+            inode = self._by_key.get(key)
+            if inode is None:
+                inode = Inode(self._next, fd, st.st_ino, st.st_dev, st.st_mode & 0o170000)
+                self._next += 1
+                self._by_id[inode.nodeid] = inode
+                self._by_key[key] = inode
+            else:
+                os.close(fd)
+            inode.nlookup += 1
+            return inode
+
+    def forget(self, nodeid: int, count: int) -> None:
+        with self._lock:
+            inode = self._by_id.get(nodeid)
+            if inode is None or inode is self.root:
+                return
+            inode.nlookup -= count
+            if inode.nlookup <= 0:
+                del self._by_id[nodeid]
+                del self._by_key[(inode.dev, inode.ino)]
+                os.close(inode.fd)
+
+    def path(self, inode: Inode) -> str | None:
+        """The inode's current path relative to the volume ('' for the root), or None if it has
+        no name there any more (unlinked, or moved out of the volume)."""
+        if inode is self.root:
+            return ""
+        try:
+            full = os.readlink(inode.proc)
+        except OSError:
+            return None
+        if not full.startswith(self.volume + "/"):
+            return None
+        if full.endswith(" (deleted)") and os.fstat(inode.fd).st_nlink == 0:
+            return None
+        return full[len(self.volume) + 1:]
+
+    def child(self, parent: Inode, name: bytes) -> str:
+        """The volume path of ``name`` in directory ``parent``; ENOENT if the directory is gone."""
+        head = self.path(parent)
+        if head is None:
+            raise OSError(errno.ENOENT, "the directory no longer exists")
+        text = os.fsdecode(name)
+        return f"{head}/{text}" if head else text

@@ -1,0 +1,129 @@
+"""The coordinator decides races between hosts: one order, checked in the step that acts.
+
+These call `CoordinatorService` directly (no network): the same requests two hosts would send.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+
+from clusterrep.coordinator.service import CoordinatorService, LockRequest, OpFailed
+from clusterrep.errors import InvalidLock
+from clusterrep.events import Lock, decode
+
+
+def _coordinator(tmp_path: Path, **kw: object) -> CoordinatorService:
+    vol = tmp_path / "volume"
+    vol.mkdir(exist_ok=True)
+    svc = CoordinatorService(vol, tmp_path / "coord-state", **kw)  # type: ignore[arg-type]
+    svc.join("h1", "h1-join")
+    svc.join("h2", "h2-join")
+    return svc
+
+
+def test_noreplace_rename_loses_to_a_create_of_its_destination(tmp_path: Path) -> None:
+    svc = _coordinator(tmp_path)
+    svc.execute("h1", "create", "h1-1", {"path": "s", "mode": 0o644})
+    svc.execute("h2", "create", "h2-1", {"path": "t", "mode": 0o644})
+    with pytest.raises(OpFailed) as err:
+        svc.execute("h1", "rename", "h1-2", {"path": "s", "dst": "t", "noreplace": True})
+    assert err.value.errno == errno.EEXIST
+    assert sorted(os.listdir(tmp_path / "volume")) == ["s", "t"]
+    svc.execute("h1", "rename", "h1-3", {"path": "s", "dst": "u", "noreplace": True})
+    assert sorted(os.listdir(tmp_path / "volume")) == ["t", "u"]
+    svc.close()
+
+
+def test_an_open_of_a_name_that_now_holds_another_file_is_refused_stale(tmp_path: Path) -> None:
+    """The node opened inode X as ``t``; meanwhile another host renamed ``s`` over ``t``: the
+    coordinator must not record an Open of ``t`` for X (the replica would diverge)."""
+    svc = _coordinator(tmp_path)
+    x = svc.execute("h2", "create", "h2-1", {"path": "t", "mode": 0o644})["ino"]
+    svc.execute("h1", "create", "h1-1", {"path": "s", "mode": 0o644})
+    svc.execute("h1", "rename", "h1-2", {"path": "s", "dst": "t"})
+    with pytest.raises(OpFailed) as err:
+        svc.execute("h2", "open", "h2-2", {"path": "t", "ino": x})
+    assert err.value.errno == errno.ESTALE
+    svc.close()
+
+
+def test_an_operation_in_a_directory_renamed_meanwhile_is_refused_stale(tmp_path: Path) -> None:
+    svc = _coordinator(tmp_path)
+    svc.execute("h1", "mkdir", "h1-1", {"path": "d", "mode": 0o755})
+    d = os.lstat(tmp_path / "volume" / "d").st_ino
+    svc.execute("h2", "rename", "h2-1", {"path": "d", "dst": "e"})
+    svc.execute("h2", "mkdir", "h2-2", {"path": "d", "mode": 0o755})  # a new, different d
+    with pytest.raises(OpFailed) as err:
+        svc.execute("h1", "create", "h1-2", {"path": "d/x", "mode": 0o644, "dir_ino": d})
+    assert err.value.errno == errno.ESTALE
+    assert os.listdir(tmp_path / "volume" / "d") == []  # nothing created in the wrong one
+    svc.execute("h1", "create", "h1-3", {"path": "e/x", "mode": 0o644, "dir_ino": d})
+    assert os.listdir(tmp_path / "volume" / "e") == ["x"]
+    svc.close()
+
+
+def _lock(ino: int, owner: int, ltype: int, **kw: object) -> LockRequest:
+    return LockRequest.parse({"ino": ino, "path": "db", "kind": "posix", "owner": owner,
+                              "type": ltype, "start": 0, "end": 99, **kw})
+
+
+def test_a_lock_that_changes_hands_between_nodes_is_a_mark_and_only_then(tmp_path: Path) -> None:
+    svc = _coordinator(tmp_path)
+    ino = svc.execute("h1", "create", "h1-1", {"path": "db", "mode": 0o644})["ino"]
+    first = svc.file_lock("h1", "h1-2", _lock(ino, 1, fcntl.F_WRLCK))
+    assert first["granted"] and "event" not in first  # nobody held it before
+    svc.file_lock("h1", "h1-3", _lock(ino, 1, fcntl.F_UNLCK))
+    again = svc.file_lock("h1", "h1-4", _lock(ino, 1, fcntl.F_WRLCK))
+    assert again["granted"] and "event" not in again  # the same node again: no mark needed
+    refused = svc.file_lock("h2", "h2-1", _lock(ino, 9, fcntl.F_WRLCK, wait=True))
+    assert not refused["granted"]
+    woken: list[tuple[set[str], int]] = []
+    svc.on_unlock = lambda nodes, i: woken.append((nodes, i))
+    svc.file_lock("h1", "h1-5", _lock(ino, 1, fcntl.F_UNLCK))
+    assert woken == [({"h2"}, ino)]  # the waiter is told
+    handed = svc.file_lock("h2", "h2-2", _lock(ino, 9, fcntl.F_WRLCK))
+    ev = decode(handed["event"])
+    assert isinstance(ev, Lock) and ev.origin == "h2" and ev.path == "db"
+    assert ev.gseq == handed["gseq"] == svc.gseq  # a mark after everything h1 did before
+    svc.close()
+
+
+def test_a_nodes_locks_go_when_it_leaves_or_its_link_breaks(tmp_path: Path) -> None:
+    svc = _coordinator(tmp_path)
+    svc.file_lock("h1", "h1-1", _lock(5, 1, fcntl.F_WRLCK))
+    assert not svc.file_lock("h2", "h2-1", _lock(5, 2, fcntl.F_WRLCK))["granted"]
+    svc.node_gone("h1")
+    assert svc.file_lock("h2", "h2-2", _lock(5, 2, fcntl.F_WRLCK))["granted"]
+    svc.leave("h2", "h2-3")
+    assert svc.locks.locks(5) == []
+    svc.close()
+
+
+def test_after_a_restart_no_lock_is_granted_until_holders_reclaimed(tmp_path: Path) -> None:
+    svc = _coordinator(tmp_path)
+    svc.file_lock("h1", "h1-1", _lock(5, 1, fcntl.F_WRLCK))
+    held = svc.locks.held_by("h1")
+    svc.close()
+    svc = CoordinatorService(tmp_path / "volume", tmp_path / "coord-state", lock_grace=30)
+    grace = svc.file_lock("h2", "h2-1", _lock(5, 2, fcntl.F_WRLCK))
+    assert grace["grace"] and not grace["granted"]  # h1 may still hold it
+    svc.reclaim("h1", held)
+    svc.reclaim("h2", [])
+    assert not svc.in_grace()  # every member reclaimed: over early
+    assert not svc.file_lock("h2", "h2-2", _lock(5, 2, fcntl.F_WRLCK))["granted"]
+    svc.close()
+
+
+@pytest.mark.parametrize("bad", [
+    {"kind": "nfs"}, {"type": 99}, {"start": 10, "end": 5}, {"owner": "me"}, {"ino": None},
+])
+def test_a_malformed_lock_request_is_refused(bad: dict[str, object]) -> None:
+    msg = {"ino": 5, "path": "db", "kind": "posix", "owner": 1, "type": fcntl.F_WRLCK,
+           "start": 0, "end": 99, **bad}
+    with pytest.raises(InvalidLock):
+        LockRequest.parse(msg)
