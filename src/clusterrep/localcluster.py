@@ -40,7 +40,9 @@ class LocalCluster:
                  clock_offsets: dict[str, str] | None = None, node_args: list[str] | None = None,
                  replica_for_nodes: str | None = None, replica_state: Path | None = None,
                  replica_listen: str | None = None, replica_prefix: list[str] | None = None,
-                 tls: bool = False) -> None:
+                 coordinator_listen: str | None = None, coordinator_prefix: list[str] | None = None,
+                 coordinator_for: dict[str, str] | None = None, coordinator_addr: str | None = None,
+                 coordinator_args: list[str] | None = None, tls: bool = False) -> None:
         self.workdir = Path(workdir)
         self.nodes = nodes
         self.clock_offsets = clock_offsets or {}
@@ -54,7 +56,14 @@ class LocalCluster:
         # the replica may run elsewhere, e.g. in its own network namespace (replica_prefix)
         self.replica_addr = replica_listen or f"127.0.0.1:{free_port()}"
         self.replica_prefix = replica_prefix or []
-        self.coordinator_addr = f"127.0.0.1:{free_port()}"
+        # the coordinator may run elsewhere too (coordinator_prefix), listen on every address
+        # there (coordinator_listen) and be reached by each node at its own address
+        # (coordinator_for: node -> HOST:PORT; others and the tests use coordinator_addr)
+        self.coordinator_listen = coordinator_listen
+        self.coordinator_addr = coordinator_addr or coordinator_listen or f"127.0.0.1:{free_port()}"
+        self.coordinator_prefix = coordinator_prefix or []
+        self.coordinator_for = coordinator_for or {}
+        self.coordinator_args = coordinator_args or []
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         for d in (self.volume, self.target, self.logs):
             d.mkdir(parents=True, exist_ok=True)
@@ -113,9 +122,11 @@ class LocalCluster:
         self._wait_port("replica", self.replica_addr, timeout)
 
     def start_coordinator(self, timeout: float = 30.0) -> None:
-        self._spawn("coordinator", ["coordinator", "--listen", self.coordinator_addr, "--volume",
+        self._spawn("coordinator", ["coordinator", "--listen",
+                                    self.coordinator_listen or self.coordinator_addr, "--volume",
                                     str(self.volume), "--replica", self.replica_addr, "--state",
-                                    str(self.workdir / "state-coordinator")])
+                                    str(self.workdir / "state-coordinator"),
+                                    *self.coordinator_args], self.coordinator_prefix)
         self._wait_port("coordinator", self.coordinator_addr, timeout)
 
     def start_node(self, node: str, timeout: float = 30.0) -> None:
@@ -137,7 +148,8 @@ class LocalCluster:
                 prefix = ["env", "FAKETIME_DONT_FAKE_MONOTONIC=1", "faketime", "-f", offset]
         mnt = self.mount(node)
         self._spawn(node, ["node", "--id", node, "--volume", str(self.volume), "--mount", str(mnt),
-                           "--coordinator", self.coordinator_addr, "--replica",
+                           "--coordinator", self.coordinator_for.get(node, self.coordinator_addr),
+                           "--replica",
                            self.replica_for_nodes or self.replica_addr,
                            "--state", str(self.workdir / f"state-{node}"), *self.node_args], prefix)
         deadline = time.monotonic() + timeout

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -93,11 +94,15 @@ def test_a_lock_that_changes_hands_between_nodes_is_a_mark_and_only_then(tmp_pat
     svc.close()
 
 
-def test_a_nodes_locks_go_when_it_leaves_or_its_link_breaks(tmp_path: Path) -> None:
-    svc = _coordinator(tmp_path)
+def test_a_nodes_locks_go_when_it_leaves_or_its_lease_runs_out(tmp_path: Path) -> None:
+    svc = _coordinator(tmp_path, lease=0.3)
+    svc.renew("h1")
     svc.file_lock("h1", "h1-1", _lock(5, 1, fcntl.F_WRLCK))
+    svc.node_gone("h1")  # its link broke: it may still be alive and hold the lock
+    svc.renew("h2")
     assert not svc.file_lock("h2", "h2-1", _lock(5, 2, fcntl.F_WRLCK))["granted"]
-    svc.node_gone("h1")
+    time.sleep(0.4)  # h1 is silent for longer than its lease
+    svc.renew("h2")
     assert svc.file_lock("h2", "h2-2", _lock(5, 2, fcntl.F_WRLCK))["granted"]
     svc.leave("h2", "h2-3")
     assert svc.locks.locks(5) == []
@@ -127,3 +132,14 @@ def test_a_malformed_lock_request_is_refused(bad: dict[str, object]) -> None:
            "start": 0, "end": 99, **bad}
     with pytest.raises(InvalidLock):
         LockRequest.parse(msg)
+
+
+def test_a_rename_onto_itself_leaves_the_file_writable_and_named(tmp_path: Path) -> None:
+    """Found by the race property: ``rename(s0, s0)`` took s0 for a file without a name, so
+    later writes to it were not recorded and the replica differed."""
+    svc = _coordinator(tmp_path)
+    ino = svc.execute("h1", "create", "h1-1", {"path": "s0", "mode": 0o644})["ino"]
+    svc.execute("h2", "rename", "h2-1", {"path": "s0", "dst": "s0"})
+    reply = svc.acquire("h2", "h2-2", ino, "s0")
+    assert not reply.get("gone") and reply["path"] == "s0"
+    svc.close()

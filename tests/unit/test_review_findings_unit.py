@@ -139,6 +139,7 @@ class FakeCoordinator:
     def __init__(self, agent: NodeAgent, ino: int) -> None:
         self.agent, self.ino, self.gseq, self.calls = agent, ino, 10, []
         self.before_reply: Any = None
+        self.alive_at = 0.0  # when the newest answered request was sent (the node's lease)
 
     def _event(self, cls: type[MetaEvent], op_id: str, **kw: Any) -> bytes:
         self.gseq += 1
@@ -147,6 +148,7 @@ class FakeCoordinator:
 
     def call(self, op: str, **fields: Any) -> dict[str, Any]:
         self.calls.append(op)
+        self.alive_at = time.monotonic()
         if op == "acquire":
             reply = {"gseq": 0, "path": "f", "event": self._event(Acquire, fields["op_id"], path="f")}
         elif op == "meta" and fields["kind"] == "create":

@@ -66,3 +66,13 @@ def serve_until_signalled(start: Callable[[], Any], stop: Callable[[], Any], wha
             for s, h in old.items():
                 signal.signal(s, h)
     return 0
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: more than 0, at most 86400")
+    return value

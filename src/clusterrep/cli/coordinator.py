@@ -6,7 +6,14 @@ import argparse
 
 from ..coordinator.server import CoordinatorServer
 from ..coordinator.service import CoordinatorService
-from .common import add_auth, add_verbose, auth, serve_until_signalled, setup_logging
+from .common import (
+    add_auth,
+    add_verbose,
+    auth,
+    positive_seconds,
+    serve_until_signalled,
+    setup_logging,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -23,6 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--allow-existing", action="store_true",
                    help="start on a non-empty volume (only if the replica already holds an "
                         "identical copy; initial synchronisation is not implemented yet)")
+    p.add_argument("--lease", type=positive_seconds, default=10.0, metavar="SECONDS",
+                   help="how long a node that stopped answering keeps its write tokens and file "
+                        "locks (default 10). A node stops writing by itself before its lease "
+                        "ends; only then are its files and locks given to other hosts (fencing)")
+    p.add_argument("--lock-grace", type=positive_seconds, default=15.0, metavar="SECONDS",
+                   help="after a restart, grant no new file lock for this long, or until every "
+                        "node has reclaimed the locks it holds (default 15)")
     add_auth(p)
     add_verbose(p)
     p.set_defaults(func=main)
@@ -31,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     creds = auth(args)
-    service = CoordinatorService(args.volume, args.state, allow_existing=args.allow_existing)
+    service = CoordinatorService(args.volume, args.state, allow_existing=args.allow_existing,
+                                 lock_grace=args.lock_grace, lease=args.lease)
     server = CoordinatorServer(service, args.listen, args.replica, creds)
     return serve_until_signalled(server.start, server.stop, f"coordinator on {args.listen}")

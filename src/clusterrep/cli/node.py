@@ -7,7 +7,7 @@ import logging
 import os
 
 from ..errors import ClusterrepError
-from .common import add_auth, add_verbose, auth, setup_logging
+from .common import add_auth, add_verbose, auth, positive_seconds, setup_logging
 
 log = logging.getLogger("clusterrep.node")
 
@@ -49,16 +49,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_auth(p)
     add_verbose(p)
     p.set_defaults(func=main)
-
-
-def positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= 86400:
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range: more than 0, at most 86400")
-    return value
 
 
 def parse_size(text: str) -> int:

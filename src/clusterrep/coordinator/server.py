@@ -24,14 +24,15 @@ import errno
 import itertools
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import serve, wire
 from ..errors import ClusterrepError, InvalidLock, ReclaimConflict
-from ..events import encode
 from ..shipper import Shipper
-from .service import CoordinatorService, LockRequest, OpFailed
+from .requests import answer
+from .service import CoordinatorService, OpFailed
 
 log = logging.getLogger("clusterrep.coordinator")
 RECALL_TIMEOUT = 30.0
@@ -100,7 +101,7 @@ class CoordinatorServer:
 
     def _answer(self, conn: wire.Connection, node: str, msg: dict[str, Any]) -> None:
         try:
-            reply = self._dispatch(node, msg)
+            reply = answer(self.service, node, msg)
         except OpFailed as exc:
             reply = {"errno": exc.errno, "message": str(exc)}
         except InvalidLock as exc:
@@ -117,51 +118,6 @@ class CoordinatorServer:
         reply["id"] = msg["id"]
         with contextlib.suppress(ClusterrepError, OSError):
             conn.send(reply)
-
-    def _dispatch(self, node: str, msg: dict[str, Any]) -> dict[str, Any]:
-        svc = self.service
-        op = msg.get("op")
-        op_id = msg.get("op_id", "")
-        if op == "ping":
-            return {"gseq": svc.gseq}
-        if not isinstance(op_id, str) or not op_id:
-            raise OpFailed("every request but ping needs an op_id", errno.EINVAL)
-        # op_ids are the node's own: a node cannot see or replay another node's operations
-        return svc.once(f"{node}/{op_id}", lambda: self._execute(node, op, op_id, msg))
-
-    def _execute(self, node: str, op: Any, op_id: str, msg: dict[str, Any]) -> dict[str, Any]:
-        svc = self.service
-        if op == "join":
-            ev = svc.join(node, op_id)
-            return {"gseq": svc.gseq, "event": None if ev is None else encode(ev)}
-        if op == "leave":
-            ev = svc.leave(node, op_id)
-            return {"gseq": svc.gseq, "event": None if ev is None else encode(ev)}
-        if node not in svc.members:
-            raise OpFailed(f"node {node} has not joined", errno.EPERM)
-        if op == "acquire":
-            ino, path = msg.get("ino"), msg.get("path")
-            if not isinstance(ino, int) or not isinstance(path, str):
-                raise OpFailed("acquire needs ino and path", errno.EINVAL)
-            return svc.acquire(node, op_id, ino, path)
-        if op == "lock":
-            return svc.file_lock(node, op_id, LockRequest.parse(msg))
-        if op == "reclaim":
-            records = msg.get("locks")
-            if not isinstance(records, list):
-                raise OpFailed("reclaim needs a list of locks", errno.EINVAL)
-            return svc.reclaim(node, records)
-        if op == "where":
-            ino, path = msg.get("ino"), msg.get("path")
-            if not isinstance(ino, int) or not isinstance(path, str):
-                raise OpFailed("where needs ino and path", errno.EINVAL)
-            return {"gseq": svc.gseq, "path": svc.where(ino, path)}
-        if op == "meta":
-            fields = msg.get("fields")
-            if not isinstance(fields, dict) or not isinstance(msg.get("kind"), str):
-                raise OpFailed("meta needs kind and fields", errno.EINVAL)
-            return svc.execute(node, msg["kind"], op_id, dict(fields))
-        raise OpFailed(f"unknown op {op!r}", errno.EINVAL)
 
     # -- control links: recalls and gseq pushes ----------------------------------------------
 
@@ -192,21 +148,39 @@ class CoordinatorServer:
             log.info("node %s control link down", node)
 
     def _recall(self, node: str, ino: int) -> None:
-        with self._lock:
-            ctl = self._controls.get(node)
-        if ctl is None:
-            return  # not connected: it holds no tokens
+        """Ask ``node`` to release the token of ``ino`` and wait for its answer, sending the
+        recall again on each new control link (the node may be reconnecting). A node that does
+        not answer keeps the token until its lease has run out: then it has stopped writing by
+        itself, and its tokens and locks are taken."""
+        deadline = time.monotonic() + RECALL_TIMEOUT
+        sent_on: _Control | None = None
+        done = threading.Event()
+        while True:
+            if done.is_set() and sent_on is not None and not sent_on.closed.is_set():
+                return  # answered (not merely woken by the end of its link)
+            with self._lock:
+                ctl = self._controls.get(node)
+            if ctl is not None and ctl is not sent_on:
+                sent_on, done = ctl, self._send_recall(ctl, ino)
+            left = self.service.lease_left(node)
+            if left <= 0:
+                self.service.expire(node, "did not answer a recall and its lease ran out")
+                return
+            if time.monotonic() > deadline:
+                raise OpFailed(f"node {node} did not release the write token of inode {ino} "
+                               f"within {RECALL_TIMEOUT:.0f} s", errno.ETIMEDOUT)
+            done.wait(min(left, 0.2))
+
+    def _send_recall(self, ctl: _Control, ino: int) -> threading.Event:
+        """Send one recall on ``ctl``; the event is set by the answer or by the link's end."""
         rid = next(self._ids)
         done = threading.Event()
         ctl.waiting[rid] = done
         try:
             ctl.conn.send({"t": "recall", "id": rid, "ino": ino})
         except (ClusterrepError, OSError):
-            return
-        if not done.wait(RECALL_TIMEOUT):
             ctl.waiting.pop(rid, None)
-            raise OpFailed(f"node {node} did not release the write token of inode {ino} within "
-                           f"{RECALL_TIMEOUT:.0f} s", errno.ETIMEDOUT)
+        return done
 
     def _unlocked(self, nodes: set[str], ino: int) -> None:
         """Tell ``nodes`` that a lock on ``ino`` was released: their waiters try again. (Called

@@ -146,7 +146,7 @@ Recaller = Callable[[str, int], None]
 
 class CoordinatorService:
     def __init__(self, volume: str | Path, state: str | Path, *, allow_existing: bool = False,
-                 lock_grace: float = 15.0) -> None:
+                 lock_grace: float = 15.0, lease: float = 10.0) -> None:
         self.volume_path = Path(volume)
         if not self.volume_path.is_dir():
             raise ClusterrepError(f"volume {volume} is not a directory",
@@ -179,6 +179,12 @@ class CoordinatorService:
         self._inflight: dict[str, threading.Event] = {}
         self._intent_open = False
         self.recaller: Recaller | None = None
+        # leases: a node's tokens and locks are its own while it renews them (any request
+        # renews); only once a silent node's lease ran out may they go to another node
+        self.lease = lease
+        self.started = time.monotonic()
+        self.seen: dict[str, float] = {}  # node -> monotonic time of its last request
+        self.incarnations: dict[str, str] = {}  # node -> the process (op_id prefix) that joined
         # file locks of every host (not journaled: after a restart their holders reclaim them
         # within the grace period, during which no new lock is granted, as in NFSv4)
         self.locks = LockTable()
@@ -345,9 +351,38 @@ class CoordinatorService:
         except TypeError as exc:
             raise OpFailed(f"bad fields for {cls.__name__}: {exc}", errno.EINVAL) from None
 
+    # -- leases ------------------------------------------------------------------------------
+
+    def renew(self, node: str) -> None:
+        """``node`` sent a request: it is alive, its lease runs again from now."""
+        self.seen[node] = time.monotonic()
+
+    def lease_left(self, node: str) -> float:
+        """Seconds until ``node``'s lease ends (<= 0: ended; its tokens and locks may go)."""
+        return self.lease - (time.monotonic() - self.seen.get(node, self.started))
+
+    def expire(self, node: str, why: str) -> None:
+        """Take every token and lock from ``node`` (its lease ended, or it restarted)."""
+        with self.lock:
+            tokens = [i for i, h in self.holders.items() if h == node]
+            for ino in tokens:
+                del self.holders[ino]
+            held = self.locks.held_by(node)
+        self.release_locks(node)
+        if tokens or held:
+            log.warning("node %s %s: its %d write token(s) and %d lock(s) are free for others",
+                        node, why, len(tokens), len(held))
+
     # -- membership --------------------------------------------------------------------------
 
-    def join(self, node: str, op_id: str) -> MetaEvent | None:
+    def join(self, node: str, op_id: str, incarnation: str | None = None) -> MetaEvent | None:
+        """``node`` starts (``incarnation``: this process of it). A new process of a member
+        inherits nothing: tokens and locks of the one before it are freed."""
+        previous = self.incarnations.get(node)
+        if incarnation is not None:
+            self.incarnations[node] = incarnation
+        if previous is not None and incarnation is not None and previous != incarnation:
+            self.expire(node, "restarted")
         with self.lock:
             if node in self.members:
                 return None
@@ -374,12 +409,11 @@ class CoordinatorService:
         return ev
 
     def node_gone(self, node: str) -> None:
-        """The node's control link broke: it dropped its tokens, so do we, and its locks (it
-        reclaims them when its link is back; a dead node's are free for others)."""
-        with self.lock:
-            for ino in [i for i, h in self.holders.items() if h == node]:
-                del self.holders[ino]
-        self.release_locks(node)
+        """The node's control link broke. It may still be alive and writing (a link can break
+        on one side only): its tokens and locks stay its own until its lease ends; a recall
+        that finds no link waits for that."""
+        log.info("node %s: control link gone; its tokens and locks stay until its lease ends "
+                 "(%.1f s left)", node, max(0.0, self.lease_left(node)))
 
     # -- tokens ------------------------------------------------------------------------------
 
@@ -505,7 +539,7 @@ class CoordinatorService:
                 c = self.locks.test(req.ino, owner, req.type, req.start, req.end)
                 return {"gseq": self.gseq,
                         "conflict": None if c is None else [int(c.type), c.start, c.end]}
-            if not self._set_lock(req, owner):
+            if not self._set_lock(req, owner) and not self._expired_holders(req, owner):
                 if req.wait:
                     self.lock_waiters.setdefault(req.ino, set()).add(node)
                 return {"gseq": self.gseq, "granted": False}
@@ -517,6 +551,14 @@ class CoordinatorService:
             return {"gseq": self.gseq, "granted": True}
         self._durable()
         return {"gseq": ev.gseq, "granted": True, "event": encode(ev)}
+
+    def _expired_holders(self, req: LockRequest, owner: tuple[Any, ...]) -> bool:
+        """A refused request: free the locks of holders whose lease has run out (dead or cut
+        off; they stopped trusting their locks by now), and try once more (lock held)."""
+        expired = [n for n in self.locks.holders(req.ino) - {owner[0]} if self.lease_left(n) <= 0]
+        for node in expired:
+            self.expire(node, "holds a lock another node wants and its lease ran out")
+        return bool(expired) and self._set_lock(req, owner)
 
     def _set_lock(self, req: LockRequest, owner: tuple[Any, ...]) -> bool:
         if req.kind == "posix":
@@ -722,6 +764,8 @@ class CoordinatorService:
         noreplace = opts.noreplace
         src, dst = f["path"], f["dst"]
         replaced = self._ino_of(dst)
+        if replaced is not None and replaced == self._ino_of(src):
+            replaced = None  # a rename onto the same file (itself, or a hard link) does nothing
         self._intent(Rename, node, op_id, f)
         self.vol.rename(src, dst, noreplace=noreplace)
         if replaced is not None:

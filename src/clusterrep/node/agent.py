@@ -43,6 +43,7 @@ log = logging.getLogger("clusterrep.node")
 #   received   the replica has the event in memory
 #   replicated the replica has fsync'd the event: losing the node loses nothing
 ACK_LEVELS = ("async", "local", "received", "replicated")
+LEASE_MARGIN = 0.75  # a node trusts its lease for this part of it (see NodeAgent.lease_valid)
 
 
 def _write_unrecorded(fd: int, data: bytes, offset: int, append: bool) -> int:
@@ -98,6 +99,9 @@ class NodeAgent:
                              segment_bytes=max(64 << 10, min(64 << 20, self.spool_limit // 8)))
         self.activity = ActivityLog(self.state / "activity.log")
         self._retirer = threading.Thread(target=self._retire_loop, name="activity", daemon=True)
+        self._renewer = threading.Thread(target=self._renew_loop, name="lease", daemon=True)
+        self.lease = 10.0  # seconds; the coordinator's, from the join reply
+        self._lease_lost = False
         self._stopping = threading.Event()
         self.client = CoordinatorClient(coordinator, auth, name, wait_for=opts.coordinator_timeout)
         self.control = ControlLink(coordinator, auth, name, on_recall=self._recalled,
@@ -133,9 +137,20 @@ class NodeAgent:
         self.shipper.start()
         self.control.start()
         deadline = time.monotonic() + timeout
+        self.join_cluster(deadline)
+        if not self.control.up.wait(max(0.0, deadline - time.monotonic())):
+            raise OSError(errno.ETIMEDOUT, "control link to the coordinator did not come up")
+        if self.activity.recovered:
+            self._repair(self.activity.recovered)
+        self._retirer.start()
+        self._renewer.start()
+
+    def join_cluster(self, deadline: float) -> None:
+        """Ask the coordinator to let this process in (retrying until ``deadline``, monotonic);
+        record the `Join` copy first, as a node's stream must begin."""
         while True:
             try:
-                reply = self.client.call("join", op_id=self._op_id())
+                reply = self.client.call("join", op_id=self._op_id(), incarnation=self._op_prefix)
                 break
             except OSError as exc:
                 if time.monotonic() > deadline:
@@ -144,13 +159,9 @@ class NodeAgent:
                 pause(0.5)
         if reply.get("event"):
             self._record_copy(reply["event"])
+        self.lease = float(reply.get("lease", self.lease))
         self._joined = True
         self.learn(int(reply["gseq"]))
-        if not self.control.up.wait(max(0.0, deadline - time.monotonic())):
-            raise OSError(errno.ETIMEDOUT, "control link to the coordinator did not come up")
-        if self.activity.recovered:
-            self._repair(self.activity.recovered)
-        self._retirer.start()
 
     def stop(self, drain_timeout: float = 10.0, *, leave: bool = True) -> None:
         """Stop after the file system is unmounted.
@@ -369,7 +380,11 @@ class NodeAgent:
         another's.
         """
         self._room()
+        fenced = False
         while True:
+            if fenced:
+                self._fence()  # (not under the file's lock: it takes every file's)
+                fenced = False
             if ino in self.orphans:
                 return _write_unrecorded(fd, data, offset, append)
             if ino not in self._tokens:
@@ -381,6 +396,10 @@ class NodeAgent:
             with self.lock(ino):
                 if ino not in self._tokens:
                     continue  # recalled between acquire and lock: ask again
+                if not self.lease_valid():
+                    fenced = True  # the coordinator may give the file to another host now
+                    self._tokens.discard(ino)
+                    continue
                 if append:
                     offset = os.fstat(fd).st_size
                 self.activity.activate(ino, self.paths[ino], offset, len(data))
@@ -393,6 +412,38 @@ class NodeAgent:
             if seq:
                 self._acknowledge(seq)  # outside the file's lock: a recall must not wait on it
             return n
+
+    # -- lease (fencing) ---------------------------------------------------------------------
+
+    def lease_valid(self) -> bool:
+        """Is our lease surely still running at the coordinator? It counts from when the newest
+        answered request was *sent*, and we stop a quarter early: the coordinator counts from
+        when it received it, so we have stopped writing before it gives our files away."""
+        return time.monotonic() < self.client.alive_at + self.lease * LEASE_MARGIN
+
+    def _fence(self) -> None:
+        """Our lease may have run out: drop every token (writes wait for the coordinator to
+        grant them again, then fail with EIO after --coordinator-timeout)."""
+        if not self._lease_lost:
+            self._lease_lost = True
+            log.warning("lease with the coordinator expired (no answer for %.1f s): this node "
+                        "stops writing until the coordinator answers again; its file locks may "
+                        "be given to other hosts", time.monotonic() - self.client.alive_at)
+        self._drop_tokens()
+
+    def _renew_loop(self) -> None:
+        """Keep the lease: renew whenever no other request was answered for a quarter of it."""
+        while not self._stopping.wait(self.lease / 8):
+            if time.monotonic() - self.client.alive_at < self.lease / 4:
+                continue
+            try:
+                self.client.call("renew", patience=self.lease / 4)
+            except OSError:
+                self.client.drop_link()  # no answer: requests waiting on it go again elsewhere
+                continue
+            if self._lease_lost:
+                self._lease_lost = False
+                log.warning("lease with the coordinator renewed: writes go on")
 
     # -- file locks (held cluster-wide through the coordinator) -----------------------------
 

@@ -38,6 +38,9 @@ class CoordinatorClient:
                  wait_for: float = 120.0) -> None:
         self.addr, self.auth, self.name, self.timeout = addr, auth, name, timeout
         self.wait_for = wait_for
+        # monotonic time at which the newest request that was answered had been sent: the
+        # coordinator heard from us at or after it (what the node's lease counts from)
+        self.alive_at = 0.0
         self._outage: float | None = None  # monotonic time the coordinator became unreachable
         self._outage_lock = threading.Lock()
         self._conn: wire.Connection | None = None
@@ -77,18 +80,19 @@ class CoordinatorClient:
             for slot in list(self._waiting.values()):
                 slot[0].set()  # reply stays None: the caller fails with EIO
 
-    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+    def call(self, op: str, *, patience: float | None = None, **fields: Any) -> dict[str, Any]:
         """Send one request and wait for its reply; raise OSError(errno) if it failed.
 
         If the link breaks before the reply, the same request (same op_id) is sent again for
-        up to ``wait_for`` seconds: the coordinator runs an op_id once and answers a retry
-        with the first answer, so a coordinator restart costs the application only a pause.
-        After that the request fails with EIO.
+        up to ``wait_for`` seconds (``patience``, if given, for this request and its answer):
+        the coordinator runs an op_id once and answers a retry with the first answer, so a
+        coordinator restart costs the application only a pause. After that the request fails
+        with EIO.
         """
-        deadline = time.monotonic() + self.wait_for
+        deadline = time.monotonic() + (self.wait_for if patience is None else patience)
         while True:
             try:
-                reply = self._call_once(op, fields)
+                reply = self._call_once(op, fields, patience)
             except _LinkLost as exc:
                 self._unreachable(exc)
                 if self._closed or time.monotonic() > deadline:
@@ -116,7 +120,7 @@ class CoordinatorClient:
             log.warning("coordinator reachable again after %.1f s: waiting operations go on",
                         time.monotonic() - began)
 
-    def _call_once(self, op: str, fields: dict[str, Any]) -> dict[str, Any]:
+    def _call_once(self, op: str, fields: dict[str, Any], patience: float | None = None) -> dict[str, Any]:
         try:
             conn = self._connection()
         except AuthError:
@@ -126,20 +130,32 @@ class CoordinatorClient:
         rid = next(self._ids)
         slot: list[Any] = [threading.Event(), None]
         self._waiting[rid] = slot
+        sent = time.monotonic()
         try:
             conn.send({"id": rid, "op": op, **fields})
         except (ClusterrepError, OSError) as exc:
             self._waiting.pop(rid, None)
             raise _LinkLost(f"coordinator {self.addr}: {exc}") from None
-        if not slot[0].wait(self.timeout):
+        if not slot[0].wait(self.timeout if patience is None else patience):
             self._waiting.pop(rid, None)
+            if patience is not None:
+                raise _LinkLost(f"coordinator {self.addr} did not answer {op} within {patience:g} s")
             raise OSError(errno.ETIMEDOUT, f"coordinator {self.addr} did not answer {op}")
         reply = slot[1]
         if reply is None:
             raise _LinkLost(f"link to coordinator lost during {op}")
+        self.alive_at = max(self.alive_at, sent)
         if "errno" in reply:
             raise OSError(int(reply["errno"]), str(reply.get("message", "")))
         return reply
+
+    def drop_link(self) -> None:
+        """Treat the link as broken (it stopped answering): waiting requests are sent again on
+        a new one, or fail once the coordinator stays away too long."""
+        with self._lock:
+            conn = self._conn
+        if conn is not None:
+            conn.close()
 
     def close(self) -> None:
         self._closed = True
