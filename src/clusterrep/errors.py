@@ -186,3 +186,17 @@ class ReclaimConflict(ClusterrepError):
     exit_code = 4
     hint = ("two nodes claim incompatible locks; the coordinator lost or mixed up lock state, "
             "and no reclaimed lock was installed")
+
+
+class OpFailed(ClusterrepError):
+    """A node's request failed; ``errno`` goes back to the node (and to the application)."""
+
+    def __init__(self, message: str, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class VolumeNotEmpty(ClusterrepError):
+    """The volume holds files but the replica was never synchronised with it."""
+
+    exit_code = 2

@@ -69,3 +69,62 @@ def test_32_programs_blocked_on_a_lock_do_not_hang_the_mount(identical, cluster:
         assert w.wait(60) == 0, "a waiter failed or never got the lock"
     assert (m1 / "db").read_bytes() == b"x" * 32  # each got it once, one after the other
     identical(cluster)
+
+
+HOLDER = r"""
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def _hold(path: object) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"held"
+    return proc
+
+
+def _flock_now(path: object, wait: float = 0) -> int:
+    args = ["flock", "-w", str(wait)] if wait else ["flock", "-n"]
+    return subprocess.run([*args, str(path), "true"], timeout=wait + 60).returncode
+
+
+def test_a_lock_survives_a_coordinator_restart(identical, make_cluster) -> None:
+    """The holder reclaims it: during the restart and after it, the other host is refused."""
+    import signal
+
+    cluster = make_cluster(("h1", "h2"))
+    m1, m2 = cluster.mount("h1"), cluster.mount("h2")
+    (m1 / "lock").write_bytes(b"")
+    holder = _hold(m1 / "lock")
+    try:
+        cluster.stop_process("coordinator", signal.SIGKILL)
+        cluster.start_coordinator()
+        assert _flock_now(m2 / "lock") == 1, "h2 got the lock h1 holds after a coordinator restart"
+    finally:
+        holder.stdin.close()  # type: ignore[union-attr]
+        holder.wait(30)
+    assert _flock_now(m2 / "lock", wait=20) == 0, "h2 never got the lock h1 released"
+    identical(cluster)
+
+
+def test_the_locks_of_a_dead_node_are_freed_after_its_lease(identical, make_cluster) -> None:
+    import signal
+
+    cluster = make_cluster(("h1", "h2"), coordinator_args=["--lease", "2"])
+    m1, m2 = cluster.mount("h1"), cluster.mount("h2")
+    (m1 / "lock").write_bytes(b"")
+    holder = _hold(m1 / "lock")
+    try:
+        cluster.stop_process("h1", signal.SIGKILL)  # the node dies with the lock held
+        started = time.monotonic()
+        assert _flock_now(m2 / "lock", wait=30) == 0, "h2 never got the dead node's lock"
+        assert time.monotonic() - started < 15
+    finally:
+        holder.kill()
+        holder.wait(30)
+    cluster.start_node("h1")
+    identical(cluster)

@@ -27,7 +27,8 @@ from typing import Any
 from clusterrep.capture import kernel as k
 from clusterrep.capture.fs import CaptureFS
 from clusterrep.coordinator.requests import answer
-from clusterrep.coordinator.service import CoordinatorService, OpFailed
+from clusterrep.coordinator.service import CoordinatorService
+from clusterrep.errors import OpFailed
 from clusterrep.events import decode
 from clusterrep.node.agent import NodeAgent
 from clusterrep.replica.applier import Applier

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from clusterrep.coordinator.service import CoordinatorService, LockRequest, OpFailed
-from clusterrep.errors import InvalidLock
+from clusterrep.coordinator.locking import LockRequest
+from clusterrep.coordinator.service import CoordinatorService
+from clusterrep.errors import InvalidLock, OpFailed
 from clusterrep.events import Lock, decode
 
 

@@ -12,8 +12,10 @@ import errno
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import OpFailed
 from ..events import encode
-from .service import CoordinatorService, LockRequest, OpFailed
+from .locking import LockRequest
+from .service import CoordinatorService
 
 Request = dict[str, Any]
 Op = Callable[[CoordinatorService, str, str, Request], dict[str, Any]]

@@ -29,10 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import serve, wire
-from ..errors import ClusterrepError, InvalidLock, ReclaimConflict
+from ..errors import ClusterrepError, InvalidLock, OpFailed, ReclaimConflict
 from ..shipper import Shipper
 from .requests import answer
-from .service import CoordinatorService, OpFailed
+from .service import CoordinatorService
 
 log = logging.getLogger("clusterrep.coordinator")
 RECALL_TIMEOUT = 30.0

@@ -26,17 +26,15 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..confined import Target
 from ..durable import atomic_write
-from ..errors import ApplyError, ClusterrepError, InvalidEvent, InvalidLock
+from ..errors import ApplyError, ClusterrepError, InvalidEvent, OpFailed, VolumeNotEmpty
 from ..events import (
     EVENT_TYPES,
     Acquire,
-    Close,
     Create,
     Join,
     Leave,
@@ -54,97 +52,22 @@ from ..events import (
     encode,
 )
 from ..journal import Journal
-from ..locks import MAX, FlockType, LockTable, LockType
+from ..locks import LockTable
 from ..replica.merger import COORDINATOR
+from .locking import FileLocking
+from .namespace import Namespace
 
 log = logging.getLogger("clusterrep.coordinator")
 
-KINDS: dict[str, type[MetaEvent]] = {
-    "create": Create, "open": Open, "close": Close, "mkdir": Mkdir, "rmdir": Rmdir,
-    "unlink": Unlink, "rename": Rename, "truncate": Truncate, "setattr": SetAttr,
-    "symlink": Symlink,
-}
 
 
-class OpFailed(ClusterrepError):
-    """A node's request failed; ``errno`` goes back to the node (and to the application)."""
-
-    def __init__(self, message: str, errno: int) -> None:
-        super().__init__(message)
-        self.errno = errno
-
-
-class VolumeNotEmpty(ClusterrepError):
-    """The volume holds files but the replica was never synchronised with it."""
-
-    exit_code = 2
-
-
-@dataclass(frozen=True)
-class Options:
-    """What a request says beyond the event's fields (see `CoordinatorService.execute`)."""
-
-    ino: Any = None
-    noreplace: bool = False
-    dir_ino: Any = None
-    dst_dir_ino: Any = None
-
-
-Handler = Callable[[str, str, dict[str, Any], Options], dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class LockRequest:
-    """One lock request of a node: ``kind`` ``posix`` (byte range ``[start, end]``, inclusive,
-    ``end`` = `locks.MAX` for "to end of file"; ``type`` a `LockType`) or ``flock`` (whole
-    file; ``type`` a `FlockType`); ``owner`` the node's own number for the lock owner (POSIX)
-    or open file (flock); ``test``: F_GETLK; ``wait``: the node waits if refused."""
-
-    ino: int
-    path: str
-    kind: str
-    owner: int
-    type: int
-    start: int = 0
-    end: int = MAX
-    test: bool = False
-    wait: bool = False
-
-    @property
-    def unlock(self) -> bool:
-        return self.type == (LockType.UNLOCK if self.kind == "posix" else FlockType.UNLOCK)
-
-    @property
-    def shared(self) -> bool:
-        return self.type == (LockType.READ if self.kind == "posix" else FlockType.SHARED)
-
-    @classmethod
-    def parse(cls, msg: dict[str, Any]) -> LockRequest:
-        """From a request map; raises InvalidLock for anything malformed."""
-        try:
-            req = cls(ino=msg["ino"], path=msg["path"], kind=msg["kind"], owner=msg["owner"],
-                      type=msg["type"], start=msg.get("start", 0), end=msg.get("end", MAX),
-                      test=bool(msg.get("test")), wait=bool(msg.get("wait")))
-        except KeyError as exc:
-            raise InvalidLock(f"lock request without {exc}") from None
-        ints = (req.ino, req.owner, req.type, req.start, req.end)
-        if not all(type(v) is int for v in ints) or not isinstance(req.path, str):
-            raise InvalidLock("lock request: ino, owner, type, start, end must be integers")
-        if req.kind not in ("posix", "flock"):
-            raise InvalidLock(f"lock kind must be posix or flock, not {req.kind!r}")
-        valid = LockType if req.kind == "posix" else FlockType
-        if req.type not in set(valid):
-            raise InvalidLock(f"{req.kind} lock type {req.type} is not one of {[int(v) for v in valid]}")
-        if not 0 <= req.start <= req.end <= MAX:
-            raise InvalidLock(f"lock range [{req.start}, {req.end}] is not within [0, {MAX}]")
-        return req
 MAX_ORPHANS = 65536
 
 # recall(node, ino) blocks until ``node`` has released the token of ``ino`` (or is gone)
 Recaller = Callable[[str, int], None]
 
 
-class CoordinatorService:
+class CoordinatorService(FileLocking, Namespace):
     def __init__(self, volume: str | Path, state: str | Path, *, allow_existing: bool = False,
                  lock_grace: float = 15.0, lease: float = 10.0) -> None:
         self.volume_path = Path(volume)
@@ -500,279 +423,3 @@ class CoordinatorService:
             self._recall(holder, ino)
         self._durable()
         return {"gseq": ev.gseq, "path": path, "event": encode(ev)}
-
-    # -- file locks --------------------------------------------------------------------------
-
-    def in_grace(self) -> bool:
-        """After a restart, until every member reclaimed its locks (or the grace period ended),
-        no new lock is granted: one could take a lock another node still holds."""
-        if not self.grace_until:
-            return False
-        if time.monotonic() >= self.grace_until or self.members <= self.reclaimed:
-            self.grace_until = 0.0
-            log.info("lock grace period over")
-            return False
-        return True
-
-    def reclaim(self, node: str, records: list[dict[str, Any]]) -> dict[str, Any]:
-        """``node`` (re)connected and says which locks it holds; keep them. Raises
-        `ReclaimConflict` (nothing installed) if they clash with locks held by others."""
-        with self.lock:
-            owned = [{**r, "owner": [node, *list(r.get("owner", []))[1:]]} for r in records]
-            self.locks.reclaim(owned)
-            self.reclaimed.add(node)
-            for r in owned:
-                self.last_locker[int(r["ino"])] = node
-        return {"gseq": self.gseq}
-
-    def file_lock(self, node: str, op_id: str, req: LockRequest) -> dict[str, Any]:
-        """Test, take or release one lock for ``node``; never waits. The answer says
-        ``granted`` (or, for a test, ``conflict``: [type, start, end] or None) and carries a
-        `Lock` event when the lock changes hands between nodes (a mark). A refused request with
-        ``req.wait`` makes ``node`` a waiter: it is told when a lock on the file is released."""
-        ev = None
-        with self.lock:
-            if self.in_grace() and not req.unlock:
-                return {"gseq": self.gseq, "granted": False, "grace": True}
-            owner = (node, req.owner)
-            if req.test:
-                c = self.locks.test(req.ino, owner, req.type, req.start, req.end)
-                return {"gseq": self.gseq,
-                        "conflict": None if c is None else [int(c.type), c.start, c.end]}
-            if not self._set_lock(req, owner) and not self._expired_holders(req, owner):
-                if req.wait:
-                    self.lock_waiters.setdefault(req.ino, set()).add(node)
-                return {"gseq": self.gseq, "granted": False}
-            if req.unlock or req.shared:
-                self._wake(req.ino)  # a release or a downgrade may let a waiter in
-            if not req.unlock:
-                ev = self._lock_mark(node, op_id, req)
-        if ev is None:
-            return {"gseq": self.gseq, "granted": True}
-        self._durable()
-        return {"gseq": ev.gseq, "granted": True, "event": encode(ev)}
-
-    def _expired_holders(self, req: LockRequest, owner: tuple[Any, ...]) -> bool:
-        """A refused request: free the locks of holders whose lease has run out (dead or cut
-        off; they stopped trusting their locks by now), and try once more (lock held)."""
-        expired = [n for n in self.locks.holders(req.ino) - {owner[0]} if self.lease_left(n) <= 0]
-        for node in expired:
-            self.expire(node, "holds a lock another node wants and its lease ran out")
-        return bool(expired) and self._set_lock(req, owner)
-
-    def _set_lock(self, req: LockRequest, owner: tuple[Any, ...]) -> bool:
-        if req.kind == "posix":
-            return self.locks.set(req.ino, owner, req.type, req.start, req.end)
-        if self.locks.set_flock(req.ino, owner, req.type):
-            return True
-        # Linux converts a flock lock by dropping the old one first, also when the new one
-        # cannot be had: two shared holders both upgrading must not wait on each other
-        if owner in self.locks.flocks(req.ino) and self.locks.release_flock(req.ino, owner):
-            self._wake(req.ino)
-        return False
-
-    def _lock_mark(self, node: str, op_id: str, req: LockRequest) -> MetaEvent | None:
-        """Record a `Lock` mark if the last lock on this file went to another node (lock held)."""
-        previous = self.last_locker.get(req.ino)
-        self.last_locker[req.ino] = node
-        if previous is None or previous == node:
-            return None
-        path = self._resolve(req.ino, req.path)
-        if path is None:
-            return None  # no name: nothing on the replica to order
-        return self._record(Lock, node, op_id, path=path)
-
-    def release_locks(self, node: str, inos: list[int] | None = None) -> None:
-        """Drop every lock ``node`` holds (it left, or its link and lease are gone)."""
-        with self.lock:
-            for ino in self.locks.release_node(node):
-                self._wake(ino)
-            self.reclaimed.discard(node)
-
-    def _wake(self, ino: int) -> None:
-        waiters = self.lock_waiters.pop(ino, None)
-        if waiters and self.on_unlock is not None:
-            self.on_unlock(waiters, ino)
-
-    # -- metadata operations -----------------------------------------------------------------
-
-    def execute(self, node: str, kind: str, op_id: str, fields: dict[str, Any]) -> dict[str, Any]:
-        """Execute one metadata operation for ``node``; raise `OpFailed` with an errno.
-
-        ``fields`` are the event's fields plus options that are not part of the event:
-        ``ino`` (the inode the caller means: it must still be the one at ``path``),
-        ``dir_ino``/``dst_dir_ino`` (the directory the caller means: it must still be the one
-        that holds ``path``/``dst``) and ``noreplace`` (rename: fail with EEXIST if ``dst``
-        exists, atomically). Those checks are made in the same locked step as the operation;
-        a failed one answers ESTALE (the caller looks again and retries) and changes nothing.
-        """
-        cls = KINDS.get(kind)
-        if cls is None:
-            raise OpFailed(f"unknown operation {kind!r}", errno.EINVAL)
-        opts = Options(ino=fields.pop("ino", None), noreplace=bool(fields.pop("noreplace", False)),
-                       dir_ino=fields.pop("dir_ino", None), dst_dir_ino=fields.pop("dst_dir_ino", None))
-        for name in ("atime_ns", "mtime_ns"):
-            if fields.get(name) == "now":  # the coordinator's clock, not a node's skewed one
-                fields[name] = time.time_ns()
-        self._validate(cls, node, op_id, fields)
-        try:
-            result = self._handlers[cls](node, op_id, fields, opts)
-        except ApplyError as exc:
-            self._intent_done()  # it failed: nothing happened on the volume
-            raise OpFailed(str(exc), exc.errno) from None
-        except OSError as exc:
-            self._intent_done()
-            raise OpFailed(f"{kind} failed: {exc}", exc.errno or errno.EIO) from None
-        self._durable()
-        return result
-
-    def where(self, ino: int, hint: str) -> str | None:
-        """The current path of file ``ino`` (None once it has no name)."""
-        with self.lock:
-            return self._resolve(ino, hint)
-
-    def _ino_of(self, path: str) -> int | None:
-        try:
-            st = self.vol.lstat(path)
-        except (OSError, ApplyError):
-            return None
-        return st.st_ino if stat.S_ISREG(st.st_mode) else None
-
-    def _under(self, path: str) -> list[int]:
-        return [ino for ino, p in self.paths.items() if p == path or p.startswith(path + "/")]
-
-    def _verify(self, f: dict[str, Any], opts: Options) -> None:
-        """The paths the caller computed still lead to what it meant (lock held); ESTALE if not."""
-        checks = [(f["path"], opts.ino)]
-        checks += [(f[key].rpartition("/")[0], ino)
-                   for key, ino in (("path", opts.dir_ino), ("dst", opts.dst_dir_ino))
-                   if isinstance(ino, int)]
-        for path, ino in checks:
-            if not isinstance(ino, int):
-                continue
-            try:
-                found = self.vol.lstat(path).st_ino if path else os.fstat(self.vol.root_fd).st_ino
-            except (OSError, ApplyError):
-                found = None
-            if found != ino:
-                raise OpFailed(f"{path or 'the volume root'!r} is no longer inode {ino}: it was "
-                               "renamed or removed meanwhile", errno.ESTALE)
-
-    def _truncate(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
-        path = f["path"]
-
-        def truncate() -> dict[str, Any]:
-            self._verify(f, opts)
-            self._intent(Truncate, node, op_id, f)
-            self.vol.truncate(path, f["size"])
-            return self._done(Truncate, node, op_id, f)
-        return self._free(lambda: [i for i in [self._ino_of(path)] if i is not None], truncate)
-
-    def _unlink(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
-        path = f["path"]
-
-        def unlink() -> dict[str, Any]:
-            self._verify(f, opts)
-            ino = self._ino_of(path)
-            self._intent(Unlink, node, op_id, f)
-            self.vol.unlink(path, missing_ok=False)
-            if ino is not None:
-                self._forget(ino)
-            return self._done(Unlink, node, op_id, f)
-        return self._free(lambda: [i for i in [self._ino_of(path)] if i is not None], unlink)
-
-    def _rename_op(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
-        return self._free(lambda: self._rename_inos(f["path"], f["dst"]),
-                          lambda: self._rename(node, op_id, f, opts))
-
-    def _create(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
-        with self.lock:
-            self._verify(f, opts)
-            self._intent(Create, node, op_id, f)
-            self.vol.create(f["path"], f.get("mode", 0o644), exist_ok=False)
-            ino = self.vol.lstat(f["path"]).st_ino
-            self.paths[ino] = f["path"]
-            self.orphans.pop(ino, None)
-            result = self._done(Create, node, op_id, f)
-            self.holders[ino] = node  # the creator holds the token
-            result["ino"] = ino
-            return result
-
-    def _open(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
-        with self.lock:
-            st = self.vol.lstat(f["path"])
-            if not stat.S_ISREG(st.st_mode):
-                raise OpFailed(f"{f['path']!r} is not a regular file", errno.EISDIR)
-            if isinstance(opts.ino, int) and st.st_ino != opts.ino:
-                # the node opened another file under this name than the one there now: its open
-                # raced a rename or unlink; it opens again (the order is the coordinator's)
-                raise OpFailed(f"{f['path']!r} changed while being opened", errno.ESTALE)
-            self.paths[st.st_ino] = f["path"]
-            self.orphans.pop(st.st_ino, None)
-            result = self._done(Open, node, op_id, f)
-            result["ino"] = st.st_ino
-            return result
-
-    def _close(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
-        with self.lock:
-            if isinstance(opts.ino, int):
-                path = self._resolve(opts.ino, f["path"])
-                if path is None:
-                    return {"gseq": self.gseq, "event": None}  # unlinked meanwhile
-                f = {**f, "path": path}
-            return self._done(Close, node, op_id, f)
-
-    def _simple(self, cls: type[MetaEvent], run: Callable[[dict[str, Any]], None]) -> Handler:
-        """A handler for an operation that needs no token: note the intent, run, record."""
-
-        def handler(node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
-            with self.lock:
-                self._verify(f, opts)
-                self._intent(cls, node, op_id, f)
-                run(f)
-                return self._done(cls, node, op_id, f)
-        return handler
-
-    def _handler_table(self) -> dict[type[MetaEvent], Handler]:
-        vol = self.vol
-        return {
-            Create: self._create, Open: self._open, Close: self._close,
-            Truncate: self._truncate, Unlink: self._unlink, Rename: self._rename_op,
-            Mkdir: self._simple(Mkdir, lambda f: vol.mkdir(f["path"], f.get("mode", 0o755),
-                                                           exist_ok=False)),
-            Rmdir: self._simple(Rmdir, lambda f: vol.rmdir(f["path"], missing_ok=False)),
-            Symlink: self._simple(Symlink, lambda f: vol.symlink(f["path"], f["target"],
-                                                                 replace=False)),
-            SetAttr: self._simple(SetAttr, lambda f: vol.setattr(
-                f["path"], f.get("mode"), f.get("atime_ns"), f.get("mtime_ns"))),
-        }
-
-    def _done(self, cls: type[MetaEvent], node: str, op_id: str, f: dict[str, Any]) -> dict[str, Any]:
-        ev = self._record(cls, node, op_id, **f)
-        return {"gseq": ev.gseq, "event": encode(ev)}
-
-    def _rename_inos(self, src: str, dst: str) -> list[int]:
-        inos = self._under(src)
-        for p in (src, dst):
-            ino = self._ino_of(p)
-            if ino is not None:
-                inos.append(ino)
-        return inos
-
-    def _rename(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
-        self._verify(f, opts)
-        noreplace = opts.noreplace
-        src, dst = f["path"], f["dst"]
-        replaced = self._ino_of(dst)
-        if replaced is not None and replaced == self._ino_of(src):
-            replaced = None  # a rename onto the same file (itself, or a hard link) does nothing
-        self._intent(Rename, node, op_id, f)
-        self.vol.rename(src, dst, noreplace=noreplace)
-        if replaced is not None:
-            self._forget(replaced)
-        for ino, p in list(self.paths.items()):
-            if p == src:
-                self.paths[ino] = dst
-            elif p.startswith(src + "/"):
-                self.paths[ino] = dst + p[len(src):]
-        return self._done(Rename, node, op_id, f)
