@@ -26,6 +26,7 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import signal
 import stat
 import subprocess
@@ -510,8 +511,21 @@ class CaptureFS:
                              and session.interrupted(hdr.unique))
 
 
+def raise_open_files_limit() -> int:
+    """Every inode the kernel knows is held open (`inodes`), as many as programs look up: raise
+    the soft limit on open descriptors to the hard one. Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 def mount(fs: CaptureFS, mountpoint: str) -> None:
     """Mount ``fs`` and serve until unmounted or sent SIGINT/SIGTERM (then unmount)."""
+    limit = raise_open_files_limit()
+    if limit < 16384:
+        log.warning("only %d open files allowed (ulimit -n): the mount holds one per file the "
+                    "kernel knows; raise the hard limit for large volumes", limit)
     fd, keeper = mount_fuse(mountpoint, MOUNT_OPTIONS)
     session = Session(fd, fs.handlers(), init_flags=INIT_FLAGS)
     fs.session = session
