@@ -32,6 +32,13 @@ def renameat2(src_dir: int, src: str, dst_dir: int, dst: str, flags: int) -> Non
         raise OSError(err, os.strerror(err), src, None, dst)
 
 
+def _check_name(name: str, path: str) -> None:
+    """A component may not step out of its directory (the paths given are checked already;
+    this is the last line of defence)."""
+    if name in ("", ".", "..") or "\0" in name:
+        raise TargetEscape(f"{path!r} has a component {name!r} that is not a name; refusing it")
+
+
 class Target:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.fspath(root)
@@ -56,6 +63,7 @@ class Target:
             return fd
         head, _, name = path.rpartition("/")
         parent = self._dir(head)
+        _check_name(name, path)
         try:
             fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
         except OSError as exc:
@@ -72,6 +80,7 @@ class Target:
 
     def parent(self, path: str) -> tuple[int, str]:
         head, _, name = path.rpartition("/")
+        _check_name(name, path)
         return self._dir(head), name
 
     def _file(self, path: str) -> int:

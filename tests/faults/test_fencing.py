@@ -126,3 +126,37 @@ def test_a_node_cut_off_from_the_coordinator_stops_writing_before_another_takes_
         last = max([(t, "h1", i) for t, i in w1.done] + [(t, "h2", i) for t, i in w2.done])
         assert data[:BLOCK].rstrip(b".") == f"{last[1]} {last[2]}".encode(), \
             "block 0 is not the last write that returned"
+
+
+def test_a_node_stopped_longer_than_its_lease_gets_its_files_again_before_writing(
+        tmp_path: Path, identical) -> None:
+    """h1 holds the tokens of two files and is stopped (SIGSTOP) for longer than its lease;
+    h2 takes both over (the second without any recall to h1). When h1 runs again, its answers
+    say its epoch changed: it must drop every token and ask again, never write on an old one."""
+    import signal
+
+    c = LocalCluster(tmp_path / "c", ("h1", "h2"), coordinator_args=["--lease", "2"])
+    with c.start():
+        m1, m2 = c.mount("h1"), c.mount("h2")
+        fds1 = {n: os.open(m1 / n, os.O_RDWR | os.O_CREAT, 0o644) for n in ("F1", "F2")}
+        for n, fd in fds1.items():
+            os.pwrite(fd, f"h1-{n}-0".encode().ljust(BLOCK, b"."), 0)  # h1 holds both tokens
+        node = c.procs["h1"].pid
+        os.kill(node, signal.SIGSTOP)
+        try:
+            fds2 = {n: os.open(m2 / n, os.O_RDWR) for n in ("F1", "F2")}
+            os.pwrite(fds2["F1"], b"h2-F1".ljust(BLOCK, b"."), BLOCK)  # waits for h1's lease
+            os.pwrite(fds2["F2"], b"h2-F2".ljust(BLOCK, b"."), BLOCK)  # h1's token was taken too
+        finally:
+            os.kill(node, signal.SIGCONT)
+        time.sleep(1.5)  # h1 renews its lease and hears that its epoch changed
+        os.pwrite(fds1["F2"], b"h1-F2-6".ljust(BLOCK, b"."), 6 * BLOCK)
+        os.pwrite(fds2["F2"], b"h2-F2-5".ljust(BLOCK, b"."), 5 * BLOCK)
+        os.pwrite(fds1["F2"], b"h1-F2-5".ljust(BLOCK, b"."), 5 * BLOCK)
+        for fd in [*fds1.values(), *fds2.values()]:
+            os.close(fd)
+        identical(c, timeout=120)
+        data = (c.volume / "F2").read_bytes()
+        assert data[5 * BLOCK:6 * BLOCK].rstrip(b".") == b"h1-F2-5"
+        log_h1 = (c.logs / "h1.log").read_text()
+        assert "lease ran out" in log_h1, "h1 was not told that its tokens were taken"

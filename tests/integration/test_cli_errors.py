@@ -88,3 +88,38 @@ def test_help_for_every_command() -> None:
     for cmd in ("replica", "coordinator", "node", "status", "wait", "verify", "demo", "sim"):
         r = run(cmd, "--help")
         assert r.returncode == 0 and "usage: clusterrep " + cmd in r.stdout
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    ({"--coordinator": "127.0.0.1"}, "has no port"),
+    ({"--replica": "nohost"}, "has no port"),
+    ({"--state": "FILE"}, "exists and is not a directory"),
+    ({"--ack-timeout": "-1"}, "out of range"),
+    ({"--coordinator-timeout": "1e-9"}, "out of range"),
+    ({"--coordinator-timeout": "abc"}, "not a number of seconds"),
+])
+def test_node_option_typos_are_refused_before_anything_starts(tmp_path: Path, token: str,
+                                                              change: dict[str, str], says: str) -> None:
+    """Found by review: these were accepted (and retried for ever), or gave a traceback."""
+    (tmp_path / "FILE").write_text("")
+    opts = {"--id": "h1", "--volume": str(tmp_path), "--mount": str(tmp_path / "m"),
+            "--coordinator": "127.0.0.1:9", "--replica": "127.0.0.1:9",
+            "--state": str(tmp_path / "s"), "--token-file": token}
+    opts.update({k: str(tmp_path / v) if v == "FILE" else v for k, v in change.items()})
+    r = run("node", *[x for kv in opts.items() for x in kv])
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "m").exists() and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(("option", "value", "says"), [
+    ("--lease", "abc", "not a number of seconds"), ("--lease", "0", "out of range"),
+    ("--replica", "nohost", "has no port"), ("--state", "FILE", "exists and is not a directory"),
+])
+def test_coordinator_option_typos_are_refused(tmp_path: Path, token: str, option: str, value: str,
+                                              says: str) -> None:
+    (tmp_path / "FILE").write_text("")
+    opts = {"--listen": "127.0.0.1:0", "--volume": str(tmp_path), "--replica": "127.0.0.1:9",
+            "--state": str(tmp_path / "s"), "--token-file": token,
+            option: str(tmp_path / value) if value == "FILE" else value}
+    r = run("coordinator", *[x for kv in opts.items() for x in kv])
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -108,6 +108,7 @@ class InProcessClient:
     def __init__(self, svc: CoordinatorService, node: str, sched: Scheduler) -> None:
         self.svc, self.node, self.sched = svc, node, sched
         self.alive_at = 0.0
+        self.on_reply: Callable[[dict[str, Any]], None] | None = None
 
     def call(self, op: str, *, patience: float | None = None, **fields: Any) -> dict[str, Any]:
         self.sched.switch(f"{op} {fields.get('kind', '')} sent")
@@ -115,6 +116,8 @@ class InProcessClient:
             reply = answer(self.svc, self.node, {"op": op, **fields})
         except OpFailed as exc:
             raise OSError(exc.errno, str(exc)) from None
+        if self.on_reply is not None:
+            self.on_reply(reply)
         self.alive_at = time.monotonic()
         self.sched.switch(f"{op} answered")
         return reply
@@ -191,7 +194,9 @@ class InProcessCluster:
         for name in hosts:
             agent = NodeAgent(name, "127.0.0.1:9", "127.0.0.1:9", workdir / f"state-{name}",
                               b"t" * 32)
-            agent.client = InProcessClient(self.svc, name, self.sched)  # type: ignore[assignment]
+            client = InProcessClient(self.svc, name, self.sched)
+            client.on_reply = agent.client.on_reply
+            agent.client = client  # type: ignore[assignment]
             agent.join_cluster(time.monotonic() + 5)
             self.agents[name] = agent
             self.hosts[name] = Host(name, fs_class(str(self.volume), agent))

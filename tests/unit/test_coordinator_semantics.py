@@ -144,3 +144,52 @@ def test_a_rename_onto_itself_leaves_the_file_writable_and_named(tmp_path: Path)
     reply = svc.acquire("h2", "h2-2", ino, "s0")
     assert not reply.get("gone") and reply["path"] == "s0"
     svc.close()
+
+
+@pytest.mark.parametrize("msg", [
+    {"op": "lock", "op_id": "x1", "ino": 5, "path": "a\0b", "kind": "posix", "owner": 1,
+     "type": fcntl.F_WRLCK, "start": 0, "end": 9},
+    {"op": "lock", "op_id": "x2", "ino": 5, "path": "../etc", "kind": "flock", "owner": 1,
+     "type": fcntl.LOCK_EX},
+    {"op": "reclaim", "op_id": "x3", "locks": [1, 2, 3]},
+    {"op": "reclaim", "op_id": "x4", "locks": [None]},
+    {"op": "reclaim", "op_id": "x5", "locks": [{"kind": "posix", "ino": 5, "owner": 5}]},
+    {"op": "where", "op_id": "x6", "ino": 5, "path": "../token"},
+    {"op": "where", "op_id": "x7", "ino": 5, "path": "a\0b"},
+    {"op": "acquire", "op_id": "x8", "ino": 5, "path": "/etc/passwd"},
+])
+def test_hostile_requests_are_refused_and_change_nothing(tmp_path: Path, msg: dict) -> None:
+    """Found by review: these crashed the handler (a traceback, EIO) after changing the lock
+    table, or resolved paths outside the volume."""
+    from clusterrep.coordinator.requests import answer
+    from clusterrep.errors import InvalidLock as Refused
+
+    svc = _coordinator(tmp_path)
+    with pytest.raises((OpFailed, Refused)) as err:
+        answer(svc, "h2", msg)
+    if isinstance(err.value, OpFailed):
+        assert err.value.errno == errno.EINVAL
+    assert svc.locks.locks(5) == [] and svc.locks.flocks(5) == {}
+    assert svc.paths == {}
+    svc.close()
+
+
+def test_a_reclaim_from_an_epoch_that_ran_out_is_refused(tmp_path: Path) -> None:
+    """A node whose lease ran out (its locks were given away) must not get them back by
+    reclaiming them after a coordinator restart."""
+    svc = _coordinator(tmp_path, lease=0.1)
+    svc.renew("h1")
+    svc.file_lock("h1", "h1-1", _lock(5, 1, fcntl.F_WRLCK))
+    held, epoch = svc.locks.held_by("h1"), svc.epoch("h1")
+    time.sleep(0.2)
+    svc.renew("h2")
+    assert svc.file_lock("h2", "h2-1", _lock(5, 2, fcntl.F_WRLCK))["granted"]  # h1 expired
+    assert svc.epoch("h1") == epoch + 1
+    svc.close()
+    svc = CoordinatorService(tmp_path / "volume", tmp_path / "coord-state", lock_grace=30)
+    with pytest.raises(OpFailed) as err:
+        svc.reclaim("h1", held, epoch)
+    assert err.value.errno == errno.ESTALE
+    assert svc.epoch("h1") == epoch + 1  # the epoch survives the restart
+    assert svc.locks.locks(5) == []
+    svc.close()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from .. import wire
+from ..endpoint import parse_addr
+from ..errors import ClusterrepError
 from ..tls import TlsConfig
 
 
@@ -73,6 +76,32 @@ def positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not 0 < value <= 86400:
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range: more than 0, at most 86400")
+    if not 0.01 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: 0.01 to 86400")
+    return value
+
+
+def peer_address(text: str) -> str:
+    """An argparse type for HOST:PORT of a peer: refused at once if malformed, not retried."""
+    try:
+        parse_addr(text)
+    except ClusterrepError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def state_dir(text: str) -> str:
+    """An argparse type for a state directory: it may be missing (it is created), not a file."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    return text
+
+
+def nonnegative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range: 0 to 86400")
     return value

@@ -10,9 +10,11 @@ from .common import (
     add_auth,
     add_verbose,
     auth,
+    peer_address,
     positive_seconds,
     serve_until_signalled,
     setup_logging,
+    state_dir,
 )
 
 
@@ -24,8 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     "numbered operations to the replica.")
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address nodes connect to")
     p.add_argument("--volume", required=True, metavar="DIR", help="the shared volume directory")
-    p.add_argument("--replica", required=True, metavar="HOST:PORT", help="the replica server")
-    p.add_argument("--state", required=True, metavar="DIR",
+    p.add_argument("--replica", required=True, type=peer_address, metavar="HOST:PORT",
+                   help="the replica server")
+    p.add_argument("--state", required=True, type=state_dir, metavar="DIR",
                    help="the coordinator's stream journal and tables (created if missing)")
     p.add_argument("--allow-existing", action="store_true",
                    help="start on a non-empty volume (only if the replica already holds an "

@@ -7,7 +7,15 @@ import logging
 import os
 
 from ..errors import ClusterrepError
-from .common import add_auth, add_verbose, auth, positive_seconds, setup_logging
+from .common import (
+    add_auth,
+    add_verbose,
+    auth,
+    peer_address,
+    positive_seconds,
+    setup_logging,
+    state_dir,
+)
 
 log = logging.getLogger("clusterrep.node")
 
@@ -24,15 +32,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--volume", required=True, metavar="DIR", help="the shared volume directory")
     p.add_argument("--mount", required=True, metavar="DIR",
                    help="where applications see the volume (created if missing)")
-    p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator")
-    p.add_argument("--replica", required=True, metavar="HOST:PORT", help="the replica server")
-    p.add_argument("--state", required=True, metavar="DIR", help="spool directory (created if missing)")
+    p.add_argument("--coordinator", required=True, type=peer_address, metavar="HOST:PORT",
+                   help="the coordinator")
+    p.add_argument("--replica", required=True, type=peer_address, metavar="HOST:PORT",
+                   help="the replica server")
+    p.add_argument("--state", required=True, type=state_dir, metavar="DIR",
+                   help="spool directory (created if missing)")
     p.add_argument("--ack", choices=("async", "local", "received", "replicated"), default="async",
                    help="when an application's write returns: async (event in the spool; "
                         "default), local (spool fsync'd), received (in the replica's memory), "
                         "replicated (fsync'd on the replica: no loss if this node dies). See "
                         "docs/operations.md")
-    p.add_argument("--ack-timeout", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--ack-timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
                    help="with received/replicated: after this long without the replica, writes "
                         "return once fsync'd locally (logged; default 30)")
     p.add_argument("--spool-limit", type=parse_size, default=8 << 30, metavar="SIZE",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..replica.server import ReplicaServer
 from ..replica.service import ReplicaService
-from .common import add_auth, add_verbose, auth, serve_until_signalled, setup_logging
+from .common import add_auth, add_verbose, auth, serve_until_signalled, setup_logging, state_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on")
     p.add_argument("--target", required=True, metavar="DIR",
                    help="directory that holds the replica (created if missing)")
-    p.add_argument("--state", required=True, metavar="DIR",
+    p.add_argument("--state", required=True, type=state_dir, metavar="DIR",
                    help="journal and checkpoint directory (created if missing; keep it apart "
                         "from --target)")
     add_auth(p)

@@ -10,6 +10,7 @@ A silent node's locks go once its lease has run out.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -17,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InvalidLock
-from ..events import Lock, MetaEvent, encode
+from ..errors import InvalidLock, OpFailed, UnsafePath
+from ..events import Lock, MetaEvent, check_path, encode
 from ..locks import MAX, FlockType, LockTable, LockType
 
 log = logging.getLogger("clusterrep.coordinator")
@@ -66,6 +67,11 @@ class LockRequest:
         valid = LockType if req.kind == "posix" else FlockType
         if req.type not in set(valid):
             raise InvalidLock(f"{req.kind} lock type {req.type} is not one of {[int(v) for v in valid]}")
+        if req.path != ".":  # "." : a file without a name (no mark is needed for it)
+            try:
+                check_path(req.path)
+            except UnsafePath as exc:
+                raise InvalidLock(f"lock request: {exc}") from None
         if not 0 <= req.start <= req.end <= MAX:
             raise InvalidLock(f"lock range [{req.start}, {req.end}] is not within [0, {MAX}]")
         return req
@@ -90,6 +96,7 @@ class FileLocking:
     _durable: Callable[[], None]
     lease_left: Callable[[str], float]
     expire: Callable[[str, str], None]
+    epoch: Callable[[str], int]
 
     def in_grace(self) -> bool:
         """After a restart, until every member reclaimed its locks (or the grace period ended),
@@ -98,15 +105,23 @@ class FileLocking:
             return False
         if time.monotonic() >= self.grace_until or self.members <= self.reclaimed:
             self.grace_until = 0.0
-            log.info("lock grace period over")
+            log.info("grace period over: tokens and locks are granted again")
             return False
         return True
 
-    def reclaim(self, node: str, records: list[dict[str, Any]]) -> dict[str, Any]:
-        """``node`` (re)connected and says which locks it holds; keep them. Raises
-        `ReclaimConflict` (nothing installed) if they clash with locks held by others."""
+    def reclaim(self, node: str, records: list[Any], epoch: Any = None) -> dict[str, Any]:
+        """``node`` (re)connected and says which locks it holds (in its ``epoch``); keep them.
+        Raises `OpFailed` ESTALE if its epoch is over (its locks were taken when its lease ran
+        out), `InvalidLock` for a malformed record, `ReclaimConflict` (nothing installed) if
+        they clash with locks held by others."""
+        if epoch is not None and epoch != self.epoch(node):
+            raise OpFailed(f"node {node}'s locks of epoch {epoch} were taken when its lease ran "
+                           f"out (now epoch {self.epoch(node)})", errno.ESTALE)
+        for r in records:
+            if not isinstance(r, dict) or not isinstance(r.get("owner"), list) or not r["owner"]:
+                raise InvalidLock(f"a reclaimed lock must be a map with an owner list, not {r!r:.80}")
         with self.lock:
-            owned = [{**r, "owner": [node, *list(r.get("owner", []))[1:]]} for r in records]
+            owned = [{**r, "owner": [node, *r["owner"][1:]]} for r in records]
             self.locks.reclaim(owned)
             self.reclaimed.add(node)
             for r in owned:
@@ -163,7 +178,7 @@ class FileLocking:
         """Record a `Lock` mark if the last lock on this file went to another node (lock held)."""
         previous = self.last_locker.get(req.ino)
         self.last_locker[req.ino] = node
-        if previous is None or previous == node:
+        if previous is None or previous == node or req.path == ".":
             return None
         path = self._resolve(req.ino, req.path)
         if path is None:

@@ -12,8 +12,8 @@ import errno
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import OpFailed
-from ..events import encode
+from ..errors import OpFailed, UnsafePath
+from ..events import check_path, encode
 from .locking import LockRequest
 from .service import CoordinatorService
 
@@ -22,7 +22,14 @@ Op = Callable[[CoordinatorService, str, str, Request], dict[str, Any]]
 
 
 def answer(svc: CoordinatorService, node: str, msg: Request) -> dict[str, Any]:
-    """Answer one request of ``node`` (a map with ``op`` and, but for ping/renew, ``op_id``)."""
+    """Answer one request of ``node`` (a map with ``op`` and, but for ping/renew, ``op_id``).
+    Every answer says which coordinator process answered (``coord``) and the node's ``epoch``:
+    a node that sees either change drops its write tokens (and, for a new epoch, its locks)."""
+    reply = _answer(svc, node, msg)
+    return {**reply, "coord": svc.incarnation, "epoch": svc.epoch(node)}
+
+
+def _answer(svc: CoordinatorService, node: str, msg: Request) -> dict[str, Any]:
     svc.renew(node)  # any request shows the node alive
     op = msg.get("op")
     if op in ("ping", "renew"):
@@ -54,6 +61,10 @@ def _file(msg: Request, op: str) -> tuple[int, str]:
     ino, path = msg.get("ino"), msg.get("path")
     if not isinstance(ino, int) or not isinstance(path, str):
         raise OpFailed(f"{op} needs ino and path", errno.EINVAL)
+    try:
+        check_path(path)
+    except UnsafePath as exc:
+        raise OpFailed(str(exc), errno.EINVAL) from None
     return ino, path
 
 
@@ -73,7 +84,7 @@ def _reclaim(svc: CoordinatorService, node: str, op_id: str, msg: Request) -> di
     records = msg.get("locks")
     if not isinstance(records, list):
         raise OpFailed("reclaim needs a list of locks", errno.EINVAL)
-    return svc.reclaim(node, records)
+    return svc.reclaim(node, records, msg.get("epoch"))
 
 
 def _meta(svc: CoordinatorService, node: str, op_id: str, msg: Request) -> dict[str, Any]:

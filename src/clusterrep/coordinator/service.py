@@ -21,6 +21,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import stat
 import threading
 import time
@@ -54,6 +55,7 @@ from ..events import (
 from ..journal import Journal
 from ..locks import LockTable
 from ..replica.merger import COORDINATOR
+from ..timing import pause
 from .locking import FileLocking
 from .namespace import Namespace
 
@@ -62,6 +64,17 @@ log = logging.getLogger("clusterrep.coordinator")
 
 
 MAX_ORPHANS = 65536
+
+
+def _load_epochs(path: Path) -> dict[str, int]:
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        raise ClusterrepError(f"{path} is damaged", hint="restore it or remove it (every node's "
+                              "epoch starts again: nodes then drop their tokens and locks)") from None
+    return {str(k): int(v) for k, v in raw.items()}
 
 # recall(node, ino) blocks until ``node`` has released the token of ``ino`` (or is gone)
 Recaller = Callable[[str, int], None]
@@ -114,8 +127,17 @@ class CoordinatorService(FileLocking, Namespace):
         self.lock_waiters: dict[int, set[str]] = {}  # ino -> nodes waiting for a lock on it
         self.last_locker: dict[int, str] = {}  # ino -> node granted the last lock on it
         self.on_unlock: Callable[[set[str], int], None] | None = None  # wakes waiting nodes
+        # after a restart: no token or lock changes hands until every member has reclaimed (it
+        # has then heard that this is a new coordinator and dropped its tokens) or until no
+        # node can still trust what the coordinator before us gave it (a whole lease)
         restarted = self.journal.next_index > 1
-        self.grace_until = time.monotonic() + lock_grace if restarted and self.members else 0.0
+        grace = max(lock_grace, lease)
+        self.grace_until = time.monotonic() + grace if restarted and self.members else 0.0
+        # this process (a node that sees it change drops its tokens and reclaims its locks) and
+        # each node's epoch: how often its lease ran out here (kept on disk; a node that sees
+        # its epoch change knows its tokens and locks were taken)
+        self.incarnation = secrets.token_hex(8)
+        self.epochs: dict[str, int] = _load_epochs(self.state / "epochs.json")
         self.reclaimed: set[str] = set()
         self.on_record: Callable[[], None] | None = None  # wakes the shipper
         self.ops = 0
@@ -285,12 +307,15 @@ class CoordinatorService(FileLocking, Namespace):
         return self.lease - (time.monotonic() - self.seen.get(node, self.started))
 
     def expire(self, node: str, why: str) -> None:
-        """Take every token and lock from ``node`` (its lease ended, or it restarted)."""
+        """Take every token and lock from ``node`` (its lease ended, or it restarted), and
+        start its next epoch: its next answer tells it so."""
         with self.lock:
             tokens = [i for i, h in self.holders.items() if h == node]
             for ino in tokens:
                 del self.holders[ino]
             held = self.locks.held_by(node)
+            self.epochs[node] = self.epochs.get(node, 0) + 1
+            atomic_write(self.state / "epochs.json", json.dumps(self.epochs).encode())
         self.release_locks(node)
         if tokens or held:
             log.warning("node %s %s: its %d write token(s) and %d lock(s) are free for others",
@@ -340,8 +365,21 @@ class CoordinatorService(FileLocking, Namespace):
 
     # -- tokens ------------------------------------------------------------------------------
 
+    def epoch(self, node: str) -> int:
+        return self.epochs.get(node, 0)
+
+    def wait_for_grace(self) -> None:
+        """After a restart, wait until no node can still be writing under a token that the
+        coordinator before us gave it (lock NOT held)."""
+        while True:
+            with self.lock:
+                if not self.in_grace():
+                    return
+            pause(0.05)
+
     def _free(self, inos: Callable[[], list[int]], action: Callable[[], Any]) -> Any:
         """Run ``action`` under the lock once no node holds a token of ``inos()``."""
+        self.wait_for_grace()
         while True:
             with self.lock:
                 busy = [(ino, self.holders[ino]) for ino in inos() if ino in self.holders]
@@ -407,6 +445,7 @@ class CoordinatorService(FileLocking, Namespace):
 
     def acquire(self, node: str, op_id: str, ino: int, hint: str) -> dict[str, Any]:
         """Make ``node`` the writer of ``ino``. Returns gseq, the current path, and the event."""
+        self.wait_for_grace()
         while True:
             with self.lock:
                 path = self._resolve(ino, hint)

@@ -104,6 +104,9 @@ class NodeAgent:
         self._lease_lost = False
         self._stopping = threading.Event()
         self.client = CoordinatorClient(coordinator, auth, name, wait_for=opts.coordinator_timeout)
+        self.client.on_reply = self._check_reply
+        self._coordinator_process: str | None = None  # the coordinator process we talk to
+        self._epoch: int | None = None  # our epoch there (changes when our lease ran out)
         self.control = ControlLink(coordinator, auth, name, on_recall=self._recalled,
                                    on_gseq=self.learn, on_down=self._drop_tokens,
                                    on_unlocked=self.lock_released, on_up=self._reclaim)
@@ -421,6 +424,29 @@ class NodeAgent:
         when it received it, so we have stopped writing before it gives our files away."""
         return time.monotonic() < self.client.alive_at + self.lease * LEASE_MARGIN
 
+    def _check_reply(self, reply: dict[str, Any]) -> None:
+        """Every answer names the coordinator process and our epoch. A new process knows none
+        of our tokens: drop them, and make the control link connect to it (reclaiming our
+        locks). A new epoch means our lease ran out there: our tokens and locks were taken."""
+        coord, epoch = reply.get("coord"), reply.get("epoch")
+        if isinstance(coord, str) and coord != self._coordinator_process:
+            if self._coordinator_process is not None:
+                log.warning("the coordinator restarted: write tokens dropped, file locks are "
+                            "reclaimed")
+                self._drop_tokens()
+                self.control.reconnect()
+            self._coordinator_process = coord
+        if isinstance(epoch, int) and epoch != self._epoch:
+            if self._epoch is not None:
+                lost = self.my_locks.held_by(self.name)
+                log.error("the coordinator took this node's write tokens and %d file lock(s) "
+                          "when its lease ran out (it was silent too long); writes go on after "
+                          "getting the tokens again, and programs that held those locks no "
+                          "longer do", len(lost))
+                self._drop_tokens()
+                self.my_locks = LockTable()
+            self._epoch = epoch
+
     def _fence(self) -> None:
         """Our lease may have run out: drop every token (writes wait for the coordinator to
         grant them again, then fail with EIO after --coordinator-timeout)."""
@@ -540,7 +566,7 @@ class NodeAgent:
         if not records and not self._joined:
             return  # starting: nothing held, and the coordinator does not know us yet
         try:
-            self.client.call("reclaim", op_id=self._op_id(), locks=records)
+            self.client.call("reclaim", op_id=self._op_id(), locks=records, epoch=self._epoch)
         except OSError as exc:
             log.error("could not reclaim %d file lock(s) after the link to the coordinator came "
                       "back: %s; programs holding them may now conflict with other hosts",

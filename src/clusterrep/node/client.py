@@ -42,6 +42,9 @@ class CoordinatorClient:
         # coordinator heard from us at or after it (what the node's lease counts from)
         self.alive_at = 0.0
         self._outage: float | None = None  # monotonic time the coordinator became unreachable
+        # called with every answer before it is returned (the agent checks the coordinator's
+        # process and its own epoch there, before it acts on what the answer grants)
+        self.on_reply: Callable[[dict[str, Any]], None] | None = None
         self._outage_lock = threading.Lock()
         self._conn: wire.Connection | None = None
         self._lock = threading.Lock()
@@ -144,6 +147,8 @@ class CoordinatorClient:
         reply = slot[1]
         if reply is None:
             raise _LinkLost(f"link to coordinator lost during {op}")
+        if self.on_reply is not None:
+            self.on_reply(reply)  # first: tokens it voids are dropped before the lease counts
         self.alive_at = max(self.alive_at, sent)
         if "errno" in reply:
             raise OSError(int(reply["errno"]), str(reply.get("message", "")))
@@ -190,6 +195,13 @@ class ControlLink:
         if self._conn is not None:
             self._conn.close()
         self._thread.join(5)
+
+    def reconnect(self) -> None:
+        """Drop the current link (it may be half open: the coordinator behind it is gone); the
+        loop connects again and calls ``on_up``."""
+        conn = self._conn
+        if conn is not None:
+            conn.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
