@@ -193,3 +193,31 @@ def test_a_reclaim_from_an_epoch_that_ran_out_is_refused(tmp_path: Path) -> None
     assert svc.epoch("h1") == epoch + 1  # the epoch survives the restart
     assert svc.locks.locks(5) == []
     svc.close()
+
+
+def test_searching_the_volume_for_a_file_never_holds_the_coordinator(tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """Found by review: a ``where`` for an inode nothing knew walked the whole volume with the
+    coordinator's lock held, so every other host's operations waited for it."""
+    import threading
+
+    import clusterrep.coordinator.service as service
+
+    svc = _coordinator(tmp_path)
+    (tmp_path / "volume" / "d").mkdir()
+    (tmp_path / "volume" / "d" / "f").write_text("made outside the coordinator")
+    ino = os.lstat(tmp_path / "volume" / "d" / "f").st_ino
+    free: list[bool] = []
+    real_walk = os.walk
+
+    def walk(top):  # another host's operation must be able to run now
+        t = threading.Thread(target=lambda: free.append(svc.lock.acquire(timeout=5) and
+                                                        (svc.lock.release() or True)))
+        t.start()
+        t.join()
+        return real_walk(top)
+
+    monkeypatch.setattr(service.os, "walk", walk)
+    assert svc.where(ino, "not/where/it/is") == "d/f"
+    assert free == [True]
+    svc.close()

@@ -485,7 +485,7 @@ class CaptureFS:
         fh, owner, start, end, ltype, _pid, lk_flags, _ = k.LK_IN.unpack_from(body)
         handle = self.handles.get(fh)
         inode = self.inodes.get(hdr.nodeid)
-        path = (handle.path if handle is not None else "") or self.inodes.path(inode) or "."
+        path = self.inodes.path(inode) or "."  # (fresh: the coordinator finds the file by it)
         flock = bool(lk_flags & k.LK_FLOCK)
         if not flock and handle is not None:
             with self._lock:

@@ -21,6 +21,7 @@ from typing import Any
 from ..errors import InvalidLock, OpFailed, UnsafePath
 from ..events import Lock, MetaEvent, check_path, encode
 from ..locks import MAX, FlockType, LockTable, LockType
+from .namespace import UNKNOWN
 
 log = logging.getLogger("clusterrep.coordinator")
 
@@ -183,7 +184,8 @@ class FileLocking:
         path = self._resolve(req.ino, req.path)
         if path is None:
             return None  # no name: nothing on the replica to order
-        return self._record(Lock, node, op_id, path=path)
+        # (a mark orders by its gseq; its path only names it: the node's, if no other is known)
+        return self._record(Lock, node, op_id, path=req.path if path == UNKNOWN else path)
 
     def release_locks(self, node: str, inos: list[int] | None = None) -> None:
         """Drop every lock ``node`` holds (it left, or its link and lease are gone)."""

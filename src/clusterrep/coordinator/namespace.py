@@ -36,6 +36,8 @@ from ..events import (
     encode,
 )
 
+UNKNOWN = "\0unknown"  # `_resolve`: not known without a search (never a path: paths have no NUL)
+
 KINDS: dict[str, type[MetaEvent]] = {
     "create": Create, "open": Open, "close": Close, "mkdir": Mkdir, "rmdir": Rmdir,
     "unlink": Unlink, "rename": Rename, "truncate": Truncate, "setattr": SetAttr,
@@ -68,6 +70,7 @@ class Namespace:
     # provided by CoordinatorService
     _record: Callable[..., MetaEvent]
     _resolve: Callable[[int, str], str | None]
+    locate: Callable[[int, str], str | None]
     _durable: Callable[[], None]
     _validate: Callable[[type[MetaEvent], str, str, dict[str, Any]], None]
     _intent: Callable[[type[MetaEvent], str, str, dict[str, Any]], None]
@@ -107,8 +110,7 @@ class Namespace:
 
     def where(self, ino: int, hint: str) -> str | None:
         """The current path of file ``ino`` (None once it has no name)."""
-        with self.lock:
-            return self._resolve(ino, hint)
+        return self.locate(ino, hint)
 
     def _ino_of(self, path: str) -> int | None:
         try:
@@ -196,8 +198,8 @@ class Namespace:
         with self.lock:
             if isinstance(opts.ino, int):
                 path = self._resolve(opts.ino, f["path"])
-                if path is None:
-                    return {"gseq": self.gseq, "event": None}  # unlinked meanwhile
+                if path is None or path is UNKNOWN:  # unlinked meanwhile, or not to be found
+                    return {"gseq": self.gseq, "event": None}  # cheaply: a Close is only a mark
                 f = {**f, "path": path}
             return self._done(Close, node, op_id, f)
 

@@ -17,6 +17,7 @@ has open, and the coordinator tells the writer the current path when it acquires
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -57,7 +58,7 @@ from ..locks import LockTable
 from ..replica.merger import COORDINATOR
 from ..timing import pause
 from .locking import FileLocking
-from .namespace import Namespace
+from .namespace import UNKNOWN, Namespace
 
 log = logging.getLogger("clusterrep.coordinator")
 
@@ -421,7 +422,9 @@ class CoordinatorService(FileLocking, Namespace):
             self.orphans.popitem(last=False)
 
     def _resolve(self, ino: int, hint: str) -> str | None:
-        """The current path of file ``ino`` (None if it no longer has one)."""
+        """The current path of file ``ino`` as far as is known cheaply (lock held): from the
+        map of open files or the caller's hint; None if it has no name, `UNKNOWN` if neither
+        says (then `locate`, without the lock)."""
         path = self.paths.get(ino)
         if path is not None:
             return path
@@ -434,21 +437,36 @@ class CoordinatorService(FileLocking, Namespace):
         if st is not None and st.st_ino == ino and stat.S_ISREG(st.st_mode):
             self.paths[ino] = hint
             return hint
+        return UNKNOWN
+
+    def locate(self, ino: int, hint: str) -> str | None:
+        """The current path of file ``ino`` or None once it has no name (lock NOT held: when
+        nothing cheaper knows, this searches the volume, which must not stop other work)."""
+        with self.lock:
+            path = self._resolve(ino, hint)
+        if path is not UNKNOWN:
+            return path
         for dirpath, _dirs, files in os.walk(self.volume_path):  # rare: a restart lost the map
             for name in files:
                 full = os.path.join(dirpath, name)
-                if os.lstat(full).st_ino == ino:
-                    rel = os.path.relpath(full, self.volume_path)
-                    self.paths[ino] = rel
-                    return rel
+                with contextlib.suppress(OSError):
+                    if os.lstat(full).st_ino == ino:
+                        with self.lock:
+                            found = self._resolve(ino, os.path.relpath(full, self.volume_path))
+                        return found if found is not UNKNOWN else self.locate(ino, hint)
         return None
 
     def acquire(self, node: str, op_id: str, ino: int, hint: str) -> dict[str, Any]:
         """Make ``node`` the writer of ``ino``. Returns gseq, the current path, and the event."""
         self.wait_for_grace()
         while True:
+            where = self.locate(ino, hint)
+            if where is None:
+                return {"gone": True, "gseq": self.gseq}
             with self.lock:
-                path = self._resolve(ino, hint)
+                path = self._resolve(ino, where)
+                if path is UNKNOWN:
+                    continue  # moved since we looked: look again
                 if path is None:
                     return {"gone": True, "gseq": self.gseq}
                 holder = self.holders.get(ino)
