@@ -39,17 +39,44 @@ def _kind(mode: int) -> str:
 
 
 def _entries(root: str) -> dict[str, os.stat_result]:
+    """Every entry under ``root`` by relative path, its lstat; through directory descriptors,
+    so paths longer than PATH_MAX are compared too."""
     out: dict[str, os.stat_result] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames, dirfd in os.fwalk(root):
         rel_dir = os.path.relpath(dirpath, root)
         for name in dirnames + filenames:
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            out[rel] = os.lstat(os.path.join(dirpath, name))
+            out[rel] = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
     return out
 
 
-def _first_difference(a: str, b: str) -> int | None:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
+def _open_under(root: str, rel: str, flags: int = os.O_RDONLY) -> int:
+    """Open ``rel`` below ``root`` one component at a time (no PATH_MAX limit, no symlinks)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        *dirs, name = rel.split("/")
+        for part in dirs:
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _readlink_under(root: str, rel: str) -> str:
+    head, _, name = rel.rpartition("/")
+    fd = _open_under(root, f"{head}/." if head else ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return os.readlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _first_difference(a: tuple[str, str], b: tuple[str, str]) -> int | None:
+    """Offset of the first byte where file ``a`` and ``b`` (each: root, relative path) differ."""
+    with os.fdopen(_open_under(*a), "rb") as fa, os.fdopen(_open_under(*b), "rb") as fb:
         offset = 0
         while True:
             ca, cb = fa.read(CHUNK), fb.read(CHUNK)
@@ -81,8 +108,7 @@ def compare_trees(expected: str | os.PathLike[str], actual: str | os.PathLike[st
             yield Difference(path, "type", f"{ka} on the volume, {kb} in the replica")
             continue
         if ka == "symlink":
-            ta = os.readlink(os.path.join(exp_root, path))
-            tb = os.readlink(os.path.join(act_root, path))
+            ta, tb = _readlink_under(exp_root, path), _readlink_under(act_root, path)
             if ta != tb:
                 yield Difference(path, "symlink", f"points to {ta!r}, replica to {tb!r}")
             continue
@@ -94,6 +120,6 @@ def compare_trees(expected: str | os.PathLike[str], actual: str | os.PathLike[st
                 yield Difference(path, "size", f"{a.st_size} bytes on the volume, {b.st_size} "
                                                "in the replica")
                 continue
-            at = _first_difference(os.path.join(exp_root, path), os.path.join(act_root, path))
+            at = _first_difference((exp_root, path), (act_root, path))
             if at is not None:
                 yield Difference(path, "content", f"first differing byte at offset {at}")

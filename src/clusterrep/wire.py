@@ -189,7 +189,8 @@ def _unpack(payload: bytes | memoryview) -> Any:
     """Decode one msgpack value; the limits keep a hostile payload from costing more than its size."""
     size = len(payload)
     return msgpack.unpackb(payload, raw=False, strict_map_key=False, max_str_len=size,
-                           max_bin_len=size, max_array_len=size, max_map_len=size, max_ext_len=size)
+                           max_bin_len=size, max_array_len=size, max_map_len=size, max_ext_len=size,
+                           unicode_errors="surrogateescape")
 
 
 _UNPACK_ERRORS = (ValueError, TypeError, msgpack.UnpackException)
@@ -414,7 +415,8 @@ class Connection:
         `PeerClosed` if the connection is closed or breaks, ``TypeError`` for values msgpack
         cannot encode.
         """
-        payload = msgpack.packb(obj, use_bin_type=True)
+        # (names that are not UTF-8 travel as their raw bytes, as os.fsdecode carries them)
+        payload = msgpack.packb(obj, use_bin_type=True, unicode_errors="surrogateescape")
         if len(payload) > self.max_frame:
             raise FrameError(f"cannot send {len(payload)} bytes to {self.who} in one frame: the "
                              f"limit is {self.max_frame}", hint="send the data in smaller batches")

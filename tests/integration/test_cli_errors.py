@@ -123,3 +123,11 @@ def test_coordinator_option_typos_are_refused(tmp_path: Path, token: str, option
             option: str(tmp_path / value) if value == "FILE" else value}
     r = run("coordinator", *[x for kv in opts.items() for x in kv])
     assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_demo_refuses_a_workdir_that_holds_files_and_deletes_nothing(tmp_path: Path) -> None:
+    """Found by review: ``demo --workdir DIR`` removed DIR and what it held."""
+    (tmp_path / "precious").write_text("mine")
+    r = run("demo", "--workdir", str(tmp_path), "--writes", "10", "--no-install")
+    assert r.returncode == 2 and "not an empty directory" in r.stderr, r.stderr
+    assert (tmp_path / "precious").read_text() == "mine"

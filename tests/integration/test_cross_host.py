@@ -128,3 +128,60 @@ def test_the_locks_of_a_dead_node_are_freed_after_its_lease(identical, make_clus
         holder.wait(30)
     cluster.start_node("h1")
     identical(cluster)
+
+
+def test_300_programs_blocked_on_a_flock_do_not_freeze_the_mount(identical, cluster) -> None:
+    """Found by review: with 256 or more programs waiting (each held a FUSE worker) the mount
+    froze, and the holder's own unlock could no longer be served."""
+    m1 = cluster.mount("h1")
+    (m1 / "lk").write_bytes(b"")
+    holder = os.open(m1 / "lk", os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    waiters = [subprocess.Popen(["flock", "-x", str(m1 / "lk"), "true"]) for _ in range(300)]
+    try:
+        time.sleep(3.0)
+        assert all(w.poll() is None for w in waiters), "a waiter got the lock while it was held"
+        done = subprocess.run(["stat", str(m1 / "lk")], capture_output=True, timeout=20)
+        assert done.returncode == 0, "the mount does not answer while programs wait"
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+    for w in waiters:
+        assert w.wait(120) == 0
+    identical(cluster)
+
+
+def test_a_path_the_kernel_cannot_spell_is_refused_never_left_unrecorded(identical, cluster) -> None:
+    """Found by review: below a directory whose full path on the volume is longer than
+    PATH_MAX, files were taken for files without a name: writes, truncates and chmods reached
+    the volume and were never recorded, so the replica silently differed."""
+    import errno
+
+    dfd = os.open(cluster.mount("h1"), os.O_RDONLY)
+    refused = []
+    try:
+        for _ in range(20):  # 4,020 bytes of directories: under the 4,096 events carry ...
+            os.mkdir("d" * 200, dir_fd=dfd)
+            nxt = os.open("d" * 200, os.O_RDONLY, dir_fd=dfd)
+            os.close(dfd)
+            dfd = nxt
+        name = "f" * 59  # ... and with the volume's own path, over PATH_MAX for the node
+        steps = [lambda: os.open(name, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=dfd),
+                 lambda: os.open(name, os.O_WRONLY, dir_fd=dfd)]
+        for i, step in enumerate(steps):
+            try:
+                fd = step()
+                os.write(fd, b"first" if i == 0 else b"SECOND")
+                os.close(fd)
+            except OSError as exc:
+                assert exc.errno == errno.ENAMETOOLONG, exc
+                refused.append(i)
+        try:
+            os.chmod(name, 0o600, dir_fd=dfd)
+        except OSError as exc:
+            assert exc.errno == errno.ENAMETOOLONG, exc
+            refused.append("chmod")
+    finally:
+        os.close(dfd)
+    identical(cluster)  # everything that succeeded is on the replica
+    assert refused, "nothing was refused: was the volume's path short enough for PATH_MAX?"

@@ -39,7 +39,7 @@ from ..locks import MAX, FlockType, LockType
 from ..node.agent import NodeAgent
 from . import kernel as k
 from .inodes import Inode, Inodes
-from .session import NO_REPLY, Session, mount_fuse
+from .session import DEFERRED, NO_REPLY, Session, mount_fuse
 
 log = logging.getLogger("clusterrep.capture")
 T = TypeVar("T")
@@ -112,7 +112,7 @@ class CaptureFS:
             k.RMDIR: self.rmdir, k.RENAME: self.rename, k.RENAME2: self.rename2,
             k.LINK: self.unsupported, k.MKNOD: self.unsupported, k.OPEN: self.open,
             k.CREATE: self.create, k.READ: self.read, k.WRITE: self.write,
-            k.STATFS: self.statfs, k.FLUSH: self.flush, k.RELEASE: self.release,
+            k.STATFS: self.statfs, k.ACCESS: self.access, k.FLUSH: self.flush, k.RELEASE: self.release,
             k.FSYNC: self.fsync, k.OPENDIR: self.opendir, k.READDIR: self.readdir,
             k.RELEASEDIR: self.releasedir, k.FSYNCDIR: self.fsyncdir, k.GETLK: self.getlk,
             k.SETLK: self.setlk, k.SETLKW: self.setlk,
@@ -227,6 +227,13 @@ class CaptureFS:
     def readlink(self, hdr: k.Header, body: memoryview) -> bytes:
         return os.fsencode(os.readlink("", dir_fd=self.inodes.get(hdr.nodeid).fd))
 
+    def access(self, hdr: k.Header, body: memoryview) -> None:
+        """access(2) as the kernel would answer it for the caller (root: an execute bit is
+        still needed to execute)."""
+        mask, _ = k.ACCESS_IN.unpack_from(body)
+        if not os.access(self.inodes.get(hdr.nodeid).proc, mask):
+            raise OSError(errno.EACCES, "access denied")
+
     def statfs(self, hdr: k.Header, body: memoryview) -> bytes:
         sv = os.statvfs(self.volume)
         return k.STATFS_OUT.pack(sv.f_blocks, sv.f_bfree, sv.f_bavail, sv.f_files, sv.f_ffree,
@@ -297,6 +304,12 @@ class CaptureFS:
         if flags & _WRITE_FLAGS:
             return self._open_out(self._open_for_write(inode, flags))
         fd = os.open(inode.proc, _backing_flags(flags))
+        if flags & os.O_TRUNC:  # (Linux truncates on O_RDONLY|O_TRUNC too)
+            try:
+                self._truncate(inode, None, 0)
+            except BaseException:
+                os.close(fd)
+                raise
         return self._open_out(self._register(fd, Handle(inode.ino, "", False)))
 
     def _open_for_write(self, inode: Inode, flags: int) -> int:
@@ -503,12 +516,25 @@ class CaptureFS:
         ltype, start, end = conflict
         return k.LK_OUT.pack(start, end, ltype, 0)  # the holder may be on another host: no pid
 
-    def setlk(self, hdr: k.Header, body: memoryview) -> None:
+    def setlk(self, hdr: k.Header, body: memoryview) -> object:
         req, _ = self._lock_request(hdr, body)
-        req["wait"] = hdr.opcode == k.SETLKW
-        session = self.session
-        self.agent.file_lock(req, interrupted=lambda: session is not None
-                             and session.interrupted(hdr.unique))
+        if hdr.opcode == k.SETLK or self.session is None:
+            self.agent.file_lock({**req, "wait": hdr.opcode == k.SETLKW}, interrupted=lambda: False)
+            return None
+        # a program that waits for a lock waits in a thread of its own, not in a FUSE worker:
+        # hundreds of them must not stop the mount from serving the holder's unlock
+        threading.Thread(target=self._wait_for_lock, args=(self.session, hdr, req),
+                         name="lock-wait", daemon=True).start()
+        return DEFERRED
+
+    def _wait_for_lock(self, session: Session, hdr: k.Header, req: dict[str, Any]) -> None:
+        try:
+            self.agent.file_lock({**req, "wait": True},
+                                 interrupted=lambda: session.interrupted(hdr.unique))
+        except BaseException as exc:
+            session.finish(hdr, exc)
+        else:
+            session.finish(hdr, None)
 
 
 def raise_open_files_limit() -> int:

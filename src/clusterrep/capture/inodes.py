@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from . import kernel as k
 
 _OPATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+MAX_PATH = 4096  # bytes of a volume-relative path that events carry (events.MAX_PATH_BYTES)
 
 
 @dataclass
@@ -94,13 +95,19 @@ class Inodes:
             return ""
         try:
             full = os.readlink(inode.proc)
-        except OSError:
-            return None
-        if not full.startswith(self.volume + "/"):
-            return None
+        except OSError as exc:
+            if os.fstat(inode.fd).st_nlink == 0:
+                return None
+            # a name the kernel cannot spell out (over PATH_MAX): never mistake it for no name
+            raise OSError(exc.errno or errno.ENAMETOOLONG, "the file's path cannot be read") from None
         if full.endswith(" (deleted)") and os.fstat(inode.fd).st_nlink == 0:
             return None
-        return full[len(self.volume) + 1:]
+        if not full.startswith(self.volume + "/"):
+            raise OSError(errno.EXDEV, f"{full!r} is not inside the volume")
+        rel = full[len(self.volume) + 1:]
+        if len(os.fsencode(rel)) > MAX_PATH:
+            raise OSError(errno.ENAMETOOLONG, "path longer than clusterrep carries")
+        return rel
 
     def child(self, parent: Inode, name: bytes) -> str:
         """The volume path of ``name`` in directory ``parent``; ENOENT if the directory is gone."""
@@ -108,4 +115,7 @@ class Inodes:
         if head is None:
             raise OSError(errno.ENOENT, "the directory no longer exists")
         text = os.fsdecode(name)
-        return f"{head}/{text}" if head else text
+        path = f"{head}/{text}" if head else text
+        if len(os.fsencode(path)) > MAX_PATH:
+            raise OSError(errno.ENAMETOOLONG, "path longer than clusterrep carries")
+        return path

@@ -10,7 +10,9 @@ empty reply) or raise OSError with the errno to answer; anything else is logged 
 with EIO, so a bug never takes the mount down.
 
 A request the kernel interrupts (the calling program got a signal) is marked: a handler that
-waits asks `Session.interrupted` and gives up with EINTR.
+waits asks `Session.interrupted` and gives up with EINTR. A handler that would wait for long
+(a program blocked on a lock) returns `DEFERRED` and answers later with `Session.finish` from
+a thread of its own, so blocked programs never use up the workers.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ MAX_WRITE = 1 << 20  # largest WRITE request (1 MiB: sequential I/O in few reque
 BUFFER = MAX_WRITE + 4096  # a request: header, write header, data
 MAX_WORKERS = 256
 NO_REPLY = object()  # a handler's answer for FORGET-like requests, which get none
+DEFERRED = object()  # a handler's answer when it will `finish` the request later, elsewhere
 
 Handler = Callable[[k.Header, memoryview], Any]
 
@@ -165,14 +168,25 @@ class Session:
                 self._interrupted.add(hdr.unique)
         try:
             result = handler(hdr, req[k.IN_HEADER.size:hdr.length])
-        except OSError as exc:
-            log.debug("request %d (opcode %d): %s", hdr.unique, hdr.opcode, exc)
-            self._reply(hdr.unique, -(exc.errno or errno.EIO), b"")
-        except Exception:
-            log.exception("capture: request %d (opcode %d) failed", hdr.unique, hdr.opcode)
-            self._reply(hdr.unique, -errno.EIO, b"")
+        except BaseException as exc:
+            self.finish(hdr, exc)
         else:
-            if result is not NO_REPLY:
+            if result is not DEFERRED:
+                self.finish(hdr, result)
+
+    def finish(self, hdr: k.Header, result: Any) -> None:
+        """Answer request ``hdr`` with ``result``: the reply's payload (bytes or None), or the
+        OSError to answer with its errno (anything else is a bug: logged, answered EIO). A
+        handler that returned `DEFERRED` calls this itself once it is done (from any thread)."""
+        try:
+            if isinstance(result, OSError):
+                log.debug("request %d (opcode %d): %s", hdr.unique, hdr.opcode, result)
+                self._reply(hdr.unique, -(result.errno or errno.EIO), b"")
+            elif isinstance(result, BaseException):
+                log.error("capture: request %d (opcode %d) failed", hdr.unique, hdr.opcode,
+                          exc_info=result)
+                self._reply(hdr.unique, -errno.EIO, b"")
+            elif result is not NO_REPLY:
                 self._reply(hdr.unique, 0, result or b"")
         finally:
             with self._lock:

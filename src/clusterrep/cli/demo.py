@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from ..capture.check import INSTALL, FuseUnavailable, check_fuse
+from ..errors import ClusterrepError
 from ..localcluster import LocalCluster
 
 INTRO = """\
@@ -89,6 +90,11 @@ def main(args: argparse.Namespace) -> int:
     offset = "+3h" if has_faketime else ""
     print(INTRO.format(clock="Node h2's clock runs 3 hours ahead of h1's (faketime)." if offset
                        else "(Install faketime to run node h2 with a clock 3 hours ahead.)"))
+    if args.workdir and os.path.exists(args.workdir) and (
+            not os.path.isdir(args.workdir) or os.listdir(args.workdir)):
+        raise ClusterrepError(f"--workdir {args.workdir} exists and is not an empty directory",
+                              hint="give a new or empty directory: the demo cleans up after itself")
+    created = not (args.workdir and os.path.exists(args.workdir))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="clusterrep-demo-"))
     cluster = LocalCluster(workdir, ("h1", "h2"), clock_offsets={"h2": offset} if offset else {},
                            tls=args.tls)
@@ -113,8 +119,11 @@ def main(args: argparse.Namespace) -> int:
         cluster.stop()
         if args.keep or not ok:
             print(f"work directory kept: {workdir} (logs in {workdir / 'logs'})")
-        else:
+        elif created:
             shutil.rmtree(workdir, ignore_errors=True)
+        else:  # the user's empty directory: leave it empty, as it was
+            for child in workdir.iterdir():
+                shutil.rmtree(child, ignore_errors=True)
     return 0 if ok else 1
 
 

@@ -495,8 +495,8 @@ class NodeAgent:
                 self._mirror(req)
                 return None
             if req["kind"] == "flock" and not reply.get("grace"):
-                # a refused conversion lost the old lock, as on Linux
-                self.my_locks.release_flock(req["ino"], (self.name, req["owner"]))
+                with self._lock_wake:  # a refused conversion lost the old lock, as on Linux
+                    self.my_locks.release_flock(req["ino"], (self.name, req["owner"]))
             if not req.get("wait") and not reply.get("grace"):
                 raise OSError(errno.EAGAIN, "the lock is held through another mount or process")
             with self._lock_wake:  # until an "unlocked" push; now and then in case it was lost
@@ -515,24 +515,39 @@ class NodeAgent:
         self.learn(int(reply["gseq"]))
 
     def _mirror(self, req: dict[str, Any]) -> None:
-        """Keep our own copy of what we hold, to reclaim it after a coordinator restart."""
-        owner = (self.name, req["owner"])
-        if req["kind"] == "posix":
-            self.my_locks.set(req["ino"], owner, req["type"], req["start"], req["end"])
-        else:
-            self.my_locks.set_flock(req["ino"], owner, req["type"])
+        """Keep our own copy of what we hold, to reclaim it after a coordinator restart. The
+        coordinator's grant is the truth: whatever the copy still shows in conflict with it is
+        a release whose answer has not been mirrored yet (it may overtake the grant), dropped."""
+        ino, owner = req["ino"], (self.name, req["owner"])
+        with self._lock_wake:
+            if req["kind"] == "posix":
+                while not self.my_locks.set(ino, owner, req["type"], req["start"], req["end"]):
+                    stale = self.my_locks.test(ino, owner, req["type"], req["start"], req["end"])
+                    if stale is None:
+                        break
+                    self.my_locks.set(ino, stale.owner, LockType.UNLOCK, req["start"], req["end"])
+            else:
+                while not self.my_locks.set_flock(ino, owner, req["type"]):
+                    stale = self.my_locks.test_flock(ino, owner, req["type"])
+                    if stale is None:
+                        break
+                    self.my_locks.release_flock(ino, stale[1])
 
     def drop_posix_locks(self, ino: int, owner: int, path: str) -> None:
         """A descriptor of ``ino`` was closed by lock owner ``owner``: its POSIX locks on the
         file go (POSIX close semantics). Asks the coordinator only if it holds any."""
         key = (self.name, owner)
-        if any(lk.owner == key for lk in self.my_locks.locks(ino)):
+        with self._lock_wake:
+            held = any(lk.owner == key for lk in self.my_locks.locks(ino))
+        if held:
             self._unlock({"ino": ino, "path": path or ".", "kind": "posix", "owner": owner,
                           "type": int(LockType.UNLOCK), "start": 0, "end": MAX})
 
     def drop_flock(self, ino: int, owner: int, path: str) -> None:
         """The last descriptor of an open file was closed: its flock lock goes."""
-        if (self.name, owner) in self.my_locks.flocks(ino):
+        with self._lock_wake:
+            held = (self.name, owner) in self.my_locks.flocks(ino)
+        if held:
             self._unlock({"ino": ino, "path": path or ".", "kind": "flock", "owner": owner,
                           "type": int(FlockType.UNLOCK)})
 
@@ -543,10 +558,11 @@ class NodeAgent:
             log.warning("could not release a lock on %s: %s (the coordinator drops it when this "
                         "node leaves or its link breaks)", req["path"], exc)
             owner = (self.name, req["owner"])
-            if req["kind"] == "posix":
-                self.my_locks.release_posix(req["ino"], owner)
-            else:
-                self.my_locks.release_flock(req["ino"], owner)
+            with self._lock_wake:
+                if req["kind"] == "posix":
+                    self.my_locks.release_posix(req["ino"], owner)
+                else:
+                    self.my_locks.release_flock(req["ino"], owner)
 
     @staticmethod
     def now_ns() -> int:
@@ -562,7 +578,8 @@ class NodeAgent:
     def _reclaim(self) -> None:
         """The control link is (back) up: tell the coordinator which locks we hold (after its
         restart it knows none; after a broken link it dropped them)."""
-        records = self.my_locks.held_by(self.name)
+        with self._lock_wake:
+            records = self.my_locks.held_by(self.name)
         if not records and not self._joined:
             return  # starting: nothing held, and the coordinator does not know us yet
         try:
