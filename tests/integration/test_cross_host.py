@@ -185,3 +185,47 @@ def test_a_path_the_kernel_cannot_spell_is_refused_never_left_unrecorded(identic
         os.close(dfd)
     identical(cluster)  # everything that succeeded is on the replica
     assert refused, "nothing was refused: was the volume's path short enough for PATH_MAX?"
+
+
+QUEUED = r"""
+import fcntl, os, sys
+for _ in range(5):
+    fd = os.open(sys.argv[1], os.O_RDWR)
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    os.close(fd)  # the close drops the lock
+"""
+
+
+def test_waiters_queued_on_one_host_all_get_the_lock_and_it_ends_free(identical, cluster) -> None:
+    """Found by review: when a waiter's grant overtook the previous holder's release on the same
+    host, the node's copy never showed the new holder, its close sent no unlock, and the lock
+    stayed taken for good (waiters hung, the other host got EAGAIN for ever)."""
+    m1, m2 = cluster.mount("h1"), cluster.mount("h2")
+    (m1 / "db.lock").write_bytes(b"")
+    holder = os.open(m1 / "db.lock", os.O_RDWR)
+    fcntl.lockf(holder, fcntl.LOCK_EX)
+    waiters = [subprocess.Popen([sys.executable, "-c", QUEUED, str(m1 / "db.lock")])
+               for _ in range(20)]
+    time.sleep(1.0)
+    os.close(holder)
+    for w in waiters:
+        assert w.wait(60) == 0, "a waiter never got the lock"
+    fd = os.open(m2 / "db.lock", os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: nobody holds it any more
+    finally:
+        os.close(fd)
+    identical(cluster)
+
+
+def test_names_and_link_targets_that_are_not_utf8_work_on_the_mount(identical, cluster) -> None:
+    """Found by review: mkdir and symlink with such names failed with EIO (the request to the
+    coordinator could not be encoded)."""
+    m1 = os.fsencode(cluster.mount("h1"))
+    os.mkdir(m1 + b"/caf\xe9")
+    os.symlink(b"\xff/target", m1 + b"/caf\xe9/l\xfe")
+    with open(m1 + b"/caf\xe9/f\xfd", "wb") as f:
+        f.write(b"latin-1 name")
+    os.rename(m1 + b"/caf\xe9/f\xfd", m1 + b"/caf\xe9/g\xfc")
+    assert os.readlink(m1 + b"/caf\xe9/l\xfe") == b"\xff/target"
+    identical(cluster)
