@@ -185,15 +185,28 @@ class CoordinatorService(FileLocking, Namespace):
             os.truncate(path, 0)
             return
         if f"{node}/{op_id}" not in self.done and self._took_effect(cls, f):
-            if cls in (Create, Mkdir):  # the crash may have come before the mode was set
-                self.vol.setattr(f["path"], f.get("mode", 0o644 if cls is Create else 0o755),
-                                 None, None)
+            try:
+                self._complete(cls, f)
+            except (OSError, ApplyError) as exc:  # it cannot have run: the node's retry runs it
+                log.warning("dropping the intent of %s by %s: %s", cls.__name__, node, exc)
+                os.truncate(path, 0)
+                return
             reply = self._done(cls, node, op_id, f)  # type: ignore[arg-type]
             self.journal.sync()
             self._remember(f"{node}/{op_id}", reply)
             log.warning("completed %s by %s, which ran on the volume just before a crash",
                         cls.__name__, node)
         os.truncate(path, 0)
+
+    def _complete(self, cls: type[MetaEvent], f: dict[str, Any]) -> None:
+        """Finish an operation a crash interrupted: what may not have run yet runs (again)."""
+        if cls in (Create, Mkdir):  # the crash may have come before the mode was set
+            self.vol.setattr(f["path"], f.get("mode", 0o644 if cls is Create else 0o755),
+                             None, None)
+        elif cls is SetAttr:  # found by a test: recorded, but never run on the volume
+            self.vol.setattr(f["path"], f.get("mode"), f.get("atime_ns"), f.get("mtime_ns"))
+        elif cls is Truncate:  # (no token is out for the file: it was recalled first)
+            self.vol.truncate(f["path"], f["size"])
 
     def _took_effect(self, cls: type[MetaEvent], f: dict[str, Any]) -> bool:
         def exists(p: str) -> bool:
@@ -209,7 +222,7 @@ class CoordinatorService(FileLocking, Namespace):
             return not exists(f["path"])
         if cls is Rename:
             return not exists(f["path"]) and exists(f["dst"])
-        return cls in (Truncate, SetAttr)  # idempotent: recording them again is harmless
+        return cls in (Truncate, SetAttr)  # idempotent: `_complete` runs them (again)
 
     def _remember_journal(self) -> None:
         """Rebuild ``done`` from the events still in the journal (after a restart)."""
