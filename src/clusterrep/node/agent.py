@@ -179,7 +179,7 @@ class NodeAgent:
         if leave:
             self.activity.close_clean()  # unmounted: no write is in flight
             try:
-                reply = self.client.call("leave", op_id=self._op_id())
+                reply = self.client.call("leave", op_id=self._op_id(), patience=max(drain_timeout, 1.0))
                 with self._rec:
                     self.known = max(self.known, int(reply["gseq"]))
                 if reply.get("event"):
