@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,15 +18,14 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_partition import ip
+
 from clusterrep.localcluster import LocalCluster, free_port
 
 log = logging.getLogger("faults")
 BLOCK = 4096
-
-
-def ip(*args: str) -> None:
-    r = subprocess.run(["ip", *args], capture_output=True, text=True)
-    assert r.returncode == 0, f"ip {' '.join(args)}: {r.stderr} (network namespaces need root)"
 
 
 @pytest.fixture

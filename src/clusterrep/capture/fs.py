@@ -102,7 +102,6 @@ class CaptureFS:
         self.lock_owners: dict[int, set[int]] = {}
         self._lock = threading.Lock()
         self.session: Session | None = None
-        self.mounted = False
 
     def handlers(self) -> dict[int, Callable[[k.Header, memoryview], Any]]:
         return {
@@ -565,10 +564,8 @@ def mount(fs: CaptureFS, mountpoint: str) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-    fs.mounted = True
     try:
         session.serve()
     finally:
-        fs.mounted = False
         os.close(fd)
         keeper.close()

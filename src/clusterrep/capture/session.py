@@ -206,7 +206,7 @@ class Session:
             if exc.errno not in (errno.ENOENT, errno.ENODEV):
                 log.warning("FUSE reply to request %d failed: %s", unique, exc)
 
-    # -- interrupts and notifications --------------------------------------------------------
+    # -- interrupts --------------------------------------------------------
 
     def _interrupt(self, unique: int) -> None:
         with self._lock:
@@ -218,16 +218,6 @@ class Session:
     def interrupted(self, unique: int) -> bool:
         """Has the kernel interrupted request ``unique`` (its program got a signal)?"""
         return unique in self._interrupted
-
-    def invalidate(self, nodeid: int) -> None:
-        """Tell the kernel to drop the cached attributes and pages of ``nodeid``."""
-        payload = k.NOTIFY_INVAL_INODE_OUT.pack(nodeid, 0, 0)
-        head = k.OUT_HEADER.pack(k.OUT_HEADER.size + len(payload), k.NOTIFY_INVAL_INODE, 0)
-        try:
-            os.writev(self.fd, [head, payload])
-        except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ENODEV):
-                log.debug("FUSE invalidate of node %d failed: %s", nodeid, exc)
 
     def stop(self) -> None:
         self._done.set()

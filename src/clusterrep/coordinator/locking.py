@@ -187,7 +187,7 @@ class FileLocking:
         # (a mark orders by its gseq; its path only names it: the node's, if no other is known)
         return self._record(Lock, node, op_id, path=req.path if path == UNKNOWN else path)
 
-    def release_locks(self, node: str, inos: list[int] | None = None) -> None:
+    def release_locks(self, node: str) -> None:
         """Drop every lock ``node`` holds (it left, or its link and lease are gone)."""
         with self.lock:
             for ino in self.locks.release_node(node):
