@@ -16,6 +16,7 @@ from collections import OrderedDict
 
 from .durable import syncfs
 from .errors import ApplyError, TargetEscape
+from .events import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Attr
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -23,6 +24,23 @@ MAX_OPEN_FILES = 256
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+ZERO_CHUNK = 1 << 20
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """``fallocate(2)`` with a mode (Python's ``os.posix_fallocate`` has none). Raises OSError."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _write_zeros(fd: int, offset: int, length: int) -> None:
+    zeros = bytes(min(length, ZERO_CHUNK))
+    while length > 0:
+        n = os.pwrite(fd, zeros[:min(length, len(zeros))], offset)
+        offset += n
+        length -= n
 
 
 def renameat2(src_dir: int, src: str, dst_dir: int, dst: str, flags: int) -> None:
@@ -143,32 +161,37 @@ class Target:
     def truncate(self, path: str, size: int) -> None:
         os.ftruncate(self._file(path), size)
 
-    def create(self, path: str, mode: int, *, exist_ok: bool) -> None:
-        """Create an empty regular file; with ``exist_ok``, empty an existing one (replay)."""
+    def create(self, path: str, mode: int, *, exist_ok: bool, as_given: bool = False) -> None:
+        """Create an empty regular file; with ``exist_ok``, empty an existing one (replay).
+        With ``as_given`` it is created with ``mode`` as the file system takes it (the
+        process's umask or the directory's default ACL applied), and no chmod follows."""
         parent, name = self.parent(path)
         old = self._files.pop(path, None)
         if old is not None:
             os.close(old)
         flags = _FILE_FLAGS | os.O_CREAT | os.O_TRUNC | (0 if exist_ok else os.O_EXCL)
         try:
-            fd = os.open(name, flags, 0o600, dir_fd=parent)
+            fd = os.open(name, flags, mode if as_given else 0o600, dir_fd=parent)
         except FileExistsError:
             raise ApplyError(f"cannot create {path!r}: it exists in the target", errno=errno.EEXIST) from None
         except OSError as exc:
             raise self._file_error(path, exc) from None
         self._remember(path, fd)
-        os.fchmod(fd, mode)
+        if not as_given:
+            os.fchmod(fd, mode)
 
-    def mkdir(self, path: str, mode: int, *, exist_ok: bool) -> None:
+    def mkdir(self, path: str, mode: int, *, exist_ok: bool, as_given: bool = False) -> None:
+        """Create a directory (``as_given``: as for `create`)."""
         parent, name = self.parent(path)
         try:
-            os.mkdir(name, 0o700, dir_fd=parent)
+            os.mkdir(name, mode if as_given else 0o700, dir_fd=parent)
         except FileExistsError:
             if not exist_ok:
                 raise ApplyError(f"cannot create directory {path!r}: it exists in the target",
                                  errno=errno.EEXIST) from None
         fd = self._dir(path)
-        os.fchmod(fd, mode)
+        if not as_given:
+            os.fchmod(fd, mode)
 
     def rmdir(self, path: str, *, missing_ok: bool) -> None:
         parent, name = self.parent(path)
@@ -228,23 +251,147 @@ class Target:
         finally:
             self.forget()
 
-    def setattr(self, path: str, mode: int | None, atime_ns: int | None, mtime_ns: int | None) -> None:
+    def inode(self, path: str) -> int:
+        """An ``O_PATH`` descriptor of the inode at ``path`` ("" is the root), never following
+        a symlink. Its ``/proc/self/fd/N`` name reaches that very inode (a symlink included)
+        for chmod, chown, utime and xattr calls. The caller closes it."""
+        if path == "":
+            return os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         parent, name = self.parent(path)
         try:
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+            return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
         except OSError as exc:
             raise self._file_error(path, exc) from None
+
+    def setattr(self, path: str, mode: int | None, atime_ns: int | None, mtime_ns: int | None,
+                uid: int | None = None, gid: int | None = None) -> None:
+        """Set what is not None of ``path`` ("" is the root): owner first (a chown clears
+        set-user-ID bits), then mode, then times."""
+        fd = self.inode(path)
         try:
+            ref = f"/proc/self/fd/{fd}"
+            if uid is not None or gid is not None:
+                os.chown(ref, -1 if uid is None else uid, -1 if gid is None else gid)
             st = os.fstat(fd)
             if mode is not None and not stat.S_ISLNK(st.st_mode):
-                # chmod through the O_PATH descriptor: never follows a symlink, works on any mode
-                os.chmod(f"/proc/self/fd/{fd}", mode)
+                os.chmod(ref, mode)  # (through the O_PATH descriptor: the inode itself)
             if atime_ns is not None or mtime_ns is not None:
                 times = (st.st_atime_ns if atime_ns is None else atime_ns,
                          st.st_mtime_ns if mtime_ns is None else mtime_ns)
-                os.utime(name, ns=times, dir_fd=parent, follow_symlinks=False)
+                os.utime(ref, ns=times)
         finally:
             os.close(fd)
+
+    def apply_attr(self, attr: Attr) -> None:
+        """Make ``attr.path`` hold exactly what ``attr`` says: owner, extended attributes (when
+        listed: others are removed), mode, then modification time (the access time stays)."""
+        fd = self.inode(attr.path)
+        try:
+            ref = f"/proc/self/fd/{fd}"
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != (attr.uid, attr.gid):
+                os.chown(ref, attr.uid, attr.gid)
+            if attr.xattrs is not None:
+                wanted = dict(attr.xattrs)
+                for name in os.listxattr(ref):
+                    if name not in wanted:
+                        os.removexattr(ref, name)
+                for name, value in attr.xattrs:
+                    os.setxattr(ref, name, value)
+            st = os.fstat(fd)
+            if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) != attr.mode:
+                os.chmod(ref, attr.mode)
+            if attr.mtime_ns is not None and st.st_mtime_ns != attr.mtime_ns:
+                os.utime(ref, ns=(st.st_atime_ns, attr.mtime_ns))
+        finally:
+            os.close(fd)
+
+    def stamp(self, path: str, mtime_ns: int) -> None:
+        """Set the modification time of ``path`` (the access time stays)."""
+        self.setattr(path, None, None, mtime_ns)
+
+    def setxattr(self, path: str, name: str, value: bytes) -> None:
+        fd = self.inode(path)
+        try:
+            os.setxattr(f"/proc/self/fd/{fd}", name, value)
+        finally:
+            os.close(fd)
+
+    def removexattr(self, path: str, name: str, *, missing_ok: bool) -> None:
+        fd = self.inode(path)
+        try:
+            os.removexattr(f"/proc/self/fd/{fd}", name)
+        except OSError as exc:
+            if exc.errno != errno.ENODATA or not missing_ok:
+                raise
+        finally:
+            os.close(fd)
+
+    def link(self, src: str, dst: str, *, replace: bool) -> None:
+        """Give the inode at ``src`` the further name ``dst`` (never following a symlink);
+        with ``replace`` (replay), a ``dst`` that is already that inode is left, another one
+        replaced."""
+        sparent, sname = self.parent(src)
+        dparent, dname = self.parent(dst)
+        try:
+            os.link(sname, dname, src_dir_fd=sparent, dst_dir_fd=dparent, follow_symlinks=False)
+        except FileExistsError:
+            if not replace:
+                raise ApplyError(f"cannot link {dst!r}: it exists in the target",
+                                 errno=errno.EEXIST) from None
+            if self.lstat(dst).st_ino == self.lstat(src).st_ino:
+                return
+            self.unlink(dst, missing_ok=True)
+            os.link(sname, dname, src_dir_fd=sparent, dst_dir_fd=dparent, follow_symlinks=False)
+        except OSError as exc:
+            raise ApplyError(f"cannot link {src!r} to {dst!r} in the target: {exc}",
+                             errno=exc.errno or errno.EIO) from None
+
+    def mknod(self, path: str, mode: int, rdev: int, *, replace: bool) -> None:
+        """Create a FIFO, socket or device node (``mode``: type and permission bits)."""
+        parent, name = self.parent(path)
+        try:
+            os.mknod(name, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=parent)
+        except FileExistsError:
+            if not replace:
+                raise ApplyError(f"cannot create {path!r}: it exists in the target",
+                                 errno=errno.EEXIST) from None
+            os.unlink(name, dir_fd=parent)
+            os.mknod(name, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=parent)
+        except OSError as exc:
+            raise ApplyError(f"cannot create special file {path!r} in the target: {exc}",
+                             errno=exc.errno or errno.EIO) from None
+        os.chmod(f"/proc/self/fd/{parent}/{name}", stat.S_IMODE(mode), follow_symlinks=True)
+
+    def exchange(self, src: str, dst: str) -> None:
+        """Swap the names ``src`` and ``dst`` atomically (``renameat2(RENAME_EXCHANGE)``)."""
+        sparent, sname = self.parent(src)
+        dparent, dname = self.parent(dst)
+        try:
+            renameat2(sparent, sname, dparent, dname, RENAME_EXCHANGE)
+        except OSError as exc:
+            raise ApplyError(f"cannot exchange {src!r} and {dst!r} in the target: {exc}",
+                             errno=exc.errno or errno.EIO) from None
+        finally:
+            self.forget()
+
+    def fallocate(self, path: str, mode: int, offset: int, length: int) -> bool:
+        """``fallocate`` on ``path``; if the target's file system refuses the mode, the same
+        result is made by hand (zeros written, the size extended). Returns False if emulated."""
+        fd = self._file(path)
+        try:
+            fallocate(fd, mode, offset, length)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+        size = os.fstat(fd).st_size
+        end = offset + length
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            _write_zeros(fd, offset, max(0, min(end, size) - offset))  # the range reads as zeros
+        if not mode & FALLOC_FL_KEEP_SIZE and end > size:
+            os.ftruncate(fd, end)  # (the new part reads as zeros, as allocated space does)
+        return False
 
     def symlink(self, path: str, target: str, *, replace: bool) -> None:
         parent, name = self.parent(path)

@@ -2,11 +2,12 @@
 
 Two classes of events exist:
 
-* **Data events** (`Write`, `Tick`) are recorded by a node. Each carries ``after``: the highest
-  coordinator sequence number (``gseq``) the node knew when it recorded the event. That stamp,
-  not any clock, places the event on the coordinator's timeline.
+* **Data events** (`Write`, `Fallocate`, `Stamp`, `Tick`) are recorded by a node. Each carries
+  ``after``: the highest coordinator sequence number (``gseq``) the node knew when it recorded
+  the event. That stamp, not any clock, places the event on the coordinator's timeline.
 * **Metadata events** (`Create`, `Open`, `Close`, `Mkdir`, `Rmdir`, `Unlink`, `Rename`,
-  `Truncate`, `SetAttr`, `Symlink`, `Acquire`, `Join`, `Leave`, `Lock`) are executed by the coordinator,
+  `Exchange`, `Truncate`, `SetAttr`, `Symlink`, `Link`, `Mknod`, `SetXattr`, `RemoveXattr`,
+  `Acquire`, `Join`, `Leave`, `Lock`) are executed by the coordinator,
   which numbers them with ``gseq``. The coordinator records one copy; the node that asked
   (``origin``) records another. Both copies carry the same ``op_id`` and ``gseq``: matching them
   is a *time mark*.
@@ -15,15 +16,24 @@ Every event carries its ``source`` (who recorded it), a gap-free per-source ``se
 1, and ``wall``: the source's wall clock in nanoseconds. ``wall`` is untrusted and only shown to
 people; nothing orders by it.
 
+Metadata events that change the volume also carry ``attrs``: what the coordinator read from the
+volume right after executing them (`Attr`: mode, owner, modification time, and for a new inode
+its extended attributes) for each inode they touched, parent directories included. The replica
+sets exactly that, so side effects of the volume's file system (a parent's time, a
+set-group-ID directory's group, an inherited ACL) arrive as they happened instead of being
+re-derived.
+
 Paths are ``str`` relative to the volume root, normalised, never absolute, never containing
-``.``/``..`` components or NUL. Names that are not UTF-8 are carried with ``surrogateescape``
-(as ``os.fsdecode`` does) and encoded as raw bytes on the wire.
+``.``/``..`` components or NUL; where an event may name the volume root itself (``SetAttr``,
+``SetXattr``, ``RemoveXattr``, an `Attr`), the root is ``""``. Names that are not UTF-8 are
+carried with ``surrogateescape`` (as ``os.fsdecode`` does) and encoded as raw bytes on the wire.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -39,6 +49,12 @@ MAX_OFFSET = (1 << 63) - 1
 MAX_SEQ = (1 << 63) - 1
 MAX_OP_ID = 128
 MAX_TARGET_BYTES = 4095  # what Linux stores in a symlink
+MAX_XATTR_NAME = 255  # XATTR_NAME_MAX
+MAX_XATTR_VALUE = 65536  # XATTR_SIZE_MAX
+MAX_XATTRS = 128  # extended attributes one `Attr` may list
+MAX_ATTRS = 8  # inodes one event may describe
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+FALLOC_MODES = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
 _OP_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_OP_ID}}}\Z")
 MAX_ENCODED = MAX_WRITE_BYTES + 64 * 1024
 _SOURCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -102,6 +118,86 @@ def _check_source(value: object, name: str) -> None:
 # Field kinds used by validation and encoding.
 PATH, INT, OPT_INT, MODE = "path", "int", "opt_int", "mode"
 OPT_MODE, DATA, TARGET = "opt_mode", "data", "target"
+ANY_PATH = "any_path"  # a path, or "" for the volume root
+XNAME, XVALUE = "xname", "xvalue"  # an extended attribute's name (str) and value (bytes)
+NODE_MODE = "node_mode"  # file type and permission bits of a special file (FIFO, socket, device)
+ATTRS = "attrs"  # a tuple of `Attr`
+_ID_MAX = (1 << 32) - 2  # uid/gid (-1 means "unchanged" to chown, never an owner)
+
+
+def _check_text(value: object, label: str, max_bytes: int) -> bytes:
+    """A name carried as ``str`` (surrogateescape) and sent as bytes: 1..max_bytes, no NUL."""
+    if not isinstance(value, str):
+        raise InvalidEvent(f"{label} must be a string, got {type(value).__name__}")
+    try:
+        raw = os.fsencode(value)
+    except UnicodeEncodeError as exc:
+        raise InvalidEvent(f"{label} {value!r} cannot be encoded as bytes: {exc.reason}") from None
+    if not raw or b"\0" in raw or len(raw) > max_bytes:
+        raise InvalidEvent(f"{label} must be 1..{max_bytes} bytes without NUL")
+    if os.fsdecode(raw) != value:
+        raise InvalidEvent(f"{label} {value!r} is not in canonical form")
+    return raw
+
+
+def check_any_path(path: object, what: str) -> str:
+    """A path (`check_path`) or ``""``, the volume root."""
+    if path == "":
+        return ""
+    return check_path(path, what)
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """An inode's metadata as the coordinator read it from the volume (see the module doc).
+
+    ``path``: where (``""`` is the root); ``mode``: permission bits (0..0o7777); ``uid``,
+    ``gid``: numeric owner; ``mtime_ns``: modification time, None when it is not the
+    coordinator's to say (a regular file whose write token a node holds: that node records the
+    time its writes left, as a `Stamp`); ``xattrs``: every extended attribute, as
+    ``((name, value), ...)`` sorted by name, or None to leave them as they are.
+    """
+
+    path: str
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int | None = None
+    xattrs: tuple[tuple[str, bytes], ...] | None = None
+
+    def check(self, label: str) -> None:
+        check_any_path(self.path, f"{label}.path")
+        _check_int(self.mode, f"{label}.mode", 0, 0o7777)
+        _check_int(self.uid, f"{label}.uid", 0, _ID_MAX)
+        _check_int(self.gid, f"{label}.gid", 0, _ID_MAX)
+        if self.mtime_ns is not None:
+            _check_int(self.mtime_ns, f"{label}.mtime_ns", -(1 << 63), (1 << 63) - 1)
+        if self.xattrs is not None:
+            if len(self.xattrs) > MAX_XATTRS:
+                raise InvalidEvent(f"{label} lists more than {MAX_XATTRS} extended attributes")
+            for name, value in self.xattrs:
+                _check_text(name, f"{label} xattr name", MAX_XATTR_NAME)
+                if type(value) is not bytes or len(value) > MAX_XATTR_VALUE:
+                    raise InvalidEvent(f"{label} xattr {name!r} value must be at most "
+                                       f"{MAX_XATTR_VALUE} bytes")
+
+    def to_wire(self) -> list[Any]:
+        xattrs = None if self.xattrs is None else [[os.fsencode(n), v] for n, v in self.xattrs]
+        return [os.fsencode(self.path), self.mode, self.uid, self.gid, self.mtime_ns, xattrs]
+
+    @classmethod
+    def from_wire(cls, item: Any) -> Attr:
+        if not isinstance(item, (list, tuple)) or len(item) != 6:
+            raise DecodeError("an attrs entry must be an array of 6 items")
+        path, mode, uid, gid, mtime_ns, xattrs = item
+        if not isinstance(path, bytes) or b"\0" in path:
+            raise DecodeError("an attrs entry's path must be bytes without NUL")
+        if xattrs is not None:
+            if not isinstance(xattrs, list) or not all(
+                    isinstance(x, list) and len(x) == 2 and isinstance(x[0], bytes) for x in xattrs):
+                raise DecodeError("an attrs entry's xattrs must be [[name, value], ...]")
+            xattrs = tuple((os.fsdecode(n), v) for n, v in xattrs)
+        return cls(os.fsdecode(path), mode, uid, gid, mtime_ns, xattrs)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,16 +245,30 @@ def _check_field(ev: Event, name: str, kind: str) -> None:
         if len(value) > MAX_WRITE_BYTES:
             raise InvalidEvent(f"{label} is {len(value)} bytes, more than {MAX_WRITE_BYTES}")
     elif kind == TARGET:
-        if not isinstance(value, str):
-            raise InvalidEvent(f"{label} must be a string")
-        try:
-            raw = os.fsencode(value)
-        except UnicodeEncodeError as exc:
-            raise InvalidEvent(f"{label} {value!r} cannot be encoded as bytes: {exc.reason}") from None
-        if not raw or b"\0" in raw or len(raw) > MAX_TARGET_BYTES:
-            raise InvalidEvent(f"{label} must be 1..{MAX_TARGET_BYTES} bytes without NUL")
-        if os.fsdecode(raw) != value:
-            raise InvalidEvent(f"{label} {value!r} is not in canonical form")
+        _check_text(value, label, MAX_TARGET_BYTES)
+    elif kind == ANY_PATH:
+        check_any_path(value, label)
+    elif kind == XNAME:
+        _check_text(value, label, MAX_XATTR_NAME)
+    elif kind == XVALUE:
+        if type(value) is not bytes or len(value) > MAX_XATTR_VALUE:
+            raise InvalidEvent(f"{label} must be at most {MAX_XATTR_VALUE} bytes")
+    elif kind == NODE_MODE:
+        _check_int(value, label, 0, 0o177777)
+        if stat.S_IFMT(value) not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise InvalidEvent(f"{label} {value:o} is not a FIFO, socket or device")
+    elif kind == ATTRS:
+        if not isinstance(value, tuple):
+            if not isinstance(value, list):
+                raise InvalidEvent(f"{label} must be a sequence of Attr")
+            value = tuple(value)
+            object.__setattr__(ev, name, value)
+        if len(value) > MAX_ATTRS:
+            raise InvalidEvent(f"{label} describes more than {MAX_ATTRS} inodes")
+        for i, item in enumerate(value):
+            if not isinstance(item, Attr):
+                raise InvalidEvent(f"{label}[{i}] must be an Attr")
+            item.check(f"{label}[{i}]")
     else:  # pragma: no cover - programming error
         raise AssertionError(kind)
 
@@ -189,6 +299,39 @@ class Write(DataEvent):
         DataEvent.__post_init__(self)
         if self.offset + len(self.data) > MAX_OFFSET:
             raise InvalidEvent(f"Write.offset+len = {self.offset + len(self.data)} is too large")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fallocate(DataEvent):
+    """``fallocate(2)`` on a file: ``mode`` is 0 (allocate, extending the size),
+    ``FALLOC_FL_KEEP_SIZE``, ``FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`` or
+    ``FALLOC_FL_ZERO_RANGE`` (optionally with ``KEEP_SIZE``); ``offset``, ``length`` in bytes."""
+
+    path: str
+    offset: int
+    length: int
+    mode: int
+    KIND: ClassVar[int] = 3
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = (
+        (PATH, PATH), ("offset", INT), ("length", INT), ("mode", INT))
+
+    def __post_init__(self) -> None:
+        DataEvent.__post_init__(self)
+        if self.mode & ~FALLOC_MODES:
+            raise InvalidEvent(f"Fallocate.mode {self.mode:#x} has flags outside {FALLOC_MODES:#x}")
+        if self.length < 1 or self.offset + self.length > MAX_OFFSET:
+            raise InvalidEvent("Fallocate.length must be at least 1 and end within 2**63-1")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Stamp(DataEvent):
+    """The modification time a node's writes left on a file (read from the volume once its
+    writes went quiet, or before it gave the file's write token away), in nanoseconds."""
+
+    path: str
+    mtime_ns: int
+    KIND: ClassVar[int] = 4
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("mtime_ns", OPT_INT))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -224,11 +367,12 @@ class MetaEvent(Event):
         return (self.KIND, self.gseq, self.op_id, self.origin, *extra)
 
     def paths(self) -> tuple[str, ...]:
-        """The volume paths this operation touches."""
-        return tuple(getattr(self, name) for name, kind in self.SPEC if kind == PATH)
+        """The volume paths this operation touches ("" being the root)."""
+        return tuple(getattr(self, name) for name, kind in self.SPEC if kind in (PATH, ANY_PATH))
 
 
 _P = ((PATH, PATH),)
+_PA = ((PATH, PATH), ("attrs", ATTRS))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -237,8 +381,9 @@ class Create(MetaEvent):
 
     path: str
     mode: int = 0o644
+    attrs: tuple[Attr, ...] = ()
     KIND: ClassVar[int] = 10
-    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("mode", MODE))
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("mode", MODE), ("attrs", ATTRS))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -263,24 +408,27 @@ class Close(MetaEvent):
 class Mkdir(MetaEvent):
     path: str
     mode: int = 0o755
+    attrs: tuple[Attr, ...] = ()
     KIND: ClassVar[int] = 13
-    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("mode", MODE))
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("mode", MODE), ("attrs", ATTRS))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Rmdir(MetaEvent):
     path: str
+    attrs: tuple[Attr, ...] = ()
     KIND: ClassVar[int] = 14
-    SPEC: ClassVar[tuple[tuple[str, str], ...]] = _P
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = _PA
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Unlink(MetaEvent):
-    """Remove a file or symlink (needs the file's write token)."""
+    """Remove a name of a file, symlink or special file (needs the file's write token)."""
 
     path: str
+    attrs: tuple[Attr, ...] = ()
     KIND: ClassVar[int] = 15
-    SPEC: ClassVar[tuple[tuple[str, str], ...]] = _P
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = _PA
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -289,8 +437,69 @@ class Rename(MetaEvent):
 
     path: str
     dst: str
+    attrs: tuple[Attr, ...] = ()
     KIND: ClassVar[int] = 16
-    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("dst", PATH))
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("dst", PATH), ("attrs", ATTRS))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Exchange(MetaEvent):
+    """Atomically swap the names ``path`` and ``dst`` (``renameat2(RENAME_EXCHANGE)``)."""
+
+    path: str
+    dst: str
+    attrs: tuple[Attr, ...] = ()
+    KIND: ClassVar[int] = 24
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("dst", PATH), ("attrs", ATTRS))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Link(MetaEvent):
+    """Give the inode at ``path`` a further name ``dst`` (a hard link)."""
+
+    path: str
+    dst: str
+    attrs: tuple[Attr, ...] = ()
+    KIND: ClassVar[int] = 25
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("dst", PATH), ("attrs", ATTRS))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Mknod(MetaEvent):
+    """Create a FIFO, socket or device node ``path``: ``mode`` holds its type and permission
+    bits, ``rdev`` the device number (0 unless a device)."""
+
+    path: str
+    mode: int
+    rdev: int = 0
+    attrs: tuple[Attr, ...] = ()
+    KIND: ClassVar[int] = 26
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = (
+        (PATH, PATH), ("mode", NODE_MODE), ("rdev", INT), ("attrs", ATTRS))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetXattr(MetaEvent):
+    """Set extended attribute ``name`` of ``path`` ("" is the root) to ``value``."""
+
+    path: str
+    name: str
+    value: bytes
+    attrs: tuple[Attr, ...] = ()
+    KIND: ClassVar[int] = 27
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = (
+        (PATH, ANY_PATH), ("name", XNAME), ("value", XVALUE), ("attrs", ATTRS))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RemoveXattr(MetaEvent):
+    """Remove extended attribute ``name`` of ``path`` ("" is the root)."""
+
+    path: str
+    name: str
+    attrs: tuple[Attr, ...] = ()
+    KIND: ClassVar[int] = 28
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, ANY_PATH), ("name", XNAME), ("attrs", ATTRS))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -299,24 +508,32 @@ class Truncate(MetaEvent):
 
     path: str
     size: int
+    attrs: tuple[Attr, ...] = ()
     KIND: ClassVar[int] = 17
-    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("size", INT))
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("size", INT), ("attrs", ATTRS))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SetAttr(MetaEvent):
-    """Change mode and/or times; ``None`` leaves that attribute alone."""
+    """Change mode, times and/or owner of ``path`` ("" is the root); ``None`` leaves that
+    attribute alone."""
 
     path: str
     mode: int | None = None
     atime_ns: int | None = None
     mtime_ns: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    attrs: tuple[Attr, ...] = ()
     KIND: ClassVar[int] = 18
     SPEC: ClassVar[tuple[tuple[str, str], ...]] = (
-        (PATH, PATH),
+        (PATH, ANY_PATH),
         ("mode", OPT_MODE),
         ("atime_ns", OPT_INT),
         ("mtime_ns", OPT_INT),
+        ("uid", OPT_INT),
+        ("gid", OPT_INT),
+        ("attrs", ATTRS),
     )
 
 
@@ -326,8 +543,9 @@ class Symlink(MetaEvent):
 
     path: str
     target: str
+    attrs: tuple[Attr, ...] = ()
     KIND: ClassVar[int] = 19
-    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("target", TARGET))
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("target", TARGET), ("attrs", ATTRS))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -372,8 +590,9 @@ class Lock(MetaEvent):
 
 EVENT_TYPES: dict[int, type[Event]] = {
     cls.KIND: cls
-    for cls in (Write, Tick, Create, Open, Close, Mkdir, Rmdir, Unlink, Rename, Truncate,
-                SetAttr, Symlink, Acquire, Join, Leave, Lock)
+    for cls in (Write, Fallocate, Stamp, Tick, Create, Open, Close, Mkdir, Rmdir, Unlink, Rename,
+                Exchange, Truncate, SetAttr, Symlink, Link, Mknod, SetXattr, RemoveXattr,
+                Acquire, Join, Leave, Lock)
 }
 _EXTRA: dict[type[Event], tuple[str, ...]] = {
     cls: tuple(f.name for f in fields(cls) if f.name not in ("source", "seq", "wall")
@@ -395,7 +614,11 @@ def encode(event: Event) -> bytes:
     out.extend(getattr(event, name) for name in _EXTRA[cls])
     for name, kind in cls.SPEC:
         value = getattr(event, name)
-        out.append(os.fsencode(value) if kind in (PATH, TARGET) else value)
+        if kind in (PATH, TARGET, ANY_PATH, XNAME):
+            value = os.fsencode(value)
+        elif kind == ATTRS:
+            value = [a.to_wire() for a in value]
+        out.append(value)
     return msgpack.packb(out, use_bin_type=True)
 
 
@@ -422,7 +645,7 @@ def decode(raw: bytes) -> Event:
     try:
         items = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=True,
                                 max_bin_len=MAX_WRITE_BYTES, max_str_len=MAX_PATH_BYTES,
-                                max_array_len=64, max_map_len=0)
+                                max_array_len=MAX_XATTRS * 2, max_map_len=0)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise DecodeError(f"not a valid encoded event: {exc}") from None
     if not isinstance(items, list) or len(items) < 5:
@@ -452,12 +675,16 @@ def decode(raw: bytes) -> Event:
         )
     kwargs: dict[str, Any] = dict(zip(names, items[2 : 2 + len(names)], strict=True))
     for (name, fkind), value in zip(spec, items[2 + len(names) :], strict=True):
-        if fkind in (PATH, TARGET):
+        if fkind in (PATH, TARGET, ANY_PATH, XNAME):
             if not isinstance(value, bytes):
                 raise DecodeError(f"{cls.__name__}.{name} must be bytes on the wire")
             if b"\0" in value:
                 raise UnsafePath(f"{cls.__name__}.{name} contains a NUL byte")
             value = os.fsdecode(value)
+        elif fkind == ATTRS:
+            if not isinstance(value, list):
+                raise DecodeError(f"{cls.__name__}.{name} must be an array")
+            value = tuple(Attr.from_wire(item) for item in value)
         kwargs[name] = value
     try:
         return cls(**kwargs)
@@ -476,8 +703,10 @@ def describe(event: Event) -> str:
     parts = []
     for name, _ in cls.SPEC:
         value = getattr(event, name)
-        if name == "data":
+        if name in ("data", "value"):
             parts.append(f"{len(value)}B")
+        elif name == "attrs":
+            continue
         elif value is not None:
             parts.append(f"{name}={value!r}" if name != PATH else repr(value))
     return head + (" " + " ".join(parts) if parts else "")

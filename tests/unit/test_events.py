@@ -20,17 +20,25 @@ from clusterrep.events import (
     MAX_WRITE_BYTES,
     WIRE_VERSION,
     Acquire,
+    Attr,
     Close,
     Create,
     Event,
+    Exchange,
+    Fallocate,
     Join,
     Leave,
+    Link,
     Lock,
     Mkdir,
+    Mknod,
     Open,
+    RemoveXattr,
     Rename,
     Rmdir,
     SetAttr,
+    SetXattr,
+    Stamp,
     Symlink,
     Tick,
     Truncate,
@@ -63,6 +71,13 @@ BASE: dict[type[Event], dict[str, Any]] = {
     Truncate: {**META, "path": "f", "size": 0},
     SetAttr: {**META, "path": "f"},
     Symlink: {**META, "path": "l", "target": "t"},
+    Fallocate: {**DATA, "path": "f", "offset": 0, "length": 1, "mode": 0},
+    Stamp: {**DATA, "path": "f", "mtime_ns": 0},
+    Exchange: {**META, "path": "f", "dst": "g"},
+    Link: {**META, "path": "f", "dst": "g"},
+    Mknod: {**META, "path": "p", "mode": 0o10600},
+    SetXattr: {**META, "path": "f", "name": "user.x", "value": b""},
+    RemoveXattr: {**META, "path": "f", "name": "user.x"},
     Acquire: {**META, "path": "f"},
     Join: dict(META),
     Leave: dict(META),
@@ -99,6 +114,18 @@ SAMPLES: list[Event] = [
     Lock(**{**META, "path": NON_UTF8, "origin": "h2", "op_id": "h2-100"}),
     Join(**META),
     Leave(**{**META, "seq": 40, "gseq": 41, "op_id": "h1-leave", "wall": 5}),
+    Fallocate(source="h1", seq=10, after=3, path=NON_UTF8, offset=1 << 40, length=4096, mode=3),
+    Stamp(source="h1", seq=11, after=3, path=UNICODE, mtime_ns=-5),
+    Exchange(**{**META, "path": NON_UTF8, "dst": UNICODE,
+                "attrs": (Attr("", 0o755, 0, 0, 1, None), Attr(NON_UTF8, 0o600, 1000, 100))}),
+    Link(**{**META, "path": "a", "dst": "dir/caf\udce9"}),
+    Mknod(**{**META, "path": "fifo", "mode": 0o10644, "rdev": 0}),
+    Mknod(**{**META, "path": "dev", "mode": 0o20600, "rdev": (8 << 8) | 1}),
+    SetXattr(**{**META, "path": "", "name": "user.caf\udce9", "value": b"\x00" * 65536}),
+    RemoveXattr(**{**META, "path": "f", "name": "trusted.x"}),
+    Create(**{**META, "path": "n", "attrs": (
+        Attr("n", 0o2644, 4294967294, 7, -(1 << 63),
+             (("system.posix_acl_access", b"\x02\x00"), ("user.a", b""))),)}),
 ]
 
 
@@ -126,8 +153,9 @@ def test_paths_travel_as_raw_bytes() -> None:
     items = msgpack.unpackb(encode(ev), raw=True)
     assert items[0] == WIRE_VERSION
     assert items[1] == Rename.KIND
-    assert items[-2] == b"files/caf\xe9"
-    assert items[-1] == UNICODE.encode()
+    assert items[-3] == b"files/caf\xe9"
+    assert items[-2] == UNICODE.encode()
+    assert items[-1] == []  # attrs
 
 
 def test_largest_write_round_trips() -> None:
@@ -366,15 +394,15 @@ BAD_WIRE: list[tuple[str, Any, type[Exception], str]] = [
      r"must be an array of at least 5 items"),
     ("path as str", packed(_replace(WRITE_ITEMS, 6, "dir/file")), DecodeError,
      r"Write\.path must be bytes on the wire"),
-    ("rename dst as str", packed(_replace(wire(Rename), -1, "g")), DecodeError,
+    ("rename dst as str", packed(_replace(wire(Rename), -2, "g")), DecodeError,
      r"Rename\.dst must be bytes on the wire"),
-    ("symlink target as str", packed(_replace(wire(Symlink), -1, "t")), DecodeError,
+    ("symlink target as str", packed(_replace(wire(Symlink), -2, "t")), DecodeError,
      r"Symlink\.target must be bytes on the wire"),
     ("path as int", packed(_replace(WRITE_ITEMS, 6, 5)), DecodeError,
      r"Write\.path must be bytes on the wire"),
     ("NUL in wire path", packed(_replace(WRITE_ITEMS, 6, b"dir/fi\0le")), UnsafePath,
      r"Write\.path contains a NUL byte"),
-    ("NUL in wire target", packed(_replace(wire(Symlink), -1, b"/etc\0")), UnsafePath,
+    ("NUL in wire target", packed(_replace(wire(Symlink), -2, b"/etc\0")), UnsafePath,
      r"Symlink\.target contains a NUL byte"),
     ("absolute wire path", packed(_replace(WRITE_ITEMS, 6, b"/etc/passwd")), UnsafePath,
      r"Write\.path '/etc/passwd' is absolute"),
@@ -418,9 +446,41 @@ def test_decode_refuses(raw: Any, error: type[Exception], message: str) -> None:
 def test_decode_crafted_valid_array() -> None:
     # a hand-built array in the documented layout is accepted, non-UTF-8 bytes included
     raw = packed([WIRE_VERSION, Rename.KIND, "coordinator", 4, 99, 4, "h1-4", "h1",
-                  b"caf\xe9", b"dir/new"])
+                  b"caf\xe9", b"dir/new", [[b"", 0o755, 0, 0, 7, None]]])
     assert decode(raw) == Rename(source="coordinator", seq=4, wall=99, gseq=4, op_id="h1-4",
-                                 origin="h1", path="caf\udce9", dst="dir/new")
+                                 origin="h1", path="caf\udce9", dst="dir/new",
+                                 attrs=(Attr("", 0o755, 0, 0, 7),))
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ([b"/etc", 0o755, 0, 0, None, None], r"absolute"),
+    ([b"a/../b", 0o755, 0, 0, None, None], r"'\.\.' component"),
+    ([b"a", 0o17777, 0, 0, None, None], r"mode=8191 is outside"),
+    ([b"a", 0o644, -1, 0, None, None], r"uid=-1 is outside"),
+    ([b"a", 0o644, 0, 0, None, [[b"user.x", "text"]]], r"value must be at most"),
+    ([b"a", 0o644, 0, 0, None, [[b"", b""]]], r"xattr name must be 1\.\.255 bytes"),
+    ([b"a", 0o644, 0, 0], r"array of 6 items"),
+])
+def test_decode_refuses_bad_attrs(entry: list[Any], message: str) -> None:
+    raw = packed([WIRE_VERSION, Unlink.KIND, "coordinator", 4, 99, 4, "h1-4", "h1", b"f", [entry]])
+    with pytest.raises((DecodeError, InvalidEvent, UnsafePath), match=message):
+        decode(raw)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"mode": 0o100644}, r"is not a FIFO, socket or device"),
+    ({"mode": 0o40755}, r"is not a FIFO, socket or device"),
+])
+def test_mknod_takes_only_special_files(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidEvent, match=message):
+        make(Mknod, **changes)
+
+
+def test_fallocate_refuses_modes_a_fuse_file_system_never_gets() -> None:
+    with pytest.raises(InvalidEvent, match="flags outside"):
+        make(Fallocate, mode=0x08)  # FALLOC_FL_COLLAPSE_RANGE
+    with pytest.raises(InvalidEvent, match="length must be at least 1"):
+        make(Fallocate, length=0)
 
 
 @pytest.mark.parametrize("version", [True, 1.0], ids=["bool", "float"])

@@ -1,11 +1,18 @@
 """Metadata operations, the coordinator's part: each executed on the volume in one order.
 
 `Namespace` is the part of `CoordinatorService` that executes create, open, close, mkdir,
-rmdir, unlink, rename, truncate, setattr and symlink, one small handler per kind. Each checks,
-in the same locked step that acts, that the paths the node computed still lead to the inode or
-directory it meant (`Options`; ESTALE if not, and the node retries), notes an intent record
-before changing the volume, recalls the write tokens the operation conflicts with, and
-journals the event (its gseq).
+rmdir, unlink, rename, exchange, link, mknod, truncate, setattr, setxattr, removexattr and
+symlink, one small handler per kind. Each checks, in the same locked step that acts, that the
+paths the node computed still lead to the inode or directory it meant (`Options`; ESTALE if
+not, and the node retries), notes an intent record before changing the volume, recalls the
+write tokens the operation conflicts with, and journals the event (its gseq) with the ``attrs``
+it left on the volume (`events.Attr`: mode, owner, time and, for a new inode, its extended
+attributes, read back in the same step).
+
+A new inode belongs to the calling user (``uid``, ``gid``, ``umask`` of the request), as on a
+local file system: a set-group-ID directory passes its group (and, to a new directory, the
+bit) on; the caller's umask applies unless the directory has a default ACL, which applies
+instead (the volume's file system does that part itself).
 """
 
 from __future__ import annotations
@@ -22,14 +29,20 @@ from typing import Any
 from ..confined import Target
 from ..errors import ApplyError, OpFailed
 from ..events import (
+    Attr,
     Close,
     Create,
+    Exchange,
+    Link,
     MetaEvent,
     Mkdir,
+    Mknod,
     Open,
+    RemoveXattr,
     Rename,
     Rmdir,
     SetAttr,
+    SetXattr,
     Symlink,
     Truncate,
     Unlink,
@@ -40,9 +53,17 @@ UNKNOWN = "\0unknown"  # `_resolve`: not known without a search (never a path: p
 
 KINDS: dict[str, type[MetaEvent]] = {
     "create": Create, "open": Open, "close": Close, "mkdir": Mkdir, "rmdir": Rmdir,
-    "unlink": Unlink, "rename": Rename, "truncate": Truncate, "setattr": SetAttr,
-    "symlink": Symlink,
+    "unlink": Unlink, "rename": Rename, "exchange": Exchange, "truncate": Truncate,
+    "setattr": SetAttr, "symlink": Symlink, "link": Link, "mknod": Mknod,
+    "setxattr": SetXattr, "removexattr": RemoveXattr,
 }
+_NEW_INODE = (Create, Mkdir, Symlink, Mknod)  # operations that make an inode (owner, umask)
+ACL_DEFAULT = "system.posix_acl_default"
+XATTR_FLAGS = (0, os.XATTR_CREATE, os.XATTR_REPLACE)
+
+
+def _parent(path: str) -> str:
+    return path.rpartition("/")[0]
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,13 @@ class Options:
     noreplace: bool = False
     dir_ino: Any = None
     dst_dir_ino: Any = None
+    uid: Any = None  # the caller's (a new inode's owner)
+    gid: Any = None
+    umask: Any = None
+    xattr_flags: Any = 0  # setxattr: 0, XATTR_CREATE or XATTR_REPLACE
+
+    def creds(self) -> list[Any]:
+        return [self.uid, self.gid, self.umask]
 
 
 Handler = Callable[[str, str, dict[str, Any], Options], dict[str, Any]]
@@ -73,7 +101,8 @@ class Namespace:
     locate: Callable[[int, str], str | None]
     _durable: Callable[[], None]
     _validate: Callable[[type[MetaEvent], str, str, dict[str, Any]], None]
-    _intent: Callable[[type[MetaEvent], str, str, dict[str, Any]], None]
+    _intent: Callable[..., None]
+    holders: dict[int, str]
     _intent_done: Callable[[], None]
     _free: Callable[[Callable[[], list[int]], Callable[[], Any]], Any]
     _forget: Callable[[int], None]
@@ -92,7 +121,17 @@ class Namespace:
         if cls is None:
             raise OpFailed(f"unknown operation {kind!r}", errno.EINVAL)
         opts = Options(ino=fields.pop("ino", None), noreplace=bool(fields.pop("noreplace", False)),
-                       dir_ino=fields.pop("dir_ino", None), dst_dir_ino=fields.pop("dst_dir_ino", None))
+                       dir_ino=fields.pop("dir_ino", None), dst_dir_ino=fields.pop("dst_dir_ino", None),
+                       uid=fields.pop("uid", None) if cls is not SetAttr else None,
+                       gid=fields.pop("gid", None) if cls is not SetAttr else None,
+                       umask=fields.pop("umask", None), xattr_flags=fields.pop("flags", 0))
+        fields.pop("attrs", None)  # (read from the volume, never taken from a node)
+        if opts.xattr_flags not in XATTR_FLAGS:
+            raise OpFailed(f"setxattr flags {opts.xattr_flags!r} not understood", errno.EINVAL)
+        for name in ("uid", "gid", "umask"):
+            value = getattr(opts, name)
+            if value is not None and (type(value) is not int or not 0 <= value < (1 << 32) - 1):
+                raise OpFailed(f"{name} {value!r} is not a valid id", errno.EINVAL)
         for name in ("atime_ns", "mtime_ns"):
             if fields.get(name) == "now":  # the coordinator's clock, not a node's skewed one
                 fields[name] = time.time_ns()
@@ -119,6 +158,94 @@ class Namespace:
             return None
         return st.st_ino if stat.S_ISREG(st.st_mode) else None
 
+    def _stat(self, path: str) -> os.stat_result | None:
+        """lstat of ``path`` on the volume ("" is the root); None if missing (lock held)."""
+        try:
+            return self.vol.lstat(path) if path else os.fstat(self.vol.root_fd)
+        except (OSError, ApplyError):
+            return None
+
+    def _attr(self, path: str, *, xattrs: bool) -> Attr | None:
+        """What ``path`` holds now (lock held): mode, owner, time (not of a file a node is
+        writing: that node stamps it) and, if asked, every extended attribute."""
+        st = self._stat(path)
+        if st is None:
+            return None
+        writing = stat.S_ISREG(st.st_mode) and st.st_ino in self.holders
+        listed = None
+        if xattrs:
+            fd = self.vol.inode(path)
+            try:
+                ref = f"/proc/self/fd/{fd}"
+                names = sorted(os.listxattr(ref))
+                listed = tuple((n, os.getxattr(ref, n)) for n in names)
+            except OSError:
+                listed = None
+            finally:
+                os.close(fd)
+        return Attr(path, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                    None if writing else st.st_mtime_ns, listed)
+
+    def _attrs_for(self, cls: type[MetaEvent], f: dict[str, Any]) -> tuple[Attr, ...]:
+        """The inodes an operation changed, as the volume has them now (lock held)."""
+        path, dst = f.get("path", ""), f.get("dst")
+        if cls in _NEW_INODE:
+            wanted = [(path, True), (_parent(path), False)]
+        elif cls is Link:
+            wanted = [(dst, False), (_parent(dst), False)]
+        elif cls in (Unlink, Rmdir):
+            wanted = [(_parent(path), False)]
+        elif cls is Rename:
+            wanted = [(_parent(path), False), (_parent(dst), False), (dst, False)]
+        elif cls is Exchange:
+            wanted = [(_parent(path), False), (_parent(dst), False), (path, False), (dst, False)]
+        else:  # truncate, setattr, setxattr, removexattr
+            wanted = [(path, False)]
+        out: dict[str, Attr] = {}
+        for p, with_xattrs in wanted:
+            if p not in out:
+                attr = self._attr(p, xattrs=with_xattrs)
+                if attr is not None:
+                    out[p] = attr
+        return tuple(out.values())
+
+    def _settle(self, path: str, mode: int | None, creds: list[Any], *, directory: bool) -> None:
+        """Give the new inode at ``path`` the caller's owner and mode (see the module doc)."""
+        uid, gid, umask = [*creds, None, None, None][:3]
+        parent = self._stat(_parent(path))
+        inherit = parent is not None and bool(parent.st_mode & stat.S_ISGID)
+        fd = self.vol.inode(path)
+        try:
+            ref = f"/proc/self/fd/{fd}"
+            st = os.fstat(fd)
+            want_uid = uid if isinstance(uid, int) else st.st_uid
+            want_gid = parent.st_gid if inherit and parent is not None else (
+                gid if isinstance(gid, int) else st.st_gid)
+            want = None
+            if mode is not None:
+                if self._has_default_acl(_parent(path)):
+                    want = stat.S_IMODE(st.st_mode)  # what the inherited ACL made of it
+                else:
+                    want = mode & ~(umask if isinstance(umask, int) else 0) & 0o7777
+                if directory:
+                    want = (want & 0o1777) | (stat.S_ISGID if inherit else 0)
+            if (st.st_uid, st.st_gid) != (want_uid, want_gid):
+                os.chown(ref, want_uid, want_gid)  # (clears set-user-ID bits: mode comes after)
+            if want is not None and stat.S_IMODE(os.fstat(fd).st_mode) != want:
+                os.chmod(ref, want)
+        finally:
+            os.close(fd)
+
+    def _has_default_acl(self, directory: str) -> bool:
+        fd = self.vol.inode(directory)
+        try:
+            os.getxattr(f"/proc/self/fd/{fd}", ACL_DEFAULT)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
     def _under(self, path: str) -> list[int]:
         return [ino for ino, p in self.paths.items() if p == path or p.startswith(path + "/")]
 
@@ -131,10 +258,8 @@ class Namespace:
         for path, ino in checks:
             if not isinstance(ino, int):
                 continue
-            try:
-                found = self.vol.lstat(path).st_ino if path else os.fstat(self.vol.root_fd).st_ino
-            except (OSError, ApplyError):
-                found = None
+            st = self._stat(path)
+            found = st.st_ino if st is not None else None
             if found != ino:
                 raise OpFailed(f"{path or 'the volume root'!r} is no longer inode {ino}: it was "
                                "renamed or removed meanwhile", errno.ESTALE)
@@ -154,23 +279,94 @@ class Namespace:
 
         def unlink() -> dict[str, Any]:
             self._verify(f, opts)
-            ino = self._ino_of(path)
+            st = self._stat(path)
             self._intent(Unlink, node, op_id, f)
             self.vol.unlink(path, missing_ok=False)
-            if ino is not None:
-                self._forget(ino)
+            if st is not None and stat.S_ISREG(st.st_mode):
+                self._unnamed(st.st_ino, path, st.st_nlink)
             return self._done(Unlink, node, op_id, f)
         return self._free(lambda: [i for i in [self._ino_of(path)] if i is not None], unlink)
+
+    def _unnamed(self, ino: int, path: str, nlink: int) -> None:
+        """Name ``path`` of file ``ino`` (which had ``nlink`` names) is gone (lock held)."""
+        if nlink <= 1:
+            self._forget(ino)
+        elif self.paths.get(ino) == path:
+            del self.paths[ino]  # another name is left: found again when asked (`locate`)
 
     def _rename_op(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
         return self._free(lambda: self._rename_inos(f["path"], f["dst"]),
                           lambda: self._rename(node, op_id, f, opts))
 
+    def _exchange_op(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
+        return self._free(lambda: self._rename_inos(f["path"], f["dst"]) + self._under(f["dst"]),
+                          lambda: self._exchange(node, op_id, f, opts))
+
+    def _exchange(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
+        self._verify(f, opts)
+        src, dst = f["path"], f["dst"]
+        before = self._stat(src)
+        self._intent(Exchange, node, op_id, f, extra={"ino": before.st_ino if before else None})
+        self.vol.exchange(src, dst)
+        for ino, p in list(self.paths.items()):
+            for a, b in ((src, dst), (dst, src)):
+                if p == a:
+                    self.paths[ino] = b
+                    break
+                if p.startswith(a + "/"):
+                    self.paths[ino] = b + p[len(a):]
+                    break
+        return self._done(Exchange, node, op_id, f)
+
+    def _setattr(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
+        """chmod, chown, utimens. Setting times takes the file's write token back first, so
+        no write of another host can land after them on the replica but before them here."""
+        path = f["path"]
+
+        def run() -> dict[str, Any]:
+            self._verify(f, opts)
+            self._intent(SetAttr, node, op_id, f)
+            self.vol.setattr(path, f.get("mode"), f.get("atime_ns"), f.get("mtime_ns"),
+                             f.get("uid"), f.get("gid"))
+            return self._done(SetAttr, node, op_id, f)
+        if f.get("atime_ns") is None and f.get("mtime_ns") is None:
+            with self.lock:
+                return run()
+        return self._free(lambda: [i for i in [self._ino_of(path)] if i is not None], run)
+
+    def _new(self, cls: type[MetaEvent], make: Callable[[dict[str, Any]], None]) -> Handler:
+        """A handler for an operation that makes an inode owned by the caller."""
+
+        def handler(node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
+            with self.lock:
+                self._verify(f, opts)
+                self._intent(cls, node, op_id, f, extra={"creds": opts.creds()})
+                make(f)
+                self._settle(f["path"], f.get("mode") if cls is not Symlink else None,
+                             opts.creds(), directory=cls is Mkdir)
+                return self._done(cls, node, op_id, f)
+        return handler
+
+    def _setxattr(self, f: dict[str, Any], opts: Options) -> None:
+        fd = self.vol.inode(f["path"])
+        try:
+            os.setxattr(f"/proc/self/fd/{fd}", f["name"], f["value"], opts.xattr_flags)
+        finally:
+            os.close(fd)
+
+    def _link(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
+        with self.lock:
+            self._verify({**f, "path": f["path"]}, opts)
+            self._intent(Link, node, op_id, f)
+            self.vol.link(f["path"], f["dst"], replace=False)
+            return self._done(Link, node, op_id, f)
+
     def _create(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
         with self.lock:
             self._verify(f, opts)
-            self._intent(Create, node, op_id, f)
-            self.vol.create(f["path"], f.get("mode", 0o644), exist_ok=False)
+            self._intent(Create, node, op_id, f, extra={"creds": opts.creds()})
+            self.vol.create(f["path"], f.get("mode", 0o644), exist_ok=False, as_given=True)
+            self._settle(f["path"], f.get("mode", 0o644), opts.creds(), directory=False)
             ino = self.vol.lstat(f["path"]).st_ino
             self.paths[ino] = f["path"]
             self.orphans.pop(ino, None)
@@ -203,14 +399,14 @@ class Namespace:
                 f = {**f, "path": path}
             return self._done(Close, node, op_id, f)
 
-    def _simple(self, cls: type[MetaEvent], run: Callable[[dict[str, Any]], None]) -> Handler:
+    def _simple(self, cls: type[MetaEvent], run: Callable[[dict[str, Any], Options], None]) -> Handler:
         """A handler for an operation that needs no token: note the intent, run, record."""
 
         def handler(node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
             with self.lock:
                 self._verify(f, opts)
                 self._intent(cls, node, op_id, f)
-                run(f)
+                run(f, opts)
                 return self._done(cls, node, op_id, f)
         return handler
 
@@ -219,16 +415,22 @@ class Namespace:
         return {
             Create: self._create, Open: self._open, Close: self._close,
             Truncate: self._truncate, Unlink: self._unlink, Rename: self._rename_op,
-            Mkdir: self._simple(Mkdir, lambda f: vol.mkdir(f["path"], f.get("mode", 0o755),
-                                                           exist_ok=False)),
-            Rmdir: self._simple(Rmdir, lambda f: vol.rmdir(f["path"], missing_ok=False)),
-            Symlink: self._simple(Symlink, lambda f: vol.symlink(f["path"], f["target"],
-                                                                 replace=False)),
-            SetAttr: self._simple(SetAttr, lambda f: vol.setattr(
-                f["path"], f.get("mode"), f.get("atime_ns"), f.get("mtime_ns"))),
+            Exchange: self._exchange_op, Link: self._link, SetAttr: self._setattr,
+            Mkdir: self._new(Mkdir, lambda f: vol.mkdir(f["path"], f.get("mode", 0o755),
+                                                        exist_ok=False, as_given=True)),
+            Symlink: self._new(Symlink, lambda f: vol.symlink(f["path"], f["target"],
+                                                              replace=False)),
+            Mknod: self._new(Mknod, lambda f: vol.mknod(f["path"], f["mode"], f.get("rdev", 0),
+                                                        replace=False)),
+            Rmdir: self._simple(Rmdir, lambda f, o: vol.rmdir(f["path"], missing_ok=False)),
+            SetXattr: self._simple(SetXattr, self._setxattr),
+            RemoveXattr: self._simple(RemoveXattr, lambda f, o: vol.removexattr(
+                f["path"], f["name"], missing_ok=False)),
         }
 
     def _done(self, cls: type[MetaEvent], node: str, op_id: str, f: dict[str, Any]) -> dict[str, Any]:
+        if any(name == "attrs" for name, _ in cls.SPEC):
+            f = {**f, "attrs": self._attrs_for(cls, f)}
         ev = self._record(cls, node, op_id, **f)
         return {"gseq": ev.gseq, "event": encode(ev)}
 
@@ -244,13 +446,14 @@ class Namespace:
         self._verify(f, opts)
         noreplace = opts.noreplace
         src, dst = f["path"], f["dst"]
-        replaced = self._ino_of(dst)
-        if replaced is not None and replaced == self._ino_of(src):
+        replaced = self._stat(dst)
+        if replaced is not None and (not stat.S_ISREG(replaced.st_mode)
+                                     or replaced.st_ino == self._ino_of(src)):
             replaced = None  # a rename onto the same file (itself, or a hard link) does nothing
         self._intent(Rename, node, op_id, f)
         self.vol.rename(src, dst, noreplace=noreplace)
         if replaced is not None:
-            self._forget(replaced)
+            self._unnamed(replaced.st_ino, dst, replaced.st_nlink)
         for ino, p in list(self.paths.items()):
             if p == src:
                 self.paths[ino] = dst

@@ -38,15 +38,20 @@ from ..events import (
     EVENT_TYPES,
     Acquire,
     Create,
+    Exchange,
     Join,
     Leave,
+    Link,
     Lock,
     MetaEvent,
     Mkdir,
+    Mknod,
     Open,
+    RemoveXattr,
     Rename,
     Rmdir,
     SetAttr,
+    SetXattr,
     Symlink,
     Truncate,
     Unlink,
@@ -148,10 +153,15 @@ class CoordinatorService(FileLocking, Namespace):
 
     # -- intent: an operation between its volume change and its journal record ---------------
 
-    def _intent(self, cls: type[MetaEvent], node: str, op_id: str, f: dict[str, Any]) -> None:
+    def _intent(self, cls: type[MetaEvent], node: str, op_id: str, f: dict[str, Any],
+                extra: dict[str, Any] | None = None) -> None:
         """Durably note the operation about to change the volume (lock held), so that a crash
-        between the change and the journal record is completed on restart, not lost."""
-        data = json.dumps({"kind": cls.KIND, "node": node, "op_id": op_id, "fields": f})
+        between the change and the journal record is completed on restart, not lost. ``extra``:
+        what completing it needs beyond the event (a new inode's owner; an exchange's source
+        inode, which tells whether it ran)."""
+        fields = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in f.items()}
+        data = json.dumps({"kind": cls.KIND, "node": node, "op_id": op_id, "fields": fields,
+                           "extra": extra or {}})
         fd = os.open(self.state / "intent.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
                      0o600)
         try:
@@ -180,13 +190,16 @@ class CoordinatorService(FileLocking, Namespace):
             intent = json.loads(raw.decode("utf-8", "surrogateescape"))
             cls = EVENT_TYPES[intent["kind"]]
             node, op_id, f = intent["node"], intent["op_id"], intent["fields"]
+            extra = intent.get("extra") or {}
+            if "value" in f:
+                f["value"] = bytes.fromhex(f["value"])
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring an unreadable intent record (torn while being written)")
             os.truncate(path, 0)
             return
-        if f"{node}/{op_id}" not in self.done and self._took_effect(cls, f):
+        if f"{node}/{op_id}" not in self.done and self._took_effect(cls, f, extra):
             try:
-                self._complete(cls, f)
+                self._complete(cls, f, extra)
             except (OSError, ApplyError) as exc:  # it cannot have run: the node's retry runs it
                 log.warning("dropping the intent of %s by %s: %s", cls.__name__, node, exc)
                 os.truncate(path, 0)
@@ -198,17 +211,23 @@ class CoordinatorService(FileLocking, Namespace):
                         cls.__name__, node)
         os.truncate(path, 0)
 
-    def _complete(self, cls: type[MetaEvent], f: dict[str, Any]) -> None:
+    def _complete(self, cls: type[MetaEvent], f: dict[str, Any], extra: dict[str, Any]) -> None:
         """Finish an operation a crash interrupted: what may not have run yet runs (again)."""
-        if cls in (Create, Mkdir):  # the crash may have come before the mode was set
-            self.vol.setattr(f["path"], f.get("mode", 0o644 if cls is Create else 0o755),
-                             None, None)
+        if cls in (Create, Mkdir, Mknod, Symlink):  # the crash may have come before its owner
+            default = {Create: 0o644, Mkdir: 0o755}.get(cls)
+            self._settle(f["path"], None if cls is Symlink else f.get("mode", default),
+                         list(extra.get("creds") or []), directory=cls is Mkdir)
         elif cls is SetAttr:  # found by a test: recorded, but never run on the volume
-            self.vol.setattr(f["path"], f.get("mode"), f.get("atime_ns"), f.get("mtime_ns"))
+            self.vol.setattr(f["path"], f.get("mode"), f.get("atime_ns"), f.get("mtime_ns"),
+                             f.get("uid"), f.get("gid"))
         elif cls is Truncate:  # (no token is out for the file: it was recalled first)
             self.vol.truncate(f["path"], f["size"])
+        elif cls is SetXattr:
+            self.vol.setxattr(f["path"], f["name"], f["value"])
+        elif cls is RemoveXattr:
+            self.vol.removexattr(f["path"], f["name"], missing_ok=True)
 
-    def _took_effect(self, cls: type[MetaEvent], f: dict[str, Any]) -> bool:
+    def _took_effect(self, cls: type[MetaEvent], f: dict[str, Any], extra: dict[str, Any]) -> bool:
         def exists(p: str) -> bool:
             try:
                 self.vol.lstat(p)
@@ -216,13 +235,19 @@ class CoordinatorService(FileLocking, Namespace):
             except (OSError, ApplyError):
                 return False
 
-        if cls in (Create, Mkdir, Symlink):
+        if cls in (Create, Mkdir, Symlink, Mknod):
             return exists(f["path"])
+        if cls is Link:
+            return exists(f["dst"]) and exists(f["path"]) and \
+                self.vol.lstat(f["dst"]).st_ino == self.vol.lstat(f["path"]).st_ino
         if cls in (Unlink, Rmdir):
             return not exists(f["path"])
         if cls is Rename:
             return not exists(f["path"]) and exists(f["dst"])
-        return cls in (Truncate, SetAttr)  # idempotent: `_complete` runs them (again)
+        if cls is Exchange:
+            return exists(f["path"]) and self.vol.lstat(f["path"]).st_ino != extra.get("ino")
+        # idempotent: `_complete` runs them (again)
+        return cls in (Truncate, SetAttr, SetXattr, RemoveXattr)
 
     def _remember_journal(self) -> None:
         """Rebuild ``done`` from the events still in the journal (after a restart)."""

@@ -16,10 +16,15 @@ Exactly-once apply rests on two facts:
      and written again. ``Mkdir`` accepts an existing directory. ``Symlink`` replaces an existing
      link with the same name. These never remove a name, so a batch's path-to-file mapping only
      grows and every replayed operation finds the file it found the first time.
-   * ``Unlink``, ``Rmdir`` and ``Rename`` remove a name, so they are *barriers*: the applier
-     checkpoints just before and just after each. Replayed alone, each detects it already ran
-     (the name is gone, or the rename's source is gone and its destination exists) and does
-     nothing.
+   * ``Fallocate``, ``Stamp``, ``SetXattr`` and the ``attrs`` every metadata event carries set
+     a state (a range's content and the size, a time, an attribute), so the same holds.
+   * ``Link`` and ``Mknod`` add a name; replayed, they find it there (as the same inode, or
+     replace it).
+   * ``Unlink``, ``Rmdir``, ``Rename`` and ``Exchange`` remove or move a name, so they are
+     *barriers*: the applier checkpoints just before and just after each. Replayed alone, each
+     detects it already ran (the name is gone; the rename's source is gone and its destination
+     exists; the exchange's source is no longer the inode noted just before it ran) and does
+     nothing. ``RemoveXattr`` of an attribute already gone does nothing while replaying.
    * ``Open``, ``Close``, ``Acquire``, ``Lock``, ``Join``, ``Leave``, ``Tick`` change nothing on disk.
 
 Outside the replay window (from start-up to the first barrier, the furthest a crash can have
@@ -29,6 +34,8 @@ excused: it means the target diverged from the volume and the applier stops with
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -39,10 +46,18 @@ from ..errors import ApplyError, CheckpointError
 from ..events import (
     Create,
     Event,
+    Exchange,
+    Fallocate,
+    Link,
+    MetaEvent,
     Mkdir,
+    Mknod,
+    RemoveXattr,
     Rename,
     Rmdir,
     SetAttr,
+    SetXattr,
+    Stamp,
     Symlink,
     Truncate,
     Unlink,
@@ -51,8 +66,10 @@ from ..events import (
 )
 from .position import Position
 
+log = logging.getLogger("clusterrep.replica")
 CHECKPOINT = "checkpoint.json"
-_BARRIERS = (Unlink, Rmdir, Rename)
+EXCHANGE_NOTE = "exchange.json"  # the exchange about to run: gseq and its source's inode
+_BARRIERS = (Unlink, Rmdir, Rename, Exchange)
 
 
 class Applier:
@@ -85,6 +102,7 @@ class Applier:
         self._since = 0
         self.skipped = 0
         self.checkpoints = 0
+        self.emulated = 0  # fallocate modes the target's file system refused, done by hand
 
     def _load(self) -> tuple[Position, bool]:
         try:
@@ -161,7 +179,8 @@ class Applier:
         elif cls is Mkdir:
             t.mkdir(ev.path, ev.mode, exist_ok=self.replaying)  # type: ignore[attr-defined]
         elif cls is SetAttr:
-            t.setattr(ev.path, ev.mode, ev.atime_ns, ev.mtime_ns)  # type: ignore[attr-defined]
+            t.setattr(ev.path, ev.mode, ev.atime_ns, ev.mtime_ns,  # type: ignore[attr-defined]
+                      ev.uid, ev.gid)  # type: ignore[attr-defined]
         elif cls is Symlink:
             t.symlink(ev.path, ev.target, replace=self.replaying)  # type: ignore[attr-defined]
         elif cls is Unlink:
@@ -170,13 +189,51 @@ class Applier:
             t.rmdir(ev.path, missing_ok=self.replaying)  # type: ignore[attr-defined]
         elif cls is Rename:
             self._rename(ev)  # type: ignore[arg-type]
+        elif cls is Exchange:
+            self._exchange(ev)  # type: ignore[arg-type]
+        elif cls is Link:
+            t.link(ev.path, ev.dst, replace=self.replaying)  # type: ignore[attr-defined]
+        elif cls is Mknod:
+            t.mknod(ev.path, ev.mode, ev.rdev, replace=self.replaying)  # type: ignore[attr-defined]
+        elif cls is SetXattr:
+            t.setxattr(ev.path, ev.name, ev.value)  # type: ignore[attr-defined]
+        elif cls is RemoveXattr:
+            t.removexattr(ev.path, ev.name, missing_ok=self.replaying)  # type: ignore[attr-defined]
+        elif cls is Fallocate:
+            if not t.fallocate(ev.path, ev.mode, ev.offset, ev.length):  # type: ignore[attr-defined]
+                if not self.emulated:
+                    log.warning("the target's file system refuses fallocate mode %#x: its "
+                                "effect is written by hand (zeros; the replica may use more "
+                                "space than the volume)", ev.mode)  # type: ignore[attr-defined]
+                self.emulated += 1
+        elif cls is Stamp:
+            t.stamp(ev.path, ev.mtime_ns)  # type: ignore[attr-defined]
         # Open, Close, Acquire, Lock, Join, Leave, Tick: marks only
+        if isinstance(ev, MetaEvent):
+            for attr in getattr(ev, "attrs", ()):
+                t.apply_attr(attr)
 
     def _rename(self, ev: Rename) -> None:
         t = self.target
         if self.replaying and not t.exists(ev.path) and t.exists(ev.dst):
             return  # this rename ran before the crash; its checkpoint did not
         t.rename(ev.path, ev.dst)
+
+    def _exchange(self, ev: Exchange) -> None:
+        """Swap two names. Both exist before and after, so whether it already ran is told by
+        a note written (durably) just before it: the inode that was at ``ev.path``."""
+        t = self.target
+        note = self.state_dir / EXCHANGE_NOTE
+        ino = t.lstat(ev.path).st_ino
+        if self.replaying:
+            try:
+                seen = json.loads(note.read_text())
+            except (FileNotFoundError, ValueError):
+                seen = None
+            if seen is not None and seen.get("gseq") == ev.gseq and seen.get("ino") != ino:
+                return  # it ran before the crash: the source is another inode now
+        atomic_write(note, json.dumps({"gseq": ev.gseq, "ino": ino}).encode())
+        t.exchange(ev.path, ev.dst)
 
     # -- checkpoints -------------------------------------------------------------------------
 
