@@ -47,6 +47,9 @@ def pending(st: dict[str, Any], since: float) -> list[str]:
                        f"({s['received']} received)")
         elif s["connected"] and (s["report_age"] is None or s["report_age"] > since):
             out.append(f"{name}: no report from it since the wait began")
+        elif s.get("unsettled"):
+            out.append(f"{name}: {s['unsettled']} file(s) still being written (their modification "
+                       "times are recorded once their writers are quiet)")
     if st["pending_events"] or st["queued_batches"]:
         out.append(f"{st['pending_events']} events received but not yet applied")
     out.extend(f"merge waits for {w}" for w in st.get("waiting_for") or [])

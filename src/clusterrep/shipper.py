@@ -9,10 +9,10 @@ them durable.
 Protocol (msgpack frames over an authenticated `wire.Connection`):
 
     -> {"t": "hello", "source": NAME}            <- {"t": "welcome", "next": SEQ}
-    -> {"t": "batch", "events": [bytes...], "captured": N}
+    -> {"t": "batch", "events": [bytes...], "captured": N, "unsettled": K}
                                 <- {"t": "recv", "received": SEQ}   (validated, in memory)
                                 <- {"t": "ack", "durable": SEQ}     (fsync'd in its journal)
-    -> {"t": "beat", "captured": N}              <- {"t": "ack", "durable": SEQ}
+    -> {"t": "beat", "captured": N, "unsettled": K}              <- {"t": "ack", "durable": SEQ}
     <- {"t": "error", "message": TEXT, "next": SEQ}   (the replica refuses; resend from next)
 
 Up to ``window`` big batches are sent before their acknowledgements come back, so reading and
@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from . import wire
@@ -46,8 +47,12 @@ class ReplicaRefused(ClusterrepError):
 class Shipper:
     def __init__(self, journal: Journal, replica: str, auth: wire.Auth | bytes, *, name: str, role: str,
                  batch_bytes: int = 4 << 20, beat_interval: float = 0.2,
-                 retry_interval: float = 0.5, linger: float = 0.002, window: int = 4) -> None:
+                 retry_interval: float = 0.5, linger: float = 0.002, window: int = 4,
+                 unsettled: Callable[[], int] = lambda: 0) -> None:
         self.journal = journal
+        # files written whose modification time is not recorded yet (`NodeAgent.unsettled`):
+        # reported with every batch and beat, so `clusterrep wait` waits for them too
+        self.unsettled = unsettled
         self.replica = replica
         self.auth = auth
         self.name = name
@@ -147,7 +152,7 @@ class Shipper:
                 records = self._next_batch(nxt, idle=not inflight)
                 if records and (not inflight or self._full(records)):
                     conn.send({"t": "batch", "events": [raw for _, raw in records],
-                               "captured": self.captured})
+                               "captured": self.captured, "unsettled": self.unsettled()})
                     inflight.append(records[-1][0])
                     nxt = records[-1][0] + 1
                     self.shipped_events += len(records)
@@ -163,7 +168,8 @@ class Shipper:
                 last_beat = time.monotonic()
                 continue
             if time.monotonic() - last_beat >= self.beat_interval:
-                conn.send({"t": "beat", "captured": self.captured})
+                conn.send({"t": "beat", "captured": self.captured,
+                           "unsettled": self.unsettled()})
                 self._acked(int(self._reply(conn)["durable"]))
                 last_beat = time.monotonic()
             with self._wake:

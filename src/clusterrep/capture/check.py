@@ -27,6 +27,22 @@ def check_fuse() -> None:
         raise FuseUnavailable("fusermount3 is not installed")
 
 
+def check_allow_other(fuse_conf: str = "/etc/fuse.conf") -> None:
+    """``allow_other`` is refused by fusermount3 to a user other than root unless
+    ``user_allow_other`` is in /etc/fuse.conf: say so before mounting."""
+    if os.geteuid() == 0:
+        return
+    try:
+        with open(fuse_conf) as f:
+            lines = [line.split("#", 1)[0].strip() for line in f]
+    except OSError:
+        lines = []
+    if "user_allow_other" not in lines:
+        raise ClusterrepError(
+            "--allow-other needs root, or 'user_allow_other' in /etc/fuse.conf",
+            hint="add a line 'user_allow_other' to /etc/fuse.conf, or run the node as root")
+
+
 def mounted_here(mount: str) -> str | None:
     """The source name of the file system mounted at ``mount`` per /proc/mounts (even a dead
     FUSE mount, which ``os.path.ismount`` does not see), or None."""

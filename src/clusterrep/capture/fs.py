@@ -3,11 +3,14 @@
 It speaks the kernel's inode-based protocol (`session`, `kernel`): every inode the kernel
 knows is held open (`inodes`), so an operation on an open file or directory acts on that file
 or directory whatever happened to its name, on this host or another. Reads and data writes go
-straight to the backing files (the *direct I/O* path); each write is recorded by the
-`NodeAgent` under the file's lock and write token. Metadata operations (create, open for
-writing, close, mkdir, rmdir, unlink, rename, truncate, chmod, utimens, symlink) and file locks
-are sent to the coordinator, which decides them in one order for all hosts and executes them
-on the volume; the agent records its own copy.
+straight to the backing files (the *direct I/O* path); each write and fallocate is recorded
+by the `NodeAgent` under the file's lock and write token. Metadata operations (create, open for
+writing, close, mkdir, mknod, rmdir, unlink, rename and exchange, link, truncate, chmod, chown,
+utimens, symlink, setxattr, removexattr) and file locks are sent to the coordinator, which
+decides them in one order for all hosts and executes them on the volume; the agent records its
+own copy. A new inode belongs to the calling process's user and group; the kernel checks
+permissions itself against modes, owners and ACLs (``default_permissions``, POSIX ACLs), so
+with ``allow_other`` other users use the mount as they would a local file system.
 
 Names and paths: the kernel names a child of a directory inode; the path the coordinator needs
 is the directory's *current* path (asked of the kernel) plus the name, and the coordinator
@@ -44,11 +47,24 @@ from .session import DEFERRED, NO_REPLY, Session, mount_fuse
 log = logging.getLogger("clusterrep.capture")
 T = TypeVar("T")
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR
-RENAME_NOREPLACE = 1
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 MAX_RACE_RETRIES = 1000  # an operation that loses this many races in a row to other hosts: EIO
 INIT_FLAGS = (k.ASYNC_READ | k.POSIX_LOCKS | k.FLOCK_LOCKS | k.ATOMIC_O_TRUNC | k.BIG_WRITES
-              | k.AUTO_INVAL_DATA | k.PARALLEL_DIROPS | k.MAX_PAGES | k.ASYNC_DIO)
-MOUNT_OPTIONS = "fsname=clusterrep,subtype=clusterrep,auto_unmount"
+              | k.AUTO_INVAL_DATA | k.PARALLEL_DIROPS | k.MAX_PAGES | k.ASYNC_DIO | k.DONT_MASK
+              | k.POSIX_ACL)
+MOUNT_OPTIONS = "fsname=clusterrep,subtype=clusterrep,auto_unmount,default_permissions"
+FALLOCATE_MODES = 0x01 | 0x02 | 0x10  # KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE
+
+
+def mount_options(*, allow_other: bool = False) -> str:
+    """The options the mount is made with (``allow_other``: users other than the one running
+    the node may use it; the kernel checks their permissions)."""
+    return MOUNT_OPTIONS + (",allow_other" if allow_other else "")
+
+
+def _creds(hdr: k.Header) -> dict[str, Any]:
+    """The caller's user and group: a new inode's owner."""
+    return {"uid": hdr.uid, "gid": hdr.gid}
 _FLOCK_OF = {fcntl.F_RDLCK: FlockType.SHARED, fcntl.F_WRLCK: FlockType.EXCLUSIVE,
              fcntl.F_UNLCK: FlockType.UNLOCK}
 
@@ -93,6 +109,7 @@ class CaptureFS:
 
     def __init__(self, volume: str, agent: NodeAgent) -> None:
         self.inodes = Inodes(volume)
+        self.inodes.locate = agent.where
         self.volume = self.inodes.volume
         self.agent = agent
         self.handles: dict[int, Handle] = {}
@@ -109,12 +126,14 @@ class CaptureFS:
             k.GETATTR: self.getattr, k.SETATTR: self.setattr, k.READLINK: self.readlink,
             k.SYMLINK: self.symlink, k.MKDIR: self.mkdir, k.UNLINK: self.unlink,
             k.RMDIR: self.rmdir, k.RENAME: self.rename, k.RENAME2: self.rename2,
-            k.LINK: self.unsupported, k.MKNOD: self.unsupported, k.OPEN: self.open,
+            k.LINK: self.link, k.MKNOD: self.mknod, k.OPEN: self.open,
             k.CREATE: self.create, k.READ: self.read, k.WRITE: self.write,
             k.STATFS: self.statfs, k.ACCESS: self.access, k.FLUSH: self.flush, k.RELEASE: self.release,
             k.FSYNC: self.fsync, k.OPENDIR: self.opendir, k.READDIR: self.readdir,
             k.RELEASEDIR: self.releasedir, k.FSYNCDIR: self.fsyncdir, k.GETLK: self.getlk,
-            k.SETLK: self.setlk, k.SETLKW: self.setlk,
+            k.SETLK: self.setlk, k.SETLKW: self.setlk, k.SETXATTR: self.setxattr,
+            k.GETXATTR: self.getxattr, k.LISTXATTR: self.listxattr,
+            k.REMOVEXATTR: self.removexattr, k.FALLOCATE: self.fallocate, k.LSEEK: self.lseek,
         }
 
     # -- names -------------------------------------------------------------------------------
@@ -170,22 +189,14 @@ class CaptureFS:
             fields["atime_ns"] = "now" if valid & k.FATTR_ATIME_NOW else atime * 10**9 + atimens
         if valid & k.FATTR_MTIME:
             fields["mtime_ns"] = "now" if valid & k.FATTR_MTIME_NOW else mtime * 10**9 + mtimens
+        if valid & k.FATTR_UID:
+            fields["uid"] = uid
+        if valid & k.FATTR_GID:
+            fields["gid"] = gid
         if fields:  # (UTIME_NOW: the coordinator's clock; a node's may be skewed by hours)
             self._setattr(inode, fields)
-        if valid & (k.FATTR_UID | k.FATTR_GID):
-            self._chown(inode, uid if valid & k.FATTR_UID else -1, gid if valid & k.FATTR_GID else -1)
         st = os.fstat(fh) if handle is not None else os.fstat(inode.fd)
         return k.ATTR_OUT.pack(0, 0, 0) + k.pack_attr(st)
-
-    def _chown(self, inode: Inode, uid: int, gid: int) -> None:
-        """Ownership is not replicated yet (docs/operations.md); passed through for tar & co."""
-        if not stat.S_ISLNK(inode.mode):
-            os.chown(inode.proc, uid, gid)  # (follows the magic link to the inode itself)
-            return
-        path = self.inodes.path(inode)
-        if path is None:
-            raise OSError(errno.ENOENT, "no longer has a name")
-        os.chown(path, uid, gid, dir_fd=self.inodes.root.fd, follow_symlinks=False)
 
     def _truncate(self, inode: Inode, fd: int | None, length: int) -> None:
         """Truncate this inode wherever its name is now; one without a name any more is
@@ -208,12 +219,12 @@ class CaptureFS:
             path = self.inodes.path(inode)
             if path is None:
                 raise FileNotFoundError(errno.ENOENT, "no name")
-            if path == "":
-                path = "."
             self.agent.meta("setattr", path=path, ino=inode.ino, **fields)
         try:
             _retry_stale(run)
         except FileNotFoundError:  # no name: change the orphan here (nothing to replicate)
+            if "uid" in fields or "gid" in fields:
+                os.chown(inode.proc, fields.get("uid", -1), fields.get("gid", -1))
             if "mode" in fields:
                 os.chmod(inode.proc, fields["mode"])
             if "atime_ns" in fields or "mtime_ns" in fields:
@@ -241,10 +252,38 @@ class CaptureFS:
     # -- namespace (through the coordinator) -------------------------------------------------
 
     def mkdir(self, hdr: k.Header, body: memoryview) -> bytes:
-        mode, _umask = k.MKDIR_IN.unpack_from(body)
+        mode, umask = k.MKDIR_IN.unpack_from(body)
         name = k.names(body[k.MKDIR_IN.size:], 1)[0]
         parent = self.inodes.get(hdr.nodeid)
-        self._in_dir("mkdir", parent, name, mode=mode & 0o7777)
+        self._in_dir("mkdir", parent, name, mode=mode & 0o7777, umask=umask, **_creds(hdr))
+        return self._entry(parent, name)
+
+    def mknod(self, hdr: k.Header, body: memoryview) -> bytes:
+        """FIFOs, sockets and (as root) device nodes; a regular file made by mknod(2) is an
+        ordinary create."""
+        mode, rdev, umask, _ = k.MKNOD_IN.unpack_from(body)
+        name = k.names(body[k.MKNOD_IN.size:], 1)[0]
+        parent = self.inodes.get(hdr.nodeid)
+        if stat.S_ISREG(mode):
+            self._in_dir("create", parent, name, mode=mode & 0o7777, umask=umask, **_creds(hdr))
+        else:
+            self._in_dir("mknod", parent, name, mode=mode & 0o177777, rdev=rdev, umask=umask,
+                         **_creds(hdr))
+        return self._entry(parent, name)
+
+    def link(self, hdr: k.Header, body: memoryview) -> bytes:
+        """A hard link: a further name, in directory ``hdr.nodeid``, for an inode."""
+        old = self.inodes.get(k.LINK_IN.unpack_from(body)[0])
+        name = k.names(body[k.LINK_IN.size:], 1)[0]
+        parent = self.inodes.get(hdr.nodeid)
+
+        def run() -> None:
+            path = self.inodes.path(old)
+            if path is None:
+                raise OSError(errno.ENOENT, "the file has no name left to link to")
+            self.agent.meta("link", path=path, ino=old.ino, dst=self.inodes.child(parent, name),
+                            dst_dir_ino=parent.ino)
+        _retry_stale(run)
         return self._entry(parent, name)
 
     def rmdir(self, hdr: k.Header, body: memoryview) -> None:
@@ -256,7 +295,7 @@ class CaptureFS:
     def symlink(self, hdr: k.Header, body: memoryview) -> bytes:
         name, target = k.names(body, 2)
         parent = self.inodes.get(hdr.nodeid)
-        self._in_dir("symlink", parent, name, target=os.fsdecode(target))
+        self._in_dir("symlink", parent, name, target=os.fsdecode(target), **_creds(hdr))
         return self._entry(parent, name)
 
     def rename(self, hdr: k.Header, body: memoryview) -> None:
@@ -268,20 +307,67 @@ class CaptureFS:
         self._rename(hdr.nodeid, newdir, flags, body[k.RENAME2_IN.size:])
 
     def _rename(self, olddir: int, newdir: int, flags: int, body: memoryview) -> None:
-        if flags & ~RENAME_NOREPLACE:  # RENAME_EXCHANGE, RENAME_WHITEOUT: not supported yet
-            raise OSError(errno.EINVAL, "rename flags not supported")
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise OSError(errno.EINVAL, "rename flags not supported (RENAME_WHITEOUT is overlayfs')")
         old, new = k.names(body, 2)
         src, dst = self.inodes.get(olddir), self.inodes.get(newdir)
+        kind = "exchange" if flags & RENAME_EXCHANGE else "rename"
         opts: dict[str, Any] = {"noreplace": True} if flags & RENAME_NOREPLACE else {}
 
         def run() -> None:
             # decided by the coordinator, atomically: with NOREPLACE one host wins
-            self.agent.meta("rename", path=self.inodes.child(src, old), dst=self.inodes.child(dst, new),
+            self.agent.meta(kind, path=self.inodes.child(src, old), dst=self.inodes.child(dst, new),
                             dir_ino=src.ino, dst_dir_ino=dst.ino, **opts)
         _retry_stale(run)
 
-    def unsupported(self, hdr: k.Header, body: memoryview) -> None:
-        raise OSError(errno.EOPNOTSUPP, "hard links and special files are not replicated yet")
+    # -- extended attributes (read here, changed through the coordinator) ----------------------
+
+    def _named(self, inode: Inode, kind: str, **fields: Any) -> bool:
+        """Run ``kind`` on ``inode`` wherever its name is now; False if it has none (then the
+        caller changes it here alone: nothing on the volume can show it)."""
+        def run() -> bool:
+            path = self.inodes.path(inode)
+            if path is None:
+                return False
+            self.agent.meta(kind, path=path, ino=inode.ino, **fields)
+            return True
+        return _retry_stale(run)
+
+    def setxattr(self, hdr: k.Header, body: memoryview) -> None:
+        size, flags = k.SETXATTR_IN.unpack_from(body)
+        rest = body[k.SETXATTR_IN.size:]
+        name = k.names(rest, 1)[0]
+        value = bytes(rest[len(name) + 1:len(name) + 1 + size])
+        inode = self.inodes.get(hdr.nodeid)
+        if not self._named(inode, "setxattr", name=os.fsdecode(name), value=value, flags=flags):
+            os.setxattr(inode.proc, name, value, flags)
+
+    def removexattr(self, hdr: k.Header, body: memoryview) -> None:
+        name = k.names(body, 1)[0]
+        inode = self.inodes.get(hdr.nodeid)
+        if not self._named(inode, "removexattr", name=os.fsdecode(name)):
+            os.removexattr(inode.proc, name)
+
+    def getxattr(self, hdr: k.Header, body: memoryview) -> bytes:
+        size, _ = k.GETXATTR_IN.unpack_from(body)
+        name = k.names(body[k.GETXATTR_IN.size:], 1)[0]
+        value = os.getxattr(self.inodes.get(hdr.nodeid).proc, name)  # (the inode itself)
+        return self._sized(value, size)
+
+    def listxattr(self, hdr: k.Header, body: memoryview) -> bytes:
+        size, _ = k.GETXATTR_IN.unpack_from(body)
+        names = os.listxattr(self.inodes.get(hdr.nodeid).proc)
+        return self._sized(b"".join(os.fsencode(n) + b"\0" for n in names), size)
+
+    @staticmethod
+    def _sized(value: bytes, size: int) -> bytes:
+        """A getxattr/listxattr answer: the size alone when asked with size 0, else the value
+        (ERANGE if it does not fit)."""
+        if size == 0:
+            return k.GETXATTR_OUT.pack(len(value), 0)
+        if len(value) > size:
+            raise OSError(errno.ERANGE, "buffer too small")
+        return value
 
     # -- files -------------------------------------------------------------------------------
 
@@ -335,7 +421,7 @@ class CaptureFS:
     def create(self, hdr: k.Header, body: memoryview) -> bytes:
         """``open(O_CREAT)`` of a name the kernel found missing. Without ``O_EXCL`` another host
         may create it first: then this opens that file, as one file system would."""
-        flags, mode, _umask, _ = k.CREATE_IN.unpack_from(body)
+        flags, mode, umask, _ = k.CREATE_IN.unpack_from(body)
         name = k.names(body[k.CREATE_IN.size:], 1)[0]
         parent = self.inodes.get(hdr.nodeid)
         for _ in range(MAX_RACE_RETRIES):
@@ -353,7 +439,7 @@ class CaptureFS:
             try:
                 reply = _retry_stale(lambda: self.agent.meta(
                     "create", path=self.inodes.child(parent, name), dir_ino=parent.ino,
-                    mode=mode & 0o7777))
+                    mode=mode & 0o7777, umask=umask, **_creds(hdr)))
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
@@ -407,6 +493,22 @@ class CaptureFS:
         n = self.agent.write(handle.ino, handle.path, fh, data, offset, append=handle.append)
         return k.WRITE_OUT.pack(n, 0)
 
+    def fallocate(self, hdr: k.Header, body: memoryview) -> None:
+        fh, offset, length, mode, _ = k.FALLOCATE_IN.unpack_from(body)
+        handle = self.handles.get(fh)
+        if handle is None or not handle.write:
+            raise OSError(errno.EBADF, "not open for writing")
+        if mode & ~FALLOCATE_MODES:
+            raise OSError(errno.EOPNOTSUPP, "fallocate mode not supported")
+        self.agent.fallocate(handle.ino, handle.path, fh, mode, offset, length)
+
+    def lseek(self, hdr: k.Header, body: memoryview) -> bytes:
+        """SEEK_DATA / SEEK_HOLE (the kernel answers the other whences itself)."""
+        fh, offset, whence, _ = k.LSEEK_IN.unpack_from(body)
+        if fh not in self.handles:
+            raise OSError(errno.EBADF, "file not open")
+        return k.LSEEK_OUT.pack(os.lseek(fh, offset, whence))
+
     def fsync(self, hdr: k.Header, body: memoryview) -> None:
         fh, flags, _ = k.FSYNC_IN.unpack_from(body)
         if flags & k.FSYNC_FDATASYNC:
@@ -435,6 +537,8 @@ class CaptureFS:
             for lock_owner in owners:  # a process's own were dropped at its flush already
                 self.agent.drop_posix_locks(handle.ino, lock_owner, handle.path)
             if last:
+                if handle.write:
+                    self.agent.settle(handle.ino)  # its time, before the Close mark
                 self.agent.released(handle.ino)
             current = self.agent.paths.get(handle.ino, handle.path)
             if handle.write and current:  # (a file without a name needs no Close mark)
@@ -545,13 +649,13 @@ def raise_open_files_limit() -> int:
     return hard
 
 
-def mount(fs: CaptureFS, mountpoint: str) -> None:
+def mount(fs: CaptureFS, mountpoint: str, *, allow_other: bool = False) -> None:
     """Mount ``fs`` and serve until unmounted or sent SIGINT/SIGTERM (then unmount)."""
     limit = raise_open_files_limit()
     if limit < 16384:
         log.warning("only %d open files allowed (ulimit -n): the mount holds one per file the "
                     "kernel knows; raise the hard limit for large volumes", limit)
-    fd, keeper = mount_fuse(mountpoint, MOUNT_OPTIONS)
+    fd, keeper = mount_fuse(mountpoint, mount_options(allow_other=allow_other))
     session = Session(fd, fs.handlers(), init_flags=INIT_FLAGS)
     fs.session = session
 

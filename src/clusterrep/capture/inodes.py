@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import kernel as k
@@ -45,6 +47,9 @@ class Inodes:
         self._by_key: dict[tuple[int, int], Inode] = {(st.st_dev, st.st_ino): self.root}
         self._next = k.ROOT_ID + 1
         self._lock = threading.Lock()
+        # asks the cluster where file ``ino`` is (``hint``: a name it had): for a hard-linked
+        # file whose name we hold went away while another name is left
+        self.locate: Callable[[int, str], str | None] | None = None
 
     def get(self, nodeid: int) -> Inode:
         inode = self._by_id.get(nodeid)
@@ -100,14 +105,29 @@ class Inodes:
                 return None
             # a name the kernel cannot spell out (over PATH_MAX): never mistake it for no name
             raise OSError(exc.errno or errno.ENAMETOOLONG, "the file's path cannot be read") from None
-        if full.endswith(" (deleted)") and os.fstat(inode.fd).st_nlink == 0:
+        nlink = 1 if inode.mode == stat.S_IFDIR else os.fstat(inode.fd).st_nlink
+        if nlink == 0:
             return None
         if not full.startswith(self.volume + "/"):
             raise OSError(errno.EXDEV, f"{full!r} is not inside the volume")
         rel = full[len(self.volume) + 1:]
+        if nlink > 1 and not self._leads_to(rel, inode):
+            # the name we opened it by went (" (deleted)"), another is left: ask where
+            if self.locate is None:
+                raise OSError(errno.ESTALE, "the hard link this file was known by is gone")
+            found = self.locate(inode.ino, rel.removesuffix(" (deleted)"))
+            if found is None:
+                return None
+            rel = found
         if len(os.fsencode(rel)) > MAX_PATH:
             raise OSError(errno.ENAMETOOLONG, "path longer than clusterrep carries")
         return rel
+
+    def _leads_to(self, rel: str, inode: Inode) -> bool:
+        try:
+            return os.stat(rel, dir_fd=self.root.fd, follow_symlinks=False).st_ino == inode.ino
+        except OSError:
+            return False
 
     def child(self, parent: Inode, name: bytes) -> str:
         """The volume path of ``name`` in directory ``parent``; ENOENT if the directory is gone."""

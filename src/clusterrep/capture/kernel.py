@@ -31,10 +31,12 @@ ASYNC_READ = 1 << 0
 POSIX_LOCKS = 1 << 1
 ATOMIC_O_TRUNC = 1 << 3
 BIG_WRITES = 1 << 5
+DONT_MASK = 1 << 6  # the kernel sends create modes without the umask applied, and the umask
 FLOCK_LOCKS = 1 << 10
 AUTO_INVAL_DATA = 1 << 12
 ASYNC_DIO = 1 << 15
 PARALLEL_DIROPS = 1 << 18
+POSIX_ACL = 1 << 20  # the kernel checks permissions itself, ACLs included (read as xattrs)
 MAX_PAGES = 1 << 22
 
 # SETATTR valid bits
@@ -91,6 +93,9 @@ INTERRUPT_IN = struct.Struct("<Q")
 FALLOCATE_IN = struct.Struct("<QQQII")  # fh offset length mode padding
 LSEEK_IN = struct.Struct("<QQII")  # fh offset whence padding
 LSEEK_OUT = struct.Struct("<Q")
+SETXATTR_IN = struct.Struct("<II")  # size flags (the short form: no FUSE_SETXATTR_EXT)
+GETXATTR_IN = struct.Struct("<II")  # size padding
+GETXATTR_OUT = struct.Struct("<II")  # size padding
 DIRENT = struct.Struct("<QQII")  # ino off namelen type; name, padded to 8 bytes
 NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino off len
 

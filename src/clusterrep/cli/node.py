@@ -57,6 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "metadata operations and writes that need it wait this long, as on an "
                         "NFS hard mount, then fail with EIO (default 120; the wait is logged when "
                         "it starts and when it ends)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let users other than the one running the node use the mount (VMs run "
+                        "as libvirt-qemu, databases as postgres); the kernel checks their "
+                        "permissions against modes, owners and ACLs, as on a local file system. "
+                        "Needs root, or 'user_allow_other' in /etc/fuse.conf")
     add_auth(p)
     add_verbose(p)
     p.set_defaults(func=main)
@@ -78,7 +83,7 @@ def parse_size(text: str) -> int:
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     creds = auth(args)
-    from ..capture.check import check_fuse, check_mountpoint, clear_dead_mount
+    from ..capture.check import check_allow_other, check_fuse, check_mountpoint, clear_dead_mount
     from ..events import _SOURCE_RE
 
     if not _SOURCE_RE.match(args.id) or args.id == "coordinator":
@@ -88,6 +93,8 @@ def main(args: argparse.Namespace) -> int:
         raise ClusterrepError(f"volume {args.volume} is not a directory",
                               hint="pass the directory all hosts share with --volume")
     check_fuse()
+    if args.allow_other:
+        check_allow_other()
     if clear_dead_mount(args.mount):
         log.warning("%s was the dead mount of a node agent that did not stop cleanly; it has "
                     "been unmounted", args.mount)
@@ -109,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
                               hint="is the coordinator running, and is the token the same?") from None
     log.info("node %s joined; mounting %s over %s", args.id, args.mount, args.volume)
     try:
-        mount(CaptureFS(args.volume, agent), args.mount)
+        mount(CaptureFS(args.volume, agent), args.mount, allow_other=args.allow_other)
     finally:
         log.info("node %s unmounted; flushing", args.id)
         agent.stop()

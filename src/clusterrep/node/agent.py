@@ -9,7 +9,11 @@ Rules it keeps (docs/architecture.md, "Rules the nodes and the coordinator follo
   holds the file's write token; a recall takes the same lock, so once the node answers "released"
   every write it made to that file is recorded;
 * a metadata operation's own copy is recorded when the coordinator's reply arrives (possibly
-  after other threads' events: the merger does not mind).
+  after other threads' events: the merger does not mind);
+* the modification time a node's writes leave on a file is recorded (a `Stamp`) while the node
+  still holds the file's token and lock: once its writes went quiet (`QUIET` seconds), when the
+  last handle that wrote is closed, and before the token goes back to the coordinator. So the
+  next writer's writes, and their stamp, come after it on the replica.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import wire
-from ..events import Event, MetaEvent, Tick, decode, encode, encode_write
+from ..confined import fallocate
+from ..events import Event, Fallocate, MetaEvent, Stamp, Tick, decode, encode, encode_write
 from ..journal import Journal
 from ..locks import MAX, FlockType, LockTable, LockType
 from ..shipper import Shipper
@@ -44,6 +49,7 @@ log = logging.getLogger("clusterrep.node")
 #   replicated the replica has fsync'd the event: losing the node loses nothing
 ACK_LEVELS = ("async", "local", "received", "replicated")
 LEASE_MARGIN = 0.75  # a node trusts its lease for this part of it (see NodeAgent.lease_valid)
+QUIET = 0.5  # seconds without a write after which a file's modification time is recorded
 
 
 def _write_unrecorded(fd: int, data: bytes, offset: int, append: bool) -> int:
@@ -112,7 +118,12 @@ class NodeAgent:
                                    on_unlocked=self.lock_released, on_up=self._reclaim)
         # a writer waiting for the replica's ack must not wait for a batch to fill
         linger = 0.0 if self.ack in ("received", "replicated") else 0.002
-        self.shipper = Shipper(self.spool, replica, auth, name=name, role="node", linger=linger)
+        self.shipper = Shipper(self.spool, replica, auth, name=name, role="node", linger=linger,
+                               unsettled=self.unsettled)
+        # files written since their time was last recorded: ino -> [a descriptor of the file
+        # (to read its time when nothing else has it open), monotonic time of the last write]
+        self._unstamped: dict[int, list[Any]] = {}
+        self._stamper = threading.Thread(target=self._stamp_loop, name="stamp", daemon=True)
         self.known = 0
         self._ticked = 0
         self._joined = False  # no tick may precede our Join copy (the replica would refuse it)
@@ -147,6 +158,7 @@ class NodeAgent:
             self._repair(self.activity.recovered)
         self._retirer.start()
         self._renewer.start()
+        self._stamper.start()
 
     def join_cluster(self, deadline: float) -> None:
         """Ask the coordinator to let this process in (retrying until ``deadline``, monotonic);
@@ -174,6 +186,8 @@ class NodeAgent:
         the replica waits for what it may still have to ship. Then the shipper gets
         ``drain_timeout`` seconds to ship what is captured.
         """
+        for ino in list(self._unstamped):
+            self.settle(ino)  # (unmounted: nothing writes any more)
         self._stopping.set()
         self.control.stop()  # no more ticks or recalls from here on
         if leave:
@@ -282,14 +296,20 @@ class NodeAgent:
             self.paths[reply["ino"]] = fields["path"]  # the coordinator's word, as of now
         elif kind == "rename":
             self._renamed(fields["path"], fields["dst"])
+        elif kind == "exchange":
+            self._renamed(fields["path"], fields["dst"], exchange=True)
         return reply
 
-    def _renamed(self, src: str, dst: str) -> None:
+    def _renamed(self, src: str, dst: str, *, exchange: bool = False) -> None:
+        moves = ((src, dst), (dst, src)) if exchange else ((src, dst),)
         for ino, p in list(self.paths.items()):
-            if p == src:
-                self.paths[ino] = dst
-            elif p.startswith(src + "/"):
-                self.paths[ino] = dst + p[len(src):]
+            for a, b in moves:
+                if p == a:
+                    self.paths[ino] = b
+                    break
+                if p.startswith(a + "/"):
+                    self.paths[ino] = b + p[len(a):]
+                    break
 
     def where(self, ino: int, hint: str) -> str | None:
         """The current volume path of file ``ino``, or None once it has no name."""
@@ -321,6 +341,7 @@ class NodeAgent:
 
     def _recalled(self, ino: int) -> None:
         with self.lock(ino):
+            self._stamp_locked(ino)  # the next writer's writes come after our time
             self._tokens.discard(ino)
             with self._locks_guard:
                 self._recall_seq += 1
@@ -339,6 +360,7 @@ class NodeAgent:
     def _drop_tokens(self) -> None:
         for ino in list(self._tokens):
             with self.lock(ino):
+                self._stamp_locked(ino)
                 self._tokens.discard(ino)
 
     def _acquire(self, ino: int, hint: str) -> str | None:
@@ -412,9 +434,80 @@ class NodeAgent:
                     seq = self._append_write(self.paths[ino], offset, data if n == len(data) else data[:n])
                     self.writes += 1
                     self.bytes_written += n
+                    self._wrote(ino, fd)
             if seq:
                 self._acknowledge(seq)  # outside the file's lock: a recall must not wait on it
             return n
+
+    def fallocate(self, ino: int, hint: str, fd: int, mode: int, offset: int, length: int) -> None:
+        """``fallocate`` on the backing file and record it, like `write` (token and lock held)."""
+        self._room()
+        while True:
+            if ino in self.orphans:
+                fallocate(fd, mode, offset, length)
+                return
+            if ino not in self._tokens:
+                path = self._acquire(ino, self.paths.get(ino, hint))
+                if path is None:
+                    self.orphaned(ino)
+                    continue
+            with self.lock(ino):
+                if ino not in self._tokens:
+                    continue
+                if not self.lease_valid():
+                    self._tokens.discard(ino)
+                    self._fence()
+                    continue
+                fallocate(fd, mode, offset, length)
+                seq = self._append(lambda s, path=self.paths[ino]: Fallocate(
+                    source=self.name, seq=s, wall=time.time_ns(), after=self.known, path=path,
+                    offset=offset, length=length, mode=mode)).seq
+                self._wrote(ino, fd)
+            self._acknowledge(seq)
+            return
+
+    # -- modification times ------------------------------------------------------------------
+
+    def unsettled(self) -> int:
+        """Files written whose modification time is not recorded yet."""
+        return len(self._unstamped)
+
+    def _wrote(self, ino: int, fd: int) -> None:
+        """A write to ``ino`` through ``fd`` was recorded (file lock held)."""
+        entry = self._unstamped.get(ino)
+        if entry is None:
+            self._unstamped[ino] = [os.dup(fd), time.monotonic()]
+        else:
+            entry[1] = time.monotonic()
+
+    def _stamp_locked(self, ino: int) -> None:
+        """Record the time our writes left on ``ino`` (file lock held, token still ours)."""
+        entry = self._unstamped.pop(ino, None)
+        if entry is None:
+            return
+        try:
+            mtime = os.fstat(entry[0]).st_mtime_ns
+        finally:
+            os.close(entry[0])
+        path = self.paths.get(ino)
+        if ino in self._tokens and path and ino not in self.orphans:
+            self._append(lambda s: Stamp(source=self.name, seq=s, wall=time.time_ns(),
+                                         after=self.known, path=path, mtime_ns=mtime))
+
+    def settle(self, ino: int) -> None:
+        """Record ``ino``'s modification time now (its last writing handle was closed)."""
+        if ino in self._unstamped:
+            with self.lock(ino):
+                self._stamp_locked(ino)
+
+    def _stamp_loop(self) -> None:
+        while not self._stopping.wait(QUIET / 4):
+            now = time.monotonic()
+            for ino, entry in list(self._unstamped.items()):
+                if now - entry[1] >= QUIET:
+                    with self.lock(ino):
+                        if ino in self._unstamped and now - self._unstamped[ino][1] >= QUIET:
+                            self._stamp_locked(ino)
 
     # -- lease (fencing) ---------------------------------------------------------------------
 

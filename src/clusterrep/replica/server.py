@@ -58,18 +58,20 @@ class ReplicaServer:
                 msg = conn.recv()
                 kind = msg.get("t") if isinstance(msg, dict) else None
                 captured = _int(msg.get("captured", 0)) if isinstance(msg, dict) else 0
+                unsettled = _int(msg.get("unsettled", 0)) if isinstance(msg, dict) else 0
                 if kind == "batch":
                     try:
                         durable = self.service.receive(
                             source, msg.get("events"), captured,
-                            lambda seq: conn.send({"t": "recv", "received": seq}))
+                            lambda seq: conn.send({"t": "recv", "received": seq}), unsettled)
                     except BatchRefused as exc:
                         log.warning("refused a batch from %s (%s): %s", source, conn.peer_addr, exc)
                         conn.send({"t": "error", "message": str(exc), "next": exc.next_seq})
                         return
                     conn.send({"t": "ack", "durable": durable})
                 elif kind == "beat":
-                    conn.send({"t": "ack", "durable": self.service.report(source, captured)})
+                    conn.send({"t": "ack", "durable": self.service.report(
+                        source, captured, unsettled=unsettled)})
                 else:
                     conn.send({"t": "error", "message": f"unexpected message {kind!r}"})
                     return

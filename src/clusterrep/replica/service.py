@@ -51,6 +51,7 @@ class SourceState:
     received: int = 0  # highest seq durable here; every seq up to it is in the journal or applied
     captured: int = 0  # highest seq the source says it has captured
     reported_at: float = 0.0  # monotonic time of the last report from the source
+    unsettled: int = 0  # files it wrote whose modification time it has not recorded yet
     connected: bool = False
     tls: bool = False  # its (last) connection ran over TLS
     bytes_received: int = 0
@@ -133,10 +134,11 @@ class ReplicaService:
             return self.sources.setdefault(source, SourceState()).received + 1
 
     def report(self, source: str, captured: int, connected: bool = True,
-               tls: bool | None = None) -> int:
+               tls: bool | None = None, unsettled: int = 0) -> int:
         with self._lock:
             st = self.sources.setdefault(source, SourceState())
             st.captured = max(st.captured, captured)
+            st.unsettled = unsettled
             st.reported_at = time.monotonic()
             st.connected = connected
             if tls is not None:
@@ -144,7 +146,7 @@ class ReplicaService:
             return st.received
 
     def receive(self, source: str, raw_events: list[Any], captured: int,
-                on_received: Any = None) -> int:
+                on_received: Any = None, unsettled: int = 0) -> int:
         """Make a batch durable; return the source's highest durable seq. All or nothing.
 
         ``on_received(seq)`` is called once the batch is validated and appended, before the
@@ -196,6 +198,7 @@ class ReplicaService:
                 self._queue.put([ev for ev, _ in fresh])
                 self._idle.clear()
             st.captured = max(st.captured, captured, st.received)
+            st.unsettled = unsettled
             st.reported_at = time.monotonic()
             return st.received
 
@@ -335,6 +338,7 @@ class ReplicaService:
                     "lag_seconds": round(now - st.pending_since, 3)
                     if st.pending_since and applied < st.received else 0.0,
                     "report_age": round(now - st.reported_at, 3) if st.reported_at else None,
+                    "unsettled": st.unsettled,
                 }
             view = self._merge_view
         return {
