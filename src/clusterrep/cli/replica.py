@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import stat
 from pathlib import Path
 
 from ..replica.server import ReplicaServer
 from ..replica.service import ReplicaService
 from .common import add_auth, add_verbose, auth, serve_until_signalled, setup_logging, state_dir
+
+log = logging.getLogger("clusterrep.replica")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -18,7 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     "by time marks and apply them to --target. Restarts resume from --state.")
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on")
     p.add_argument("--target", required=True, metavar="DIR",
-                   help="directory that holds the replica (created if missing)")
+                   help="directory that holds the replica (created mode 0700 if missing; it "
+                        "takes the volume root's mode, owner and times as they arrive, so keep "
+                        "it inside a directory only root may enter, on a file system mounted "
+                        "nodev,nosuid: the volume's device nodes and set-user-ID files land "
+                        "there)")
     p.add_argument("--state", required=True, type=state_dir, metavar="DIR",
                    help="journal and checkpoint directory (created if missing; keep it apart "
                         "from --target)")
@@ -31,7 +40,27 @@ def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     creds = auth(args)
     target, state = Path(args.target), Path(args.state)
-    target.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target.mkdir(mode=0o700)
+        os.chmod(target, 0o700)  # (whatever the umask)
+    warn_if_exposed(target)
     service = ReplicaService(target, state)
     server = ReplicaServer(service, args.listen, creds)
     return serve_until_signalled(server.start, server.stop, f"replica on {args.listen}")
+
+
+def warn_if_exposed(target: Path) -> None:
+    """The replica holds the volume's set-user-ID files and device nodes with their modes and
+    owners: other users of this host must not reach them. Warn if the target's parent lets
+    them in."""
+    parent = target.resolve().parent
+    try:
+        st = os.stat(parent)
+    except OSError:
+        return
+    if stat.S_IMODE(st.st_mode) & 0o011:
+        log.warning("%s is reachable by other users of this host (its directory %s is mode %o): "
+                    "the replica's set-user-ID files and device nodes could be used by them; "
+                    "keep the target inside a directory of mode 0700 on a file system mounted "
+                    "nodev,nosuid (docs/operations.md)", target, parent, stat.S_IMODE(st.st_mode))

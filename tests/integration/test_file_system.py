@@ -1,0 +1,359 @@
+"""Everything a file system holds, through real node mounts, replicated (issue 9).
+
+Each test names one input that failed before: names that are not UTF-8, fallocate in every mode
+the kernel passes on, holes and SEEK_HOLE/SEEK_DATA, owners, extended attributes and POSIX
+ACLs, modification times set implicitly by writes (also of a file held open), new inodes owned
+by the calling user with its umask, a set-group-ID directory's group and a default ACL, hard
+links, FIFOs, sockets, device nodes, RENAME_EXCHANGE, O_TMPFILE, and users other than root on
+an ``--allow-other`` mount. Every test ends by comparing volume and replica with
+`compare_trees`, which checks owners, times, xattrs and link structure too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from clusterrep.localcluster import LocalCluster
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+KEEP_SIZE, PUNCH_HOLE, COLLAPSE_RANGE, ZERO_RANGE, INSERT_RANGE = 0x01, 0x02, 0x08, 0x10, 0x20
+RENAME_EXCHANGE = 2
+MIB = 1 << 20
+USER, OTHER = 4242, 4243  # numeric users without a passwd entry (only their numbers matter)
+
+# POSIX ACL xattr layout (linux/posix_acl_xattr.h): version 2, then (tag, perm, id) entries
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+NO_ID = 0xFFFFFFFF
+
+
+def acl(*entries: tuple[int, int, int]) -> bytes:
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in sorted(entries))
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def renameat2(src: str, dst: str, flags: int) -> None:
+    if libc.renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def as_user(uid: int, script: str, *, umask: int = 0o022, gid: int | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a shell script as ``uid`` (group ``gid`` or the same number, no other groups)."""
+    return subprocess.run(["/bin/sh", "-c", script], user=uid, group=uid if gid is None else gid,
+                          extra_groups=[], umask=umask, capture_output=True, text=True, timeout=60,
+                          cwd="/")
+
+
+@contextlib.contextmanager
+def reachable_dir() -> Iterator[Path]:
+    """A work directory other users can enter (pytest's own are mode 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="clusterrep-fs-"))
+    try:
+        os.chmod(path, 0o755)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with reachable_dir() as workdir, LocalCluster(workdir, node_args=["--allow-other"]).start() as c:
+        yield c
+
+
+def settled(c: LocalCluster) -> None:
+    """The replica has everything, and holds exactly what the volume holds."""
+    ok, why, _ = c.wait(90)
+    assert ok, why
+    diffs = c.verify()
+    assert not diffs, "\n".join(map(str, diffs[:20]))
+
+
+def test_names_that_are_not_utf8_work_for_every_operation(cluster: LocalCluster) -> None:
+    def at(mount: Path, raw: bytes) -> str:
+        return os.path.join(str(mount), os.fsdecode(b"names-\xff\xfe/" + raw))
+
+    m1, m2 = cluster.mount("h1"), cluster.mount("h2")
+    long = b"\xe9" * 255  # the longest name the kernel takes, not UTF-8
+    os.mkdir(os.path.dirname(at(m1, b"x")))
+    with open(at(m1, long), "wb") as f:
+        f.write(b"x" * 100)
+    os.chmod(at(m2, long), 0o600)
+    os.chown(at(m2, long), USER, USER)
+    os.utime(at(m1, long), ns=(5, 123_456_789))
+    os.setxattr(at(m2, long), os.fsdecode(b"user.\xff"), b"v")
+    os.link(at(m2, long), at(m2, b"link-\x80"))
+    os.symlink(os.fsdecode(b"\xc3(target"), at(m1, b"sym-\xa0"))
+    os.mkfifo(at(m2, b"fifo-\xc0"))
+    os.mkdir(at(m1, b"sub-\xf0"))
+    with open(at(m1, b"other-\xf1"), "wb") as f:
+        f.write(b"o")
+    renameat2(at(m2, b"sub-\xf0"), at(m2, b"other-\xf1"), RENAME_EXCHANGE)
+    os.rename(at(m1, b"link-\x80"), at(m1, b"moved-\x81"))
+    os.unlink(at(m2, b"fifo-\xc0"))
+    settled(cluster)
+    top = os.fsencode(str(cluster.target)) + b"/names-\xff\xfe"
+    assert sorted(os.listdir(top)) == sorted(
+        [long, b"moved-\x81", b"sym-\xa0", b"sub-\xf0", b"other-\xf1"])
+    assert os.readlink(top + b"/sym-\xa0") == b"\xc3(target"
+
+
+def test_fallocate_modes_are_replicated_and_holes_stay_holes(cluster: LocalCluster) -> None:
+    m1, m2 = cluster.mount("h1"), cluster.mount("h2")
+    fd = os.open(f"{m1}/disk.img", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.pwrite(fd, b"\x11" * (8 * MIB), 0)
+        fallocate(fd, PUNCH_HOLE | KEEP_SIZE, 1 * MIB, 2 * MIB)  # a guest's discard
+        fallocate(fd, ZERO_RANGE, 4 * MIB, MIB)  # a guest's write-zeroes
+        fallocate(fd, ZERO_RANGE | KEEP_SIZE, 7 * MIB, 4 * MIB)
+        fallocate(fd, KEEP_SIZE, 8 * MIB, 4 * MIB)  # preallocate beyond the end
+        fallocate(fd, 0, 8 * MIB, MIB)  # grow by allocating
+    finally:
+        os.close(fd)
+    # the migrated VM punches more on the other host
+    fd = os.open(f"{m2}/disk.img", os.O_RDWR)
+    try:
+        fallocate(fd, PUNCH_HOLE | KEEP_SIZE, 5 * MIB, MIB)
+    finally:
+        os.close(fd)
+    settled(cluster)
+    vol, rep = os.stat(cluster.volume / "disk.img"), os.stat(cluster.target / "disk.img")
+    assert rep.st_size == vol.st_size == 9 * MIB
+    assert rep.st_blocks * 512 <= vol.st_blocks * 512 + MIB, "the replica lost the holes"
+    data = (cluster.target / "disk.img").read_bytes()
+    assert data[MIB:3 * MIB] == bytes(2 * MIB) and data[:MIB] == b"\x11" * MIB
+
+
+def test_a_sparse_image_stays_sparse_and_seek_hole_works_on_the_mount(cluster: LocalCluster) -> None:
+    m1 = cluster.mount("h1")
+    fd = os.open(f"{m1}/sparse.img", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, 1 << 30)  # 1 GiB, nearly all hole
+        os.pwrite(fd, b"data" * 1024, 512 * MIB)
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 512 * MIB
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 0
+        assert os.lseek(fd, 512 * MIB, os.SEEK_HOLE) >= 512 * MIB + 4096
+        with pytest.raises(OSError) as info:
+            os.lseek(fd, 600 * MIB, os.SEEK_DATA)
+        assert info.value.errno == errno.ENXIO
+    finally:
+        os.close(fd)
+    settled(cluster)
+    rep = os.stat(cluster.target / "sparse.img")
+    assert rep.st_size == 1 << 30 and rep.st_blocks * 512 <= 2 * MIB
+
+
+def test_the_kernel_refuses_collapse_and_insert_range_on_fuse(cluster: LocalCluster) -> None:
+    """Measured on this kernel and documented: FUSE passes only allocate, keep size, punch hole
+    and zero range; collapse, insert and unshare range fail before reaching the node."""
+    fd = os.open(f"{cluster.mount('h1')}/refused.img", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.pwrite(fd, b"z" * (2 * MIB), 0)
+        for mode in (COLLAPSE_RANGE, INSERT_RANGE):
+            with pytest.raises(OSError) as info:
+                fallocate(fd, mode, 0, MIB)
+            assert info.value.errno == errno.EOPNOTSUPP
+    finally:
+        os.close(fd)
+    settled(cluster)
+
+
+def test_copy_file_range_keeps_working(cluster: LocalCluster) -> None:
+    m1 = cluster.mount("h1")
+    Path(f"{m1}/src.bin").write_bytes(os.urandom(3 * MIB))
+    src = os.open(f"{m1}/src.bin", os.O_RDONLY)
+    dst = os.open(f"{m1}/dst.bin", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        copied = 0
+        while copied < 3 * MIB:
+            n = os.copy_file_range(src, dst, 3 * MIB - copied)
+            assert n > 0
+            copied += n
+    finally:
+        os.close(src)
+        os.close(dst)
+    settled(cluster)
+    assert (cluster.target / "dst.bin").read_bytes() == (cluster.volume / "src.bin").read_bytes()
+
+
+def test_owners_xattrs_acls_and_explicit_times_are_replicated(cluster: LocalCluster) -> None:
+    m1, m2 = cluster.mount("h1"), cluster.mount("h2")
+    os.mkdir(f"{m1}/meta")
+    Path(f"{m1}/meta/f").write_bytes(b"f")
+    os.symlink("f", f"{m1}/meta/l")
+    os.chown(f"{m2}/meta/f", USER, OTHER)
+    os.chown(f"{m2}/meta/l", OTHER, USER, follow_symlinks=False)
+    os.chown(f"{m1}/meta", USER, USER)
+    for path in (f"{m1}/meta/f", f"{m1}/meta", str(m1)):  # the volume's root too
+        os.setxattr(path, "user.checksum", os.urandom(64))
+        os.setxattr(path, "trusted.overlay", b"\x00\x01")
+        os.setxattr(path, "security.label", b"s0")
+    os.setxattr(f"{m2}/meta/l", "trusted.on-a-symlink", b"yes", follow_symlinks=False)
+    os.setxattr(f"{m2}/meta/f", "user.checksum", b"replaced", os.XATTR_REPLACE)
+    with pytest.raises(FileExistsError):
+        os.setxattr(f"{m2}/meta/f", "user.checksum", b"x", os.XATTR_CREATE)
+    os.removexattr(f"{m2}/meta/f", "trusted.overlay")
+    with pytest.raises(OSError) as info:
+        os.getxattr(f"{m1}/meta/f", "trusted.overlay")
+    assert info.value.errno == errno.ENODATA
+    os.setxattr(f"{m1}/meta/f", "system.posix_acl_access", acl(
+        (ACL_USER_OBJ, 6, NO_ID), (ACL_USER, 4, OTHER), (ACL_GROUP_OBJ, 4, NO_ID),
+        (ACL_MASK, 4, NO_ID), (ACL_OTHER, 0, NO_ID)))
+    os.setxattr(f"{m1}/meta", "system.posix_acl_default", acl(
+        (ACL_USER_OBJ, 7, NO_ID), (ACL_USER, 5, OTHER), (ACL_GROUP_OBJ, 5, NO_ID),
+        (ACL_MASK, 5, NO_ID), (ACL_OTHER, 0, NO_ID)))
+    os.utime(f"{m2}/meta/f", ns=(1_000_000_001, 2_000_000_002))
+    os.utime(f"{m2}/meta/l", ns=(3, 4_000_000_004), follow_symlinks=False)
+    os.chmod(m2, 0o751)
+    os.utime(m2, ns=(7, 8_000_000_009))
+    settled(cluster)
+    f = os.stat(cluster.target / "meta/f")
+    assert (f.st_uid, f.st_gid, f.st_mtime_ns) == (USER, OTHER, 2_000_000_002)
+    assert os.getxattr(cluster.target / "meta/f", "user.checksum") == b"replaced"
+    assert os.getxattr(cluster.target, "security.label") == b"s0"
+    assert os.stat(cluster.target).st_mtime_ns == os.stat(cluster.volume).st_mtime_ns
+
+
+def test_times_left_by_writes_are_replicated_also_of_a_file_held_open(cluster: LocalCluster) -> None:
+    m1, m2 = cluster.mount("h1"), cluster.mount("h2")
+    os.makedirs(f"{m1}/times/sub")
+    Path(f"{m2}/times/sub/closed").write_bytes(b"written and closed")
+    fd = os.open(f"{m1}/times/vm.img", os.O_CREAT | os.O_RDWR, 0o600)  # a running VM's image
+    try:
+        for i in range(20):
+            os.pwrite(fd, os.urandom(4096), i * 8192)
+        os.ftruncate(fd, 1 << 20)
+        settled(cluster)  # while it is still open, idle
+        assert os.stat(cluster.target / "times/vm.img").st_mtime_ns == os.fstat(fd).st_mtime_ns
+        os.pwrite(fd, b"later", 0)  # written again: the new time follows
+        settled(cluster)
+    finally:
+        os.close(fd)
+    for p in ("times", "times/sub", "times/sub/closed", "times/vm.img"):
+        assert os.lstat(cluster.target / p).st_mtime_ns == os.lstat(cluster.volume / p).st_mtime_ns, p
+
+
+def test_a_new_inode_belongs_to_its_caller_with_umask_setgid_group_and_default_acl(
+        cluster: LocalCluster) -> None:
+    m1 = cluster.mount("h1")
+    os.mkdir(f"{m1}/home")
+    os.chown(f"{m1}/home", USER, USER)
+    r = as_user(USER, f"mkdir {m1}/home/d && echo hi > {m1}/home/d/f && mkfifo {m1}/home/p "
+                      f"&& ln -s d {m1}/home/s", umask=0o027)
+    assert r.returncode == 0, r.stderr
+    st = os.stat(cluster.volume / "home/d/f")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (USER, USER, 0o640)
+    assert stat.S_IMODE(os.stat(cluster.volume / "home/d").st_mode) == 0o750
+    assert os.lstat(cluster.volume / "home/s").st_uid == USER
+    # a set-group-ID directory passes its group on (and, to a directory, the bit)
+    os.mkdir(f"{m1}/shared")
+    os.chown(f"{m1}/shared", 0, 777)
+    os.chmod(f"{m1}/shared", 0o2777)
+    r = as_user(USER, f"mkdir {m1}/shared/sub && touch {m1}/shared/file")
+    assert r.returncode == 0, r.stderr
+    sub, file = os.stat(cluster.volume / "shared/sub"), os.stat(cluster.volume / "shared/file")
+    assert (sub.st_gid, file.st_gid, sub.st_uid) == (777, 777, USER)
+    assert sub.st_mode & stat.S_ISGID
+    # a default ACL replaces the umask
+    os.mkdir(f"{m1}/acl")
+    os.chmod(f"{m1}/acl", 0o777)
+    os.setxattr(f"{m1}/acl", "system.posix_acl_default", acl(
+        (ACL_USER_OBJ, 7, NO_ID), (ACL_USER, 6, OTHER), (ACL_GROUP_OBJ, 7, NO_ID),
+        (ACL_MASK, 7, NO_ID), (ACL_OTHER, 5, NO_ID)))
+    r = as_user(USER, f"touch {m1}/acl/f && mkdir {m1}/acl/d", umask=0o077)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(cluster.volume / "acl/f").st_mode) == 0o664
+    assert os.getxattr(cluster.volume / "acl/f", "system.posix_acl_access")
+    assert os.getxattr(cluster.volume / "acl/d", "system.posix_acl_default")
+    settled(cluster)
+
+
+def test_hard_links_fifos_sockets_devices_and_exchange(cluster: LocalCluster) -> None:
+    m1, m2 = cluster.mount("h1"), cluster.mount("h2")
+    os.mkdir(f"{m1}/links")
+    Path(f"{m1}/links/a").write_bytes(b"shared inode")
+    os.link(f"{m1}/links/a", f"{m1}/links/b")
+    os.link(f"{m2}/links/b", f"{m2}/links/c")
+    with open(f"{m2}/links/c", "r+b") as f:  # written through one name, seen through all
+        f.write(b"SHARED")
+    os.unlink(f"{m1}/links/a")  # the inode keeps its other names
+    with open(f"{m1}/links/b", "ab") as f:
+        f.write(b" after unlink")
+    assert Path(f"{m2}/links/c").read_bytes() == b"SHARED inode after unlink"
+    os.mkfifo(f"{m1}/links/fifo", 0o620)
+    os.mknod(f"{m2}/links/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(f"{m1}/links/sock")
+    finally:
+        sock.close()
+    Path(f"{m1}/links/x").write_bytes(b"x")
+    os.mkdir(f"{m1}/links/y")
+    Path(f"{m1}/links/y/inside").write_bytes(b"in y")
+    renameat2(f"{m2}/links/x", f"{m2}/links/y", RENAME_EXCHANGE)  # a file and a directory
+    assert Path(f"{m1}/links/x/inside").read_bytes() == b"in y"
+    assert Path(f"{m1}/links/y").read_bytes() == b"x"
+    with pytest.raises(OSError) as info:
+        renameat2(f"{m1}/links/x", f"{m1}/links/missing", RENAME_EXCHANGE)
+    assert info.value.errno == errno.ENOENT
+    settled(cluster)
+    rb, rc = os.stat(cluster.target / "links/b"), os.stat(cluster.target / "links/c")
+    assert rb.st_ino == rc.st_ino and rb.st_nlink == 2
+    assert stat.S_ISFIFO(os.stat(cluster.target / "links/fifo").st_mode)
+    assert stat.S_ISSOCK(os.stat(cluster.target / "links/sock").st_mode)
+    assert os.stat(cluster.target / "links/null").st_rdev == os.makedev(1, 3)
+
+
+def test_o_tmpfile_is_refused_the_same_way_every_time(cluster: LocalCluster) -> None:
+    for _ in range(3):
+        with pytest.raises(OSError) as info:
+            os.open(str(cluster.mount("h1")), os.O_TMPFILE | os.O_RDWR, 0o600)
+        assert info.value.errno == errno.EOPNOTSUPP
+
+
+def test_other_users_use_the_mount_and_modes_and_acls_are_enforced(cluster: LocalCluster) -> None:
+    m1, m2 = cluster.mount("h1"), cluster.mount("h2")
+    os.mkdir(f"{m1}/users")
+    os.chmod(f"{m1}/users", 0o1777)
+    r = as_user(USER, f"echo private > {m1}/users/mine && chmod 600 {m1}/users/mine && "
+                      f"cat {m2}/users/mine")
+    assert r.returncode == 0 and r.stdout == "private\n", r.stderr
+    r = as_user(OTHER, f"cat {m2}/users/mine")
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    r = as_user(OTHER, f"rm -f {m1}/users/mine")  # the sticky bit protects it
+    assert r.returncode != 0
+    # an ACL entry lets OTHER read it: enforced by the kernel on both mounts
+    os.setxattr(f"{m1}/users/mine", "system.posix_acl_access", acl(
+        (ACL_USER_OBJ, 6, NO_ID), (ACL_USER, 4, OTHER), (ACL_GROUP_OBJ, 0, NO_ID),
+        (ACL_MASK, 4, NO_ID), (ACL_OTHER, 0, NO_ID)))
+    r = as_user(OTHER, f"cat {m2}/users/mine")
+    assert r.returncode == 0 and r.stdout == "private\n", r.stderr
+    r = as_user(OTHER, f"echo more >> {m2}/users/mine")
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    settled(cluster)
+
+
+def test_without_allow_other_other_users_are_kept_out() -> None:
+    with reachable_dir() as workdir, LocalCluster(workdir, nodes=("h1",)).start() as c:
+        os.chmod(c.mount("h1"), 0o777)
+        r = as_user(USER, f"ls {c.mount('h1')}")
+        assert r.returncode != 0 and "Permission denied" in r.stderr
