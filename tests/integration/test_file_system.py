@@ -56,7 +56,8 @@ def renameat2(src: str, dst: str, flags: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def as_user(uid: int, script: str, *, umask: int = 0o022, gid: int | None = None) -> subprocess.CompletedProcess[str]:
+def as_user(uid: int, script: str, *, umask: int = 0o022,
+            gid: int | None = None) -> subprocess.CompletedProcess[str]:
     """Run a shell script as ``uid`` (group ``gid`` or the same number, no other groups)."""
     return subprocess.run(["/bin/sh", "-c", script], user=uid, group=uid if gid is None else gid,
                           extra_groups=[], umask=umask, capture_output=True, text=True, timeout=60,
@@ -357,3 +358,74 @@ def test_without_allow_other_other_users_are_kept_out() -> None:
         os.chmod(c.mount("h1"), 0o777)
         r = as_user(USER, f"ls {c.mount('h1')}")
         assert r.returncode != 0 and "Permission denied" in r.stderr
+
+
+def test_rsync_as_referee_finds_nothing_after_a_workload_using_everything() -> None:
+    """The independent referee: ``rsync -aHAXn --numeric-ids --delete --itemize-changes``
+    from the volume to the replica prints nothing once `wait` says the replica caught up."""
+    rsync = shutil.which("rsync")
+    assert rsync, "rsync is needed as the referee: apt-get install rsync (scripts/install-deps)"
+    setfacl = shutil.which("setfacl")
+    assert setfacl, "setfacl is needed: apt-get install acl (scripts/install-deps)"
+    with reachable_dir() as workdir, LocalCluster(workdir, node_args=["--allow-other"]).start() as c:
+        m1, m2 = str(c.mount("h1")), str(c.mount("h2"))
+        odd = os.fsdecode(b"caf\xe9-\xff")
+        os.makedirs(f"{m1}/vms/{odd}")
+        os.chmod(m1, 0o755)
+        os.setxattr(m1, "user.volume", b"root attribute")
+        # a VM image written on h1, discarded into, migrated to h2 and written there, held open
+        fd1 = os.open(f"{m1}/vms/vm1.img", os.O_CREAT | os.O_RDWR, 0o600)
+        os.ftruncate(fd1, 64 * MIB)
+        for i in range(64):
+            os.pwrite(fd1, os.urandom(4096), i * MIB)
+        fallocate(fd1, PUNCH_HOLE | KEEP_SIZE, 8 * MIB, 8 * MIB)
+        os.close(fd1)
+        held = os.open(f"{m2}/vms/vm1.img", os.O_RDWR)
+        os.pwrite(held, b"migrated", 3)
+        fallocate(held, ZERO_RANGE, 20 * MIB, MIB)
+        # owners, modes, set-group-ID, xattrs, ACLs (setfacl through the mount)
+        os.makedirs(f"{m2}/srv/www")
+        os.chown(f"{m2}/srv", 0, 33)
+        os.chmod(f"{m2}/srv", 0o2775)
+        r = as_user(USER, f"mkdir {m1}/srv/sub && echo page > {m1}/srv/index.html",
+                    umask=0o002, gid=33)
+        assert r.returncode == 0, r.stderr
+        subprocess.run([setfacl, "-m", f"u:{OTHER}:rx", "-d", "-m", f"u:{OTHER}:rwx",
+                        f"{m1}/srv/www"], check=True)
+        Path(f"{m2}/srv/www/inherits").write_text("acl")
+        os.setxattr(f"{m2}/srv/index.html", "user.mime_type", b"text/html")
+        os.setxattr(f"{m1}/srv/index.html", "trusted.md5", b"0" * 32)
+        os.chmod(f"{m1}/srv/index.html", 0o4750)
+        # hard links, a symlink owned by someone, FIFO, socket, device node
+        Path(f"{m1}/vms/{odd}/config").write_text("cpu=2\n")
+        os.link(f"{m1}/vms/{odd}/config", f"{m1}/vms/config.hard")
+        os.link(f"{m2}/vms/config.hard", f"{m2}/srv/config.hard2")
+        os.symlink(f"../vms/{odd}/config", f"{m2}/srv/link")
+        os.chown(f"{m2}/srv/link", USER, USER, follow_symlinks=False)
+        os.mkfifo(f"{m1}/srv/fifo")
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(f"{m2}/srv/sock")
+        sock.close()
+        os.mknod(f"{m1}/srv/zero", 0o640 | stat.S_IFCHR, os.makedev(1, 5))
+        # renames, an exchange, unlinks, truncates, explicit and implicit times, appends
+        Path(f"{m1}/a.tmp").write_text("new version")
+        Path(f"{m2}/a").write_text("old version")
+        renameat2(f"{m1}/a.tmp", f"{m1}/a", RENAME_EXCHANGE)
+        os.unlink(f"{m2}/a.tmp")
+        os.rename(f"{m1}/vms/config.hard", f"{m1}/config.moved")
+        with open(f"{m1}/log", "a") as f:
+            f.write("h1\n")
+        with open(f"{m2}/log", "a") as f:
+            f.write("h2\n")
+        os.truncate(f"{m2}/log", 5)
+        os.utime(f"{m1}/srv/www", ns=(0, 1_234_567_891))
+        try:
+            ok, why, _ = c.wait(120)
+            assert ok, why
+            out = subprocess.run([rsync, "-aHAXn", "--numeric-ids", "--delete", "--itemize-changes",
+                                  f"{c.volume}/", f"{c.target}/"],
+                                 capture_output=True, text=True, check=True)
+            assert out.stdout == "", f"rsync sees differences:\n{out.stdout}"
+            assert not c.verify()
+        finally:
+            os.close(held)
