@@ -3,7 +3,9 @@
 Checks the semantics of one file system, not only the bytes: at most one exclusive success per
 name (O_EXCL creates and RENAME_NOREPLACE renames), a shared log grows by exactly the records
 appended, intact, lock holders never overlap (a counter incremented under a POSIX lock and one
-under a flock lost no increment), and then the replica equals the volume byte for byte.
+under a flock lost no increment), and then the replica equals the volume byte for byte, with
+the same owners, modes, times, extended attributes and hard links (the churn links names,
+exchanges them, sets and removes xattrs, changes owners and punches holes).
 
 The seed is logged; ``CLUSTERREP_SEED`` repeats one, ``CLUSTERREP_TORTURE_SECONDS`` sets how
 long each round hammers (bench/soak.sh runs it with fresh seeds for as long as asked).
@@ -31,8 +33,22 @@ PROCS_PER_NODE = 3
 NAMES = 6  # n0..n5: created, written, truncated, renamed over each other, unlinked
 EXCL = 40  # x0..x39: only ever created exclusively (never removed)
 RECORD = 32  # bytes per appended log record
-ALLOWED = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR}
+ALLOWED = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR,
+           errno.ENODATA}
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+
+def _exchange(a: Path, b: Path) -> None:
+    if _libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(a))
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, 0x03, offset, length) != 0:  # PUNCH_HOLE | KEEP_SIZE
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def _noreplace(src: Path, dst: Path) -> bool:
@@ -124,7 +140,7 @@ class Worker:
     def churn(self) -> None:
         r = self.rng
         a, b = self.m / f"n{r.randrange(NAMES)}", self.m / f"n{r.randrange(NAMES)}"
-        op = r.randrange(6)
+        op = r.randrange(11)
         if op == 0:
             fd = os.open(a, os.O_CREAT | os.O_WRONLY | (os.O_TRUNC if r.random() < 0.3 else 0), 0o644)
             os.pwrite(fd, r.randbytes(r.randrange(1, 9000)), r.randrange(0, 20000))
@@ -147,8 +163,25 @@ class Worker:
                 os.ftruncate(fd, r.randrange(0, 12000))  # on the open file, whatever its name
             finally:
                 os.close(fd)
-        else:
+        elif op == 5:
             os.chmod(a, r.choice((0o600, 0o644, 0o640)))
+        elif op == 6:
+            os.link(a, b)  # (both names then lead to one inode: writes through either)
+        elif op == 7:
+            _exchange(a, b)
+        elif op == 8:
+            if r.random() < 0.7:
+                os.setxattr(a, f"user.k{r.randrange(3)}", r.randbytes(r.randrange(0, 200)))
+            else:
+                os.removexattr(a, f"user.k{r.randrange(3)}")
+        elif op == 9:
+            os.chown(a, r.choice((0, 1000, 4242)), r.choice((0, 100, 4242)))
+        else:
+            fd = os.open(a, os.O_RDWR)
+            try:
+                _punch(fd, r.randrange(0, 16384), r.randrange(1, 8192))
+            finally:
+                os.close(fd)
 
 
 def _work(mnt: str, wid: str, seed: int, seconds: float, barrier: Any, q: Any) -> None:

@@ -1,4 +1,4 @@
-"""`clusterrep verify`: compare the volume with the replica, byte for byte."""
+"""`clusterrep verify`: compare the volume with the replica, byte for byte and attribute by attribute."""
 
 from __future__ import annotations
 
@@ -12,9 +12,13 @@ from ..verify import compare_trees
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("verify", help="compare the volume with the replica (exit 1 if they differ)",
-                       description="Compare names, types, sizes, contents, symlink targets and "
-                                   "modes of every entry. Exit 0 if identical, 1 otherwise. Run "
-                                   "it after 'clusterrep wait' while writers are quiet.")
+                       description="Compare what 'rsync -aHAX --numeric-ids' keeps: names, types "
+                                   "(fifo, socket and device included), sizes, contents, symlink "
+                                   "targets, modes, numeric owners, modification times to the "
+                                   "nanosecond, extended attributes and POSIX ACLs, device numbers "
+                                   "and hard links, of every entry and of the root itself (shown "
+                                   "as '.'). Exit 0 if identical, 1 otherwise. Run it after "
+                                   "'clusterrep wait' while writers are quiet.")
     p.add_argument("--volume", required=True, metavar="DIR")
     p.add_argument("--target", required=True, metavar="DIR", help="the replica's target directory")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -145,6 +145,7 @@ class CoordinatorService(FileLocking, Namespace):
         self.incarnation = secrets.token_hex(8)
         self.epochs: dict[str, int] = _load_epochs(self.state / "epochs.json")
         self.reclaimed: set[str] = set()
+        self.expired = 0  # files whose token was taken from a node that went silent
         self.on_record: Callable[[], None] | None = None  # wakes the shipper
         self.ops = 0
         self._handlers = self._handler_table()
@@ -355,10 +356,25 @@ class CoordinatorService(FileLocking, Namespace):
             held = self.locks.held_by(node)
             self.epochs[node] = self.epochs.get(node, 0) + 1
             atomic_write(self.state / "epochs.json", json.dumps(self.epochs).encode())
+            stamped = [self._stamp(ino) for ino in tokens]
+        if any(stamped):
+            self._durable()
         self.release_locks(node)
         if tokens or held:
             log.warning("node %s %s: its %d write token(s) and %d lock(s) are free for others",
                         node, why, len(tokens), len(held))
+
+    def _stamp(self, ino: int) -> bool:
+        """Record the state of file ``ino`` (lock held; nobody holds its token now): its last
+        writer may have died before recording the time its writes left (`events.Stamp`)."""
+        path = self.paths.get(ino)
+        st = self._stat(path) if path else None
+        if path is None or st is None or st.st_ino != ino:
+            return False
+        self.expired += 1
+        self._record(SetAttr, COORDINATOR, f"coordinator-expired-{self.incarnation}-{self.expired}",
+                     path=path, attrs=self._attrs_for(SetAttr, {"path": path}))
+        return True
 
     # -- membership --------------------------------------------------------------------------
 

@@ -710,11 +710,15 @@ class NodeAgent:
                     except FileNotFoundError:
                         break
                     try:
-                        size = os.fstat(fd).st_size
+                        st = os.fstat(fd)
                         start = e * EXTENT
-                        if start < size:
-                            data = os.pread(fd, min(EXTENT, size - start), start)
+                        if start < st.st_size:
+                            data = os.pread(fd, min(EXTENT, st.st_size - start), start)
                             self._append_write(path, start, data)
+                        # the time the lost writes left, not the replica's applying them again
+                        self._append(lambda s, p=path, t=st.st_mtime_ns: Stamp(
+                            source=self.name, seq=s, wall=time.time_ns(), after=self.known,
+                            path=p, mtime_ns=t))
                     finally:
                         os.close(fd)
                 break
