@@ -19,12 +19,16 @@ import pytest
 from clusterrep.confined import Target
 from clusterrep.errors import ApplyError, InvalidEvent, SimulatedCrash, TargetEscape
 from clusterrep.events import (
+    Attr,
     Close,
     Create,
     Event,
+    Exchange,
+    Fallocate,
     Join,
     MetaEvent,
     Mkdir,
+    Mknod,
     Open,
     Rename,
     Rmdir,
@@ -642,3 +646,88 @@ def test_divergence_after_a_barrier_is_an_error(
     assert type(info.value) is ApplyError
     assert (target / "f").read_bytes() == b"keep"
     app.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 9: exchange, fallocate, attrs
+
+
+def test_an_exchange_replayed_after_a_crash_is_not_done_twice(dirs: tuple[Path, Path]) -> None:
+    """Both names exist before and after an exchange: a crash between applying it and its
+    checkpoint must not swap them back on the re-run (the note written before it says)."""
+    target, state = dirs
+    events: list[Event] = [
+        meta(Join, 1), meta(Create, 2, path="a"), write(1, 2, "a", 0, b"A"),
+        meta(Create, 3, path="b"), write(2, 3, "b", 0, b"B"),
+        meta(Exchange, 4, path="a", dst="b"), meta(Close, 5, path="a"),
+    ]
+    app = Applier(target, state)
+    real = app.checkpoint
+    calls = []
+
+    def checkpoint() -> None:
+        calls.append(1)
+        if len(calls) == 2:  # the one right after the exchange
+            raise SimulatedCrash("crash after the exchange, before its checkpoint")
+        real()
+    app.checkpoint = checkpoint  # type: ignore[method-assign]
+    with pytest.raises(SimulatedCrash):
+        app.apply(events)
+    app.target.close()
+    assert (target / "a").read_bytes() == b"B"
+    apply_all(target, state, events)
+    assert (target / "a").read_bytes() == b"B" and (target / "b").read_bytes() == b"A"
+
+
+def test_fallocate_is_emulated_where_the_target_refuses_it(
+        dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno as errno_
+
+    import clusterrep.confined as confined
+
+    def refuse(fd: int, mode: int, offset: int, length: int) -> None:
+        raise OSError(errno_.EOPNOTSUPP, "not on this file system")
+    monkeypatch.setattr(confined, "fallocate", refuse)
+    target, state = dirs
+
+    def falloc(seq: int, offset: int, length: int, mode: int) -> Fallocate:
+        return Fallocate(source="h1", seq=seq, after=2, path="f", offset=offset, length=length,
+                         mode=mode)
+    app = apply_all(target, state, [
+        meta(Join, 1), meta(Create, 2, path="f"), write(1, 2, "f", 0, b"\x11" * 8192),
+        falloc(2, 1000, 2000, 0x03),  # punch hole, keep size
+        falloc(3, 7000, 3000, 0x10),  # zero range, growing the file
+        falloc(4, 11000, 1000, 0x00),  # allocate, growing it
+        falloc(5, 0, 500, 0x11),  # zero range, keep size
+        falloc(6, 20000, 5000, 0x01),  # keep size: nothing to see
+    ])
+    assert app.emulated == 5
+    data = (target / "f").read_bytes()
+    assert len(data) == 12000
+    assert data == bytes(500) + b"\x11" * 500 + bytes(2000) + b"\x11" * 4000 + bytes(5000)
+
+
+def test_attrs_set_exactly_what_the_volume_had(dirs: tuple[Path, Path]) -> None:
+    """As the coordinator sends them: the new inode and its parent, after each operation."""
+    target, state = dirs
+    D = Attr("d", 0o2750, 4242, 777, 1_000_000_007)
+    os.setxattr(target, "user.stale", b"gone after")
+    apply_all(target, state, [
+        meta(Join, 1),
+        meta(Mkdir, 2, path="d", attrs=(
+            Attr("d", 0o2750, 4242, 777, 1_000_000_007, (("user.a", b"1"), ("trusted.b", b""))),
+            Attr("", 0o751, 1, 2, 2_000_000_009, (("user.root", b"r"),)))),
+        meta(Symlink, 3, path="d/l", target="x", attrs=(Attr("d/l", 0o777, 5, 6, 3), D)),
+        meta(Mknod, 4, path="d/p", mode=stat.S_IFIFO | 0o600, attrs=(Attr("d/p", 0o640, 7, 8, 9), D)),
+    ])
+    d = os.stat(target / "d")
+    assert (stat.S_IMODE(d.st_mode), d.st_uid, d.st_gid, d.st_mtime_ns) == (
+        0o2750, 4242, 777, 1_000_000_007)
+    assert sorted(os.listxattr(target / "d")) == ["trusted.b", "user.a"]
+    root = os.stat(target)
+    assert (stat.S_IMODE(root.st_mode), root.st_uid, root.st_mtime_ns) == (0o751, 1, 2_000_000_009)
+    assert os.listxattr(target) == ["user.root"]
+    link = os.lstat(target / "d/l")
+    assert (link.st_uid, link.st_gid, link.st_mtime_ns) == (5, 6, 3)
+    fifo = os.stat(target / "d/p")
+    assert stat.S_ISFIFO(fifo.st_mode) and (stat.S_IMODE(fifo.st_mode), fifo.st_uid) == (0o640, 7)
