@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -131,3 +132,18 @@ def test_demo_refuses_a_workdir_that_holds_files_and_deletes_nothing(tmp_path: P
     r = run("demo", "--workdir", str(tmp_path), "--writes", "10", "--no-install")
     assert r.returncode == 2 and "not an empty directory" in r.stderr, r.stderr
     assert (tmp_path / "precious").read_text() == "mine"
+
+
+def test_verify_names_the_attribute_and_shows_names_that_are_not_utf8(tmp_path: Path) -> None:
+    vol, rep = tmp_path / "vol", tmp_path / "rep"
+    for d in (vol, rep):
+        d.mkdir()
+        (d / "f").write_text("same")
+    os.chown(rep / "f", 4242, 4242)
+    os.mkdir(os.fsencode(str(vol)) + b"/caf\xe9")
+    r = subprocess.run([sys.executable, "-m", "clusterrep", "verify", "--volume", str(vol),
+                        "--target", str(rep)], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "owner" in r.stdout and "caf\\xe9" in r.stdout

@@ -38,7 +38,8 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(f"{len(diffs)} difference(s) between {args.volume} and {args.target}:")
         for d in diffs[:args.limit]:
-            print(f"  {d}")
+            # a name that is not UTF-8 is shown with its bytes escaped (\xff), never a traceback
+            print("  " + os.fsencode(str(d)).decode("utf-8", "backslashreplace"))
         if len(diffs) > args.limit:
             print(f"  ... and {len(diffs) - args.limit} more")
     return 0 if not diffs else 1
