@@ -24,6 +24,30 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=30, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# Directories no test may change: a canary for anything acting outside its volume or target
+# (once, /etc was found mode 0600 with a 1984 modification time after a test run).
+_OUTSIDE = ("/", "/etc", "/usr", "/var", "/root", "/tmp", "/bin", "/lib")
+
+
+def _outside_state() -> dict[str, tuple[int, ...]]:
+    out = {}
+    for path in _OUTSIDE:
+        st = os.lstat(path)
+        # /tmp and / gain entries all the time: only their mode and owner are watched
+        times = () if path in ("/", "/tmp", "/root") else (st.st_mtime_ns,)
+        out[path] = (st.st_mode, st.st_uid, st.st_gid, *times)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def nothing_outside_changes() -> Iterator[None]:
+    """Fail the test that changed the mode, owner or time of a system directory."""
+    before = _outside_state()
+    yield
+    after = _outside_state()
+    changed = {p: (before[p], after[p]) for p in _OUTSIDE if before[p] != after[p]}
+    assert not changed, f"this test changed directories outside its own: {changed}"
+
 
 def assert_identical(cluster: LocalCluster, timeout: float = 120.0) -> dict:
     ok, why, status = cluster.wait(timeout=timeout)
