@@ -64,6 +64,7 @@ class Worker:
     def __init__(self, mnt: Path, wid: str, seed: int, seconds: float) -> None:
         self.m, self.wid, self.rng = mnt, wid, random.Random(seed)
         self.seconds = seconds
+        self.last = ""  # the churn operation last tried (named in an unexpected error)
         self.out: dict[str, Any] = {"excl": [], "appended": 0, "posix": 0, "flock": 0,
                                     "overlap": [], "unexpected": []}
 
@@ -78,7 +79,7 @@ class Worker:
                 op()
             except OSError as exc:
                 if exc.errno not in ALLOWED:
-                    self.out["unexpected"].append(f"{op.__name__}: {exc!r}")
+                    self.out["unexpected"].append(f"{op.__name__} {self.last}: {exc!r}")
         return self.out
 
     def exclusive(self) -> None:
@@ -141,6 +142,7 @@ class Worker:
         r = self.rng
         a, b = self.m / f"n{r.randrange(NAMES)}", self.m / f"n{r.randrange(NAMES)}"
         op = r.randrange(11)
+        self.last = f"op {op} on {a.name}, {b.name}"
         if op == 0:
             fd = os.open(a, os.O_CREAT | os.O_WRONLY | (os.O_TRUNC if r.random() < 0.3 else 0), 0o644)
             os.pwrite(fd, r.randbytes(r.randrange(1, 9000)), r.randrange(0, 20000))

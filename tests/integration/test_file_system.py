@@ -429,3 +429,25 @@ def test_rsync_as_referee_finds_nothing_after_a_workload_using_everything() -> N
             assert not c.verify()
         finally:
             os.close(held)
+
+
+def test_an_open_hard_linked_file_whose_name_another_host_removed_keeps_working(
+        cluster: LocalCluster) -> None:
+    """The node knows the inode by the name it was opened through; once another host unlinks
+    that name, the other link is the file's name (before: EIO after 1000 stale retries)."""
+    m1, m2 = cluster.mount("h1"), cluster.mount("h2")
+    os.mkdir(f"{m1}/relink")
+    Path(f"{m1}/relink/a").write_bytes(b"linked")
+    os.link(f"{m1}/relink/a", f"{m1}/relink/b")
+    fd = os.open(f"{m1}/relink/a", os.O_RDWR)
+    try:
+        os.unlink(f"{m2}/relink/a")
+        os.fchmod(fd, 0o640)
+        os.setxattr(fd, "user.after", b"unlink")
+        os.ftruncate(fd, 3)
+        os.pwrite(fd, b"LIN", 0)
+    finally:
+        os.close(fd)
+    assert Path(f"{m2}/relink/b").read_bytes() == b"LIN"
+    settled(cluster)
+    assert os.getxattr(cluster.target / "relink/b", "user.after") == b"unlink"

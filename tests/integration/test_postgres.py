@@ -10,9 +10,9 @@ What this proves, with a real PostgreSQL server running as the unprivileged user
   PermissionError reading ``pg/data/PG_VERSION``, ``postgres`` reads it;
 * the database moves host: after a clean stop on h1, the same data directory starts through
   the h2 mount, sees every committed pgbench transaction and takes more;
-* the replica is the database: once it caught up it is identical to the volume (contents,
-  modes and owners), a copy of it passes ``pg_checksums --check`` and starts as a PostgreSQL
-  server that answers the same queries with the same committed rows.
+* the replica is the database: once it caught up it is identical to the volume (``verify``:
+  contents, modes, owners, times, xattrs), a copy of it passes ``pg_checksums --check`` and
+  starts as a PostgreSQL server that answers the same queries with the same committed rows.
 
 PostgreSQL's server binaries are required: if they are missing the test FAILS (install the
 ``postgresql`` package; ``scripts/install-deps`` does).
@@ -21,12 +21,13 @@ PostgreSQL's server binaries are required: if they are missing the test FAILS (i
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
 import pwd
+import select
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -39,7 +40,7 @@ from clusterrep.localcluster import LocalCluster, free_port
 
 PG_USER = "postgres"
 OTHER_USER = "nobody"  # any user that is neither root nor postgres
-CLIENTS, TRANSACTIONS = 2, 150  # per pgbench run: CLIENTS * TRANSACTIONS transactions
+CLIENTS, TRANSACTIONS = 2, 1000  # per pgbench run: CLIENTS * TRANSACTIONS transactions
 SERVER_SETTINGS = [
     "listen_addresses=", "shared_buffers=16MB", "max_connections=20", "fsync=on",
     "synchronous_commit=on", "full_page_writes=on", "max_wal_size=256MB", "max_wal_senders=0",
@@ -81,15 +82,47 @@ def user_ids(name: str) -> tuple[int, int]:
     return pw.pw_uid, pw.pw_gid
 
 
-def run_as(user: str, cmd: list[str | Path], *, timeout: float = 60.0,
-           cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_as(user: str, cmd: list[str | Path], *, timeout: float = 60.0, cwd: Path | None = None,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` as ``user`` (its own uid and gid, no supplementary groups) and wait."""
     uid, gid = user_ids(user)
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C", "LC_ALL": "C", "HOME": str(cwd or "/"),
-           "USER": user, "LOGNAME": user}
+    full_env = {"PATH": "/usr/bin:/bin", "LANG": "C", "LC_ALL": "C", "TZ": "UTC",
+                "HOME": str(cwd or "/"), "USER": user, "LOGNAME": user, **(env or {})}
     return subprocess.run([str(c) for c in cmd], user=uid, group=gid, extra_groups=[],
-                          umask=0o022, env=env, cwd=cwd or "/", capture_output=True, text=True,
+                          umask=0o022, env=full_env, cwd=cwd or "/", capture_output=True, text=True,
                           timeout=timeout, check=False)
+
+
+@pytest.fixture
+def user_env() -> Iterator[dict[str, str]]:
+    """Environment that lets the test's users look themselves up (``getpwuid``: initdb needs
+    it). Normally nothing; where they cannot read the user database (on some machines /etc is
+    mode 0600), nss_wrapper serves them a copy of their own entries."""
+    if run_as(PG_USER, ["id", "-un"]).returncode == 0:
+        yield {}
+        return
+    libs = sorted(Path("/usr/lib").glob("*/libnss_wrapper.so")) + sorted(
+        Path("/usr/lib").glob("libnss_wrapper.so"))
+    if not libs:
+        mode = oct(os.stat("/etc").st_mode & 0o7777)
+        pytest.fail(f"user {PG_USER!r} cannot look itself up (/etc is mode {mode}) and "
+                    "nss_wrapper is not installed: install `libnss-wrapper` (scripts/install-deps "
+                    "does) or make the user database readable", pytrace=False)
+    d = Path(tempfile.mkdtemp(prefix="clusterrep-nss-"))
+    d.chmod(0o755)
+    users = [pwd.getpwnam(n) for n in (PG_USER, OTHER_USER)]
+    (d / "passwd").write_text("".join(
+        f"{u.pw_name}:x:{u.pw_uid}:{u.pw_gid}:{u.pw_gecos}:{u.pw_dir}:{u.pw_shell}\n"
+        for u in users))
+    (d / "group").write_text("".join(
+        f"{grp.getgrgid(g).gr_name}:x:{g}:\n" for g in sorted({u.pw_gid for u in users})))
+    for f in ("passwd", "group"):
+        (d / f).chmod(0o644)
+    try:
+        yield {"LD_PRELOAD": str(libs[0]), "NSS_WRAPPER_PASSWD": str(d / "passwd"),
+               "NSS_WRAPPER_GROUP": str(d / "group")}
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def private_dir(prefix: str, owner: str) -> Path:
@@ -114,8 +147,10 @@ def log_tails(cluster: LocalCluster, *extra: Path) -> str:
 class Postgres:
     """One PostgreSQL server we start on ``data``, reached by its own socket directory."""
 
-    def __init__(self, bindir: Path, data: Path, cluster: LocalCluster, started: list[Postgres]):
-        self.bindir, self.data, self.cluster = bindir, data, cluster
+    def __init__(self, bindir: Path, data: Path, cluster: LocalCluster, started: list[Postgres],
+                 env: dict[str, str], backing: Path | None = None) -> None:
+        self.bindir, self.data, self.cluster, self.env = bindir, data, cluster, env
+        self.backing = backing or data  # where the data directory is without the mount
         self.sockdir = private_dir("clusterrep-pgsock-", PG_USER)
         self.port = free_port()
         self.logfile = self.sockdir / "server.log"
@@ -125,7 +160,7 @@ class Postgres:
     def must(self, cmd: list[str | Path], what: str, timeout: float = 60.0) -> str:
         t0 = time.monotonic()
         try:
-            r = run_as(PG_USER, cmd, timeout=timeout, cwd=self.sockdir)
+            r = run_as(PG_USER, cmd, timeout=timeout, cwd=self.sockdir, env=self.env)
         except subprocess.TimeoutExpired as exc:
             raise AssertionError(f"{what} took over {timeout:g} s: {exc}\n"
                                  + log_tails(self.cluster, self.logfile)) from None
@@ -152,19 +187,23 @@ class Postgres:
         self.started.remove(self)
 
     def kill(self) -> None:
-        """Clean-up: stop this server at once, by its data directory (or, if that is no longer
-        readable, by the pid it wrote there, only if that process still runs on this data)."""
-        if self.pid is None:
-            return
+        """Clean-up: stop this server at once, by its data directory; if pg_ctl cannot (say the
+        mount is gone), signal the pid it wrote there, only if that process runs in this data
+        directory."""
         with contextlib.suppress(Exception):
             r = run_as(PG_USER, [self.bindir / "pg_ctl", "-D", self.data, "-m", "immediate",
-                                 "-w", "-t", "30", "stop"], timeout=60, cwd=self.sockdir)
+                                 "-w", "-t", "30", "stop"], timeout=60, cwd=self.sockdir,
+                       env=self.env)
             if r.returncode == 0:
                 return
-        with contextlib.suppress(OSError):
-            cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
-            if os.fsencode(self.data) in cmdline:
-                os.kill(self.pid, signal.SIGQUIT)  # PostgreSQL's "immediate shutdown"
+        pids = {self.pid}
+        for pidfile in (self.data / "postmaster.pid", self.backing / "postmaster.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pids.add(int(pidfile.read_text().split("\n", 1)[0]))
+        for pid in pids - {None}:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/cwd") == str(self.data):
+                    os.kill(pid, signal.SIGQUIT)  # PostgreSQL's "immediate shutdown"
 
     def psql(self, sql: str, where: str) -> str:
         return self.must([self.bindir / "psql", "-X", "-v", "ON_ERROR_STOP=1", "-h", self.sockdir,
@@ -181,27 +220,35 @@ class Postgres:
 
 
 def read_as(user: str, path: Path) -> str:
-    """Read ``path`` as ``user`` in a child process: its content, or the exception's name."""
-    code = ("import sys\ntry:\n    print('ok:' + open(sys.argv[1]).read().strip())\n"
-            "except OSError as e:\n    print(type(e).__name__ + ':' + str(e.errno))\n")
-    r = run_as(user, [sys.executable, "-c", code, path], timeout=30)
-    assert r.returncode == 0, f"reading {path} as {user}: {r.stderr}"
-    return r.stdout.strip()
-
-
-def owner_differences(volume: Path, replica: Path) -> list[str]:
-    """Entries under both trees whose owner or group differ (compare_trees checks modes only)."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(volume):
-        for name in [*dirnames, *filenames]:
-            a = Path(dirpath) / name
-            b = replica / a.relative_to(volume)
-            with contextlib.suppress(FileNotFoundError):
-                sa, sb = a.lstat(), b.lstat()
-                if (sa.st_uid, sa.st_gid) != (sb.st_uid, sb.st_gid):
-                    out.append(f"{a.relative_to(volume)}: {sa.st_uid}:{sa.st_gid} on the volume, "
-                               f"{sb.st_uid}:{sb.st_gid} in the replica")
-    return out
+    """Read ``path`` as ``user`` (a forked child that drops root): ``"ok:"`` and the content, or
+    the exception's name and errno (e.g. ``"PermissionError:13"``)."""
+    uid, gid = user_ids(user)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no Python-level clean-up, report through the pipe and _exit
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            try:
+                with open(path) as f:
+                    out = "ok:" + f.read().strip()
+            except OSError as exc:
+                out = f"{type(exc).__name__}:{exc.errno}"
+            os.write(w, out.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        if not select.select([f], [], [], 30)[0]:  # a hung file system: fail, do not hang
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"reading {path} as {user} did not return within 30 s")
+        got = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and got, f"reading {path} as {user}: child status {status}, said {got!r}"
+    return got
 
 
 @pytest.fixture
@@ -217,7 +264,7 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_postgres_runs_on_a_mount_moves_host_and_the_replica_is_the_same_database(
-        workdir: Path) -> None:
+        workdir: Path, user_env: dict[str, str]) -> None:
     bindir = pg_bin()
     check_fuse()
     pg_uid, pg_gid = user_ids(PG_USER)
@@ -241,7 +288,8 @@ def test_postgres_runs_on_a_mount_moves_host_and_the_replica_is_the_same_databas
             assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (pg_uid, pg_gid, 0o700)
 
             # 2. initdb and pgbench on h1, as postgres
-            on_h1 = Postgres(bindir, m1 / "pg" / "data", c, started)
+            on_h1 = Postgres(bindir, m1 / "pg" / "data", c, started, user_env,
+                             c.volume / "pg" / "data")
             scratch.append(on_h1.sockdir)
             on_h1.must([bindir / "initdb", "-D", on_h1.data, "-U", PG_USER, "--auth=trust",
                         "--encoding=UTF8", "--locale=C", "--data-checksums"], "initdb (h1)",
@@ -268,7 +316,8 @@ def test_postgres_runs_on_a_mount_moves_host_and_the_replica_is_the_same_databas
                     f"postgres reading PG_VERSION on {m}: {got}")
 
             # the same data directory, started on h2: the database moved host
-            on_h2 = Postgres(bindir, m2 / "pg" / "data", c, started)
+            on_h2 = Postgres(bindir, m2 / "pg" / "data", c, started, user_env,
+                             c.volume / "pg" / "data")
             scratch.append(on_h2.sockdir)
             on_h2.start("h2")
             assert on_h2.results("h2 after the move") == before_move
@@ -288,17 +337,15 @@ def test_postgres_runs_on_a_mount_moves_host_and_the_replica_is_the_same_databas
             ok, why, _ = c.wait(120)
             assert ok, "replica did not catch up:\n" + "\n".join(why) + "\n" + log_tails(c)
             print(f"  replica caught up: {time.monotonic() - t0:.1f} s")
-            diffs = c.verify()
+            diffs = c.verify()  # names, contents, modes, owners, times, xattrs, hard links
             assert not diffs, ("replica differs from the volume:\n"
                                + "\n".join(str(d) for d in diffs[:30]) + "\n" + log_tails(c))
-            owners = owner_differences(c.volume, c.target)
-            assert not owners, "replica owners differ from the volume:\n" + "\n".join(owners[:30])
 
             copy_parent = private_dir("clusterrep-pgcopy-", PG_USER)
             scratch.append(copy_parent)
             copy = copy_parent / "data"
             subprocess.run(["cp", "-a", str(c.target / "pg" / "data"), str(copy)], check=True)
-            from_replica = Postgres(bindir, copy, c, started)
+            from_replica = Postgres(bindir, copy, c, started, user_env)
             scratch.append(from_replica.sockdir)
             from_replica.must([bindir / "pg_checksums", "--check", "-D", copy],
                               "pg_checksums --check (replica copy)")

@@ -111,7 +111,9 @@ class Inodes:
         if not full.startswith(self.volume + "/"):
             raise OSError(errno.EXDEV, f"{full!r} is not inside the volume")
         rel = full[len(self.volume) + 1:]
-        if nlink > 1 and not self._leads_to(rel, inode):
+        # a file with hard links: the name we hold may be gone (" (deleted)", while another
+        # name is left) or lead elsewhere now
+        if (nlink > 1 or full.endswith(" (deleted)")) and not self._leads_to(rel, inode):
             # the name we opened it by went (" (deleted)"), another is left: ask where
             if self.locate is None:
                 raise OSError(errno.ESTALE, "the hard link this file was known by is gone")

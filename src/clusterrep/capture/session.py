@@ -180,7 +180,9 @@ class Session:
         handler that returned `DEFERRED` calls this itself once it is done (from any thread)."""
         try:
             if isinstance(result, OSError):
-                log.debug("request %d (opcode %d): %s", hdr.unique, hdr.opcode, result)
+                # an I/O error is never a program's own mistake: say why it was given
+                level = logging.WARNING if result.errno in (errno.EIO, None, 0) else logging.DEBUG
+                log.log(level, "request %d (opcode %d): %s", hdr.unique, hdr.opcode, result)
                 self._reply(hdr.unique, -(result.errno or errno.EIO), b"")
             elif isinstance(result, BaseException):
                 log.error("capture: request %d (opcode %d) failed", hdr.unique, hdr.opcode,
