@@ -96,6 +96,10 @@ class Target:
         self._dirs[path] = fd
         return fd
 
+    def dir_fd(self, path: str) -> int:
+        """The (cached) descriptor of directory ``path`` ("" is the root); the target owns it."""
+        return self._dir(path)
+
     def parent(self, path: str) -> tuple[int, str]:
         head, _, name = path.rpartition("/")
         _check_name(name, path)

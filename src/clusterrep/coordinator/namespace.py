@@ -237,14 +237,11 @@ class Namespace:
             os.close(fd)
 
     def _has_default_acl(self, directory: str) -> bool:
-        fd = self.vol.inode(directory)
-        try:
-            os.getxattr(f"/proc/self/fd/{fd}", ACL_DEFAULT)
+        try:  # (through the target's cached descriptor of the directory: no open)
+            os.getxattr(f"/proc/self/fd/{self.vol.dir_fd(directory)}", ACL_DEFAULT)
             return True
-        except OSError:
+        except (OSError, ApplyError):
             return False
-        finally:
-            os.close(fd)
 
     def _under(self, path: str) -> list[int]:
         return [ino for ino, p in self.paths.items() if p == path or p.startswith(path + "/")]
