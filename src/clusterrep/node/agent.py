@@ -25,7 +25,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,11 +33,12 @@ from .. import wire
 from ..confined import fallocate
 from ..events import Event, Fallocate, MetaEvent, Stamp, Tick, decode, encode, encode_write
 from ..journal import Journal
-from ..locks import MAX, FlockType, LockTable, LockType
+from ..locks import LockTable
 from ..shipper import Shipper
 from ..timing import pause
 from .activity import EXTENT, ActivityLog
 from .client import ControlLink, CoordinatorClient
+from .locking import NodeLocking
 
 log = logging.getLogger("clusterrep.node")
 
@@ -87,7 +87,7 @@ class NodeOptions:
                              f"{self.coordinator_timeout:g}")
 
 
-class NodeAgent:
+class NodeAgent(NodeLocking):
     def __init__(self, name: str, coordinator: str, replica: str, state: str | Path,
                  auth: wire.Auth | bytes, options: NodeOptions | None = None) -> None:
         opts = options if options is not None else NodeOptions()
@@ -276,6 +276,15 @@ class NodeAgent:
             self._ticked = max(self._ticked, ev.gseq)  # the copy shows gseq: no tick needed
             return dataclasses.replace(ev, source=self.name, seq=seq, wall=time.time_ns())
         return self._append(copy)  # type: ignore[return-value]
+
+    def _learn_reply(self, reply: dict[str, Any]) -> None:
+        """Raise what we know to the reply's gseq (before anything else is recorded) and record
+        the copy of its event, if any."""
+        with self._rec:
+            self.known = max(self.known, int(reply["gseq"]))
+        if reply.get("event"):
+            self._record_copy(reply["event"])
+        self.learn(int(reply["gseq"]))
 
     # -- metadata ----------------------------------------------------------------------------
 
@@ -564,124 +573,10 @@ class NodeAgent:
                 self._lease_lost = False
                 log.warning("lease with the coordinator renewed: writes go on")
 
-    # -- file locks (held cluster-wide through the coordinator) -----------------------------
-
-    def file_lock(self, req: dict[str, Any], *, interrupted: Callable[[], bool]) -> Any:
-        """Test, take or release a file lock through the coordinator, so every host sees it.
-
-        ``req``: ino, path, kind (``posix``/``flock``), owner, type, start, end, test, wait (as
-        `coordinator.service.LockRequest`). Returns the conflict ([type, start, end] or None)
-        for a test, else None once the lock is held or released. Raises OSError EAGAIN if
-        refused without ``wait``, EINTR if ``interrupted()`` (the program got a signal).
-        A granted lock that changed hands between nodes comes with a `Lock` mark, recorded
-        like any metadata copy, so what this node does under it is applied after what the last
-        holder did under its own.
-        """
-        while True:
-            with self._lock_wake:
-                seen = self._unlocks_seen
-            reply = self.client.call("lock", op_id=self._op_id(), **req)
-            self._learn_reply(reply)
-            if req.get("test"):
-                return reply.get("conflict")
-            if reply.get("granted"):
-                self._mirror(req)
-                return None
-            if req["kind"] == "flock" and not reply.get("grace"):
-                with self._lock_wake:  # a refused conversion lost the old lock, as on Linux
-                    self.my_locks.release_flock(req["ino"], (self.name, req["owner"]))
-            if not req.get("wait") and not reply.get("grace"):
-                raise OSError(errno.EAGAIN, "the lock is held through another mount or process")
-            with self._lock_wake:  # until an "unlocked" push; now and then in case it was lost
-                if self._unlocks_seen == seen:
-                    self._lock_wake.wait(0.1 if reply.get("grace") else 0.5)
-            if interrupted():
-                raise OSError(errno.EINTR, "interrupted while waiting for a lock")
-
-    def _learn_reply(self, reply: dict[str, Any]) -> None:
-        """Raise what we know to the reply's gseq (before anything else is recorded) and record
-        the copy of its event, if any."""
-        with self._rec:
-            self.known = max(self.known, int(reply["gseq"]))
-        if reply.get("event"):
-            self._record_copy(reply["event"])
-        self.learn(int(reply["gseq"]))
-
-    def _mirror(self, req: dict[str, Any]) -> None:
-        """Keep our own copy of what we hold, to reclaim it after a coordinator restart. The
-        coordinator's grant is the truth: whatever the copy still shows in conflict with it is
-        a release whose answer has not been mirrored yet (it may overtake the grant), dropped."""
-        ino, owner = req["ino"], (self.name, req["owner"])
-        with self._lock_wake:
-            if req["kind"] == "posix":
-                while not self.my_locks.set(ino, owner, req["type"], req["start"], req["end"]):
-                    stale = self.my_locks.test(ino, owner, req["type"], req["start"], req["end"])
-                    if stale is None:
-                        break
-                    self.my_locks.set(ino, stale.owner, LockType.UNLOCK, req["start"], req["end"])
-            else:
-                while not self.my_locks.set_flock(ino, owner, req["type"]):
-                    stale = self.my_locks.test_flock(ino, owner, req["type"])
-                    if stale is None:
-                        break
-                    self.my_locks.release_flock(ino, stale[1])
-
-    def drop_posix_locks(self, ino: int, owner: int, path: str) -> None:
-        """A descriptor of ``ino`` was closed by lock owner ``owner``: its POSIX locks on the
-        file go (POSIX close semantics). Asks the coordinator only if it holds any."""
-        key = (self.name, owner)
-        with self._lock_wake:
-            held = any(lk.owner == key for lk in self.my_locks.locks(ino))
-        if held:
-            self._unlock({"ino": ino, "path": path or ".", "kind": "posix", "owner": owner,
-                          "type": int(LockType.UNLOCK), "start": 0, "end": MAX})
-
-    def drop_flock(self, ino: int, owner: int, path: str) -> None:
-        """The last descriptor of an open file was closed: its flock lock goes."""
-        with self._lock_wake:
-            held = (self.name, owner) in self.my_locks.flocks(ino)
-        if held:
-            self._unlock({"ino": ino, "path": path or ".", "kind": "flock", "owner": owner,
-                          "type": int(FlockType.UNLOCK)})
-
-    def _unlock(self, req: dict[str, Any]) -> None:
-        try:
-            self.file_lock(req, interrupted=lambda: False)
-        except OSError as exc:
-            log.warning("could not release a lock on %s: %s (the coordinator drops it when this "
-                        "node leaves or its link breaks)", req["path"], exc)
-            owner = (self.name, req["owner"])
-            with self._lock_wake:
-                if req["kind"] == "posix":
-                    self.my_locks.release_posix(req["ino"], owner)
-                else:
-                    self.my_locks.release_flock(req["ino"], owner)
-
     @staticmethod
     def now_ns() -> int:
         """This host's clock (only for files without a name: nothing replicates them)."""
         return time.time_ns()
-
-    def lock_released(self, ino: int) -> None:
-        """The coordinator says a lock on ``ino`` was released: waiters try again."""
-        with self._lock_wake:
-            self._unlocks_seen += 1
-            self._lock_wake.notify_all()
-
-    def _reclaim(self) -> None:
-        """The control link is (back) up: tell the coordinator which locks we hold (after its
-        restart it knows none; after a broken link it dropped them)."""
-        with self._lock_wake:
-            records = self.my_locks.held_by(self.name)
-        if not records and not self._joined:
-            return  # starting: nothing held, and the coordinator does not know us yet
-        try:
-            self.client.call("reclaim", op_id=self._op_id(), locks=records, epoch=self._epoch)
-        except OSError as exc:
-            log.error("could not reclaim %d file lock(s) after the link to the coordinator came "
-                      "back: %s; programs holding them may now conflict with other hosts",
-                      len(records), exc)
-            self.my_locks = LockTable()
 
     # -- activity log ------------------------------------------------------------------------
 
