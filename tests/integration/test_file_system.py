@@ -451,3 +451,14 @@ def test_an_open_hard_linked_file_whose_name_another_host_removed_keeps_working(
     assert Path(f"{m2}/relink/b").read_bytes() == b"LIN"
     settled(cluster)
     assert os.getxattr(cluster.target / "relink/b", "user.after") == b"unlink"
+
+
+def test_the_replica_root_takes_the_volume_roots_state_before_any_operation(tmp_path: Path) -> None:
+    c = LocalCluster(tmp_path, nodes=("h1",))
+    os.chmod(c.volume, 0o750)
+    os.chown(c.volume, USER, OTHER)
+    os.setxattr(c.volume, "user.site", b"csv-1")
+    with c.start():
+        settled(c)
+        root = os.stat(c.target)
+        assert (stat.S_IMODE(root.st_mode), root.st_uid, root.st_gid) == (0o750, USER, OTHER)

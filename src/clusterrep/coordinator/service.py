@@ -151,6 +151,12 @@ class CoordinatorService(FileLocking, Namespace):
         self._handlers = self._handler_table()
         self._remember_journal()
         self._recover_intent()
+        root = self._attr("", xattrs=True)
+        if self.gseq == 0 and root is not None:  # first start: the replica's root takes the
+            # volume root's mode, owner, time and attributes before any operation
+            self._record(SetAttr, COORDINATOR, f"coordinator-root-{self.incarnation}", path="",
+                         attrs=(root,))
+            self.journal.sync()
 
     # -- intent: an operation between its volume change and its journal record ---------------
 
