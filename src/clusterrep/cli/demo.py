@@ -149,4 +149,4 @@ def _summary(st: dict, stats: dict[str, float], lag: float, caught_up: bool, why
         for d in diffs[:10]:
             print(f"    {d}")
     else:
-        print("  verify              IDENTICAL: every byte, name, mode and symlink matches")
+        print("  verify              IDENTICAL: every byte, name, mode, owner, time, xattr and link matches")
