@@ -351,21 +351,25 @@ class Target:
             raise ApplyError(f"cannot link {src!r} to {dst!r} in the target: {exc}",
                              errno=exc.errno or errno.EIO) from None
 
-    def mknod(self, path: str, mode: int, rdev: int, *, replace: bool) -> None:
-        """Create a FIFO, socket or device node (``mode``: type and permission bits)."""
+    def mknod(self, path: str, mode: int, rdev: int, *, replace: bool, as_given: bool = False) -> None:
+        """Create a FIFO, socket or device node (``mode``: type and permission bits). With
+        ``as_given`` the permission bits are left as the file system made them of ``mode``
+        (umask or the directory's default ACL), as for `create`."""
         parent, name = self.parent(path)
+        first = mode if as_given else stat.S_IFMT(mode) | 0o600
         try:
-            os.mknod(name, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=parent)
+            os.mknod(name, first, rdev, dir_fd=parent)
         except FileExistsError:
             if not replace:
                 raise ApplyError(f"cannot create {path!r}: it exists in the target",
                                  errno=errno.EEXIST) from None
             os.unlink(name, dir_fd=parent)
-            os.mknod(name, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=parent)
+            os.mknod(name, first, rdev, dir_fd=parent)
         except OSError as exc:
             raise ApplyError(f"cannot create special file {path!r} in the target: {exc}",
                              errno=exc.errno or errno.EIO) from None
-        os.chmod(f"/proc/self/fd/{parent}/{name}", stat.S_IMODE(mode), follow_symlinks=True)
+        if not as_given:
+            os.chmod(f"/proc/self/fd/{parent}/{name}", stat.S_IMODE(mode), follow_symlinks=True)
 
     def exchange(self, src: str, dst: str) -> None:
         """Swap the names ``src`` and ``dst`` atomically (``renameat2(RENAME_EXCHANGE)``)."""

@@ -122,6 +122,32 @@ ANY_PATH = "any_path"  # a path, or "" for the volume root
 XNAME, XVALUE = "xname", "xvalue"  # an extended attribute's name (str) and value (bytes)
 NODE_MODE = "node_mode"  # file type and permission bits of a special file (FIFO, socket, device)
 ATTRS = "attrs"  # a tuple of `Attr`
+TIME, OPT_TIME = "time", "opt_time"
+OPT_ID = "opt_id"  # a uid or gid, or None  # nanoseconds since the epoch, any time a time_t holds
+MAX_TIME_NS = (1 << 63) * 10**9
+_I64 = 1 << 63
+
+
+def _check_time(value: object, label: str) -> None:
+    if type(value) is not int or not -MAX_TIME_NS <= value < MAX_TIME_NS:
+        raise InvalidEvent(f"{label} must be an integer time in nanoseconds, got {value!r}")
+
+
+def time_to_wire(ns: int | None) -> Any:
+    """A time in nanoseconds as msgpack carries it: an integer while it fits 64 bits (until
+    2262), else ``[seconds, nanoseconds]`` (ext4 holds times until 2446)."""
+    if ns is None or -_I64 <= ns < _I64:
+        return ns
+    return [ns // 10**9, ns % 10**9]
+
+
+def time_from_wire(value: Any, label: str) -> Any:
+    if isinstance(value, list):
+        if (len(value) != 2 or type(value[0]) is not int or type(value[1]) is not int
+                or not 0 <= value[1] < 10**9):
+            raise DecodeError(f"{label} must be nanoseconds or [seconds, nanoseconds]")
+        return value[0] * 10**9 + value[1]
+    return value
 _ID_MAX = (1 << 32) - 2  # uid/gid (-1 means "unchanged" to chown, never an owner)
 
 
@@ -171,7 +197,7 @@ class Attr:
         _check_int(self.uid, f"{label}.uid", 0, _ID_MAX)
         _check_int(self.gid, f"{label}.gid", 0, _ID_MAX)
         if self.mtime_ns is not None:
-            _check_int(self.mtime_ns, f"{label}.mtime_ns", -(1 << 63), (1 << 63) - 1)
+            _check_time(self.mtime_ns, f"{label}.mtime_ns")
         if self.xattrs is not None:
             if len(self.xattrs) > MAX_XATTRS:
                 raise InvalidEvent(f"{label} lists more than {MAX_XATTRS} extended attributes")
@@ -183,7 +209,8 @@ class Attr:
 
     def to_wire(self) -> list[Any]:
         xattrs = None if self.xattrs is None else [[os.fsencode(n), v] for n, v in self.xattrs]
-        return [os.fsencode(self.path), self.mode, self.uid, self.gid, self.mtime_ns, xattrs]
+        return [os.fsencode(self.path), self.mode, self.uid, self.gid, time_to_wire(self.mtime_ns),
+                xattrs]
 
     @classmethod
     def from_wire(cls, item: Any) -> Attr:
@@ -197,7 +224,8 @@ class Attr:
                     isinstance(x, list) and len(x) == 2 and isinstance(x[0], bytes) for x in xattrs):
                 raise DecodeError("an attrs entry's xattrs must be [[name, value], ...]")
             xattrs = tuple((os.fsdecode(n), v) for n, v in xattrs)
-        return cls(os.fsdecode(path), mode, uid, gid, mtime_ns, xattrs)
+        return cls(os.fsdecode(path), mode, uid, gid, time_from_wire(mtime_ns, "attrs mtime_ns"),
+                   xattrs)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -248,6 +276,14 @@ def _check_field(ev: Event, name: str, kind: str) -> None:
         _check_text(value, label, MAX_TARGET_BYTES)
     elif kind == ANY_PATH:
         check_any_path(value, label)
+    elif kind == TIME:
+        _check_time(value, label)
+    elif kind == OPT_ID:
+        if value is not None:
+            _check_int(value, label, 0, _ID_MAX)
+    elif kind == OPT_TIME:
+        if value is not None:
+            _check_time(value, label)
     elif kind == XNAME:
         _check_text(value, label, MAX_XATTR_NAME)
     elif kind == XVALUE:
@@ -331,7 +367,7 @@ class Stamp(DataEvent):
     path: str
     mtime_ns: int
     KIND: ClassVar[int] = 4
-    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("mtime_ns", OPT_INT))
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = ((PATH, PATH), ("mtime_ns", TIME))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -529,10 +565,10 @@ class SetAttr(MetaEvent):
     SPEC: ClassVar[tuple[tuple[str, str], ...]] = (
         (PATH, ANY_PATH),
         ("mode", OPT_MODE),
-        ("atime_ns", OPT_INT),
-        ("mtime_ns", OPT_INT),
-        ("uid", OPT_INT),
-        ("gid", OPT_INT),
+        ("atime_ns", OPT_TIME),
+        ("mtime_ns", OPT_TIME),
+        ("uid", OPT_ID),
+        ("gid", OPT_ID),
         ("attrs", ATTRS),
     )
 
@@ -618,6 +654,8 @@ def encode(event: Event) -> bytes:
             value = os.fsencode(value)
         elif kind == ATTRS:
             value = [a.to_wire() for a in value]
+        elif kind in (TIME, OPT_TIME):
+            value = time_to_wire(value)
         out.append(value)
     return msgpack.packb(out, use_bin_type=True)
 
@@ -685,6 +723,8 @@ def decode(raw: bytes) -> Event:
             if not isinstance(value, list):
                 raise DecodeError(f"{cls.__name__}.{name} must be an array")
             value = tuple(Attr.from_wire(item) for item in value)
+        elif fkind in (TIME, OPT_TIME):
+            value = time_from_wire(value, f"{cls.__name__}.{name}")
         kwargs[name] = value
     try:
         return cls(**kwargs)

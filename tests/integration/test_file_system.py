@@ -462,3 +462,20 @@ def test_the_replica_root_takes_the_volume_roots_state_before_any_operation(tmp_
         settled(c)
         root = os.stat(c.target)
         assert (stat.S_IMODE(root.st_mode), root.st_uid, root.st_gid) == (0o750, USER, OTHER)
+
+
+@pytest.mark.parametrize("seconds", [-0.5, -2_147_483_648, 9_224_000_000, 15_032_385_535, 99_999_999_999],
+                         ids=["1969", "1901", "after-2262", "2446", "touch-far"])
+def test_times_before_1970_and_after_2262_work_and_are_replicated(
+        cluster: LocalCluster, seconds: float) -> None:
+    """tar and rsync restore archives with such times (before: EIO, or EINVAL after 2262)."""
+    path = cluster.mount("h1") / f"time-{seconds}"
+    path.write_bytes(b"t")
+    ns = int(seconds * 10**9)
+    os.utime(path, ns=(ns, ns))
+    local = cluster.workdir / "local-reference"  # what the volume's own file system makes of it
+    local.write_bytes(b"t")
+    os.utime(local, ns=(ns, ns))
+    assert os.stat(path).st_mtime_ns == os.stat(local).st_mtime_ns
+    settled(cluster)
+    assert os.stat(cluster.target / path.name).st_mtime_ns == os.stat(local).st_mtime_ns

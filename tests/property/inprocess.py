@@ -180,6 +180,23 @@ class Host:
         parent, name = self._parent(path)
         self._req(self.fs.unlink, k.UNLINK, parent, name)
 
+    def link(self, src: str, dst: str) -> None:
+        parent, name = self._parent(dst)
+        self._req(self.fs.link, k.LINK, parent, k.LINK_IN.pack(self.lookup(src)) + name)
+
+    def setxattr(self, path: str, name: str, value: bytes) -> None:
+        self._req(self.fs.setxattr, k.SETXATTR, self.lookup(path),
+                  k.SETXATTR_IN.pack(len(value), 0) + name.encode() + b"\0" + value)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        body = k.SETATTR_IN.pack(k.FATTR_UID | k.FATTR_GID, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                 uid, gid, 0)
+        self._req(self.fs.setattr, k.SETATTR, self.lookup(path), body)
+
+    def punch(self, fh: int, offset: int, length: int) -> None:
+        self._req(self.fs.fallocate, k.FALLOCATE, 0,
+                  k.FALLOCATE_IN.pack(fh, offset, length, 0x03, 0))  # punch hole, keep size
+
 
 class InProcessCluster:
     def __init__(self, workdir: Path, hosts: tuple[str, ...], seed: int,

@@ -1,8 +1,9 @@
 """Race properties of the real node agent and coordinator (not a model of them).
 
-Hosts open, write, create, rename and unlink a few names at once, interleaved by a seeded
-scheduler at every request to the coordinator (`inprocess.py`); the replica built from the
-recorded streams must equal the volume, whatever the interleaving. A node variant that keeps
+Hosts open, write, create, rename, exchange, link, unlink, chown, set xattrs on and punch holes
+in a few names at once, interleaved by a seeded scheduler at every request to the coordinator
+(`inprocess.py`); the replica built from the recorded streams must equal the volume (contents,
+owners, modification times, xattrs, hard links), whatever the interleaving. A node variant that keeps
 the order the node had before issue 8 (ask the coordinator to open a *name*, then open that
 name on the volume) must fail the same property: proof the property can find that race.
 """
@@ -35,7 +36,7 @@ def _workload(host: Host, rng: random.Random, steps: int) -> None:
     kept: list[int] = []
     for _ in range(steps):
         a, b = rng.choice(NAMES), rng.choice(NAMES)
-        op = rng.randrange(9)
+        op = rng.randrange(14)
         if op == 0:  # a program overwrites the start of a file
             tolerant(lambda a=a: _cycle(host, a, os.O_WRONLY, 0, host.name.encode()))
         elif op == 1:
@@ -55,6 +56,17 @@ def _workload(host: Host, rng: random.Random, steps: int) -> None:
         elif op == 7 and kept:  # write on a file kept open, whatever its name is now
             fh, off = rng.choice(kept), rng.randrange(8)
             tolerant(lambda fh=fh, off=off: host.write(fh, off, f"k{host.name}".encode()))
+        elif op == 9:
+            tolerant(lambda a=a, b=b: host.rename(a, b, 2))  # RENAME_EXCHANGE
+        elif op == 10:
+            tolerant(lambda a=a, b=b: host.link(a, b))
+        elif op == 11:
+            tolerant(lambda a=a: host.setxattr(a, f"user.{host.name}", rng.randbytes(4)))
+        elif op == 12:
+            tolerant(lambda a=a: host.chown(a, rng.choice((0, 4242)), rng.choice((0, 4242))))
+        elif op == 13 and kept:  # a guest's discard on a file kept open
+            fh = rng.choice(kept)
+            tolerant(lambda fh=fh: host.punch(fh, rng.randrange(8), rng.randrange(1, 8)))
         elif kept:
             host.close(kept.pop(rng.randrange(len(kept))))
     for fh in kept:

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from ..events import time_from_wire, time_to_wire
 from ..locks import MAX, FlockType, LockType
 from ..node.agent import NodeAgent
 from . import kernel as k
@@ -185,10 +186,13 @@ class CaptureFS:
         fields: dict[str, Any] = {}
         if valid & k.FATTR_MODE:
             fields["mode"] = mode & 0o7777
+        # (times past 2262 do not fit 64 bits of nanoseconds: sent as [seconds, nanoseconds])
         if valid & k.FATTR_ATIME:
-            fields["atime_ns"] = "now" if valid & k.FATTR_ATIME_NOW else atime * 10**9 + atimens
+            fields["atime_ns"] = "now" if valid & k.FATTR_ATIME_NOW else time_to_wire(
+                atime * 10**9 + atimens)
         if valid & k.FATTR_MTIME:
-            fields["mtime_ns"] = "now" if valid & k.FATTR_MTIME_NOW else mtime * 10**9 + mtimens
+            fields["mtime_ns"] = "now" if valid & k.FATTR_MTIME_NOW else time_to_wire(
+                mtime * 10**9 + mtimens)
         if valid & k.FATTR_UID:
             fields["uid"] = uid
         if valid & k.FATTR_GID:
@@ -230,7 +234,7 @@ class CaptureFS:
             if "atime_ns" in fields or "mtime_ns" in fields:
                 st = os.fstat(inode.fd)
                 now = self.agent.now_ns()
-                times = tuple(now if v == "now" else v for v in (
+                times = tuple(now if v == "now" else time_from_wire(v, "time") for v in (
                     fields.get("atime_ns", st.st_atime_ns), fields.get("mtime_ns", st.st_mtime_ns)))
                 os.utime(inode.proc, ns=times)  # type: ignore[arg-type]
 

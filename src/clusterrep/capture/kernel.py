@@ -60,12 +60,13 @@ IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid 
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
 INIT_IN = struct.Struct("<IIII")  # major minor max_readahead flags (more follows in 7.36+)
 INIT_OUT = struct.Struct("<IIIIHHIIHHI7I")  # ... max_write time_gran max_pages align flags2
-ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # ino size blocks a/m/ctime, nsecs, mode nlink uid
-#                                            gid rdev blksize flags
+ATTR = struct.Struct("<QQQqqqIIIIIIIIII")  # ino size blocks a/m/ctime, nsecs, mode nlink uid
+#                                            gid rdev blksize flags (times: seconds, signed as
+#                                            the kernel reads them, before 1970 too)
 ENTRY_OUT = struct.Struct("<QQQQII")  # nodeid generation entry_valid attr_valid +nsecs; ATTR
 ATTR_OUT = struct.Struct("<QII")  # attr_valid attr_valid_nsec dummy; ATTR
 GETATTR_IN = struct.Struct("<IIQ")  # getattr_flags dummy fh
-SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")  # valid pad fh size lock_owner atime mtime ctime
+SETATTR_IN = struct.Struct("<IIQQQqqqIIIIIIII")  # valid pad fh size lock_owner atime mtime ctime
 #                                                  atimensec mtimensec ctimensec mode unused4
 #                                                  uid gid unused5
 FORGET_IN = struct.Struct("<Q")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..confined import Target
-from ..errors import ApplyError, OpFailed
+from ..errors import ApplyError, ClusterrepError, OpFailed
 from ..events import (
     Attr,
     Close,
@@ -47,6 +47,7 @@ from ..events import (
     Truncate,
     Unlink,
     encode,
+    time_from_wire,
 )
 
 UNKNOWN = "\0unknown"  # `_resolve`: not known without a search (never a path: paths have no NUL)
@@ -135,6 +136,11 @@ class Namespace:
         for name in ("atime_ns", "mtime_ns"):
             if fields.get(name) == "now":  # the coordinator's clock, not a node's skewed one
                 fields[name] = time.time_ns()
+            elif isinstance(fields.get(name), list):  # [seconds, nanoseconds]: after 2262
+                try:
+                    fields[name] = time_from_wire(fields[name], name)
+                except ClusterrepError as exc:
+                    raise OpFailed(str(exc), errno.EINVAL) from None
         self._validate(cls, node, op_id, fields)
         try:
             result = self._handlers[cls](node, op_id, fields, opts)
@@ -418,7 +424,7 @@ class Namespace:
             Symlink: self._new(Symlink, lambda f: vol.symlink(f["path"], f["target"],
                                                               replace=False)),
             Mknod: self._new(Mknod, lambda f: vol.mknod(f["path"], f["mode"], f.get("rdev", 0),
-                                                        replace=False)),
+                                                        replace=False, as_given=True)),
             Rmdir: self._simple(Rmdir, lambda f, o: vol.rmdir(f["path"], missing_ok=False)),
             SetXattr: self._simple(SetXattr, self._setxattr),
             RemoveXattr: self._simple(RemoveXattr, lambda f, o: vol.removexattr(

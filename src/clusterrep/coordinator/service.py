@@ -494,26 +494,42 @@ class CoordinatorService(FileLocking, Namespace):
             st = self.vol.lstat(hint)
         except (OSError, ApplyError):
             st = None
-        if st is not None and st.st_ino == ino and stat.S_ISREG(st.st_mode):
+        if st is not None and st.st_ino == ino and not stat.S_ISDIR(st.st_mode):
+            # (a regular file, or a hard-linked FIFO, socket, device or symlink)
             self.paths[ino] = hint
             return hint
         return UNKNOWN
 
     def locate(self, ino: int, hint: str) -> str | None:
-        """The current path of file ``ino`` or None once it has no name (lock NOT held: when
-        nothing cheaper knows, this searches the volume, which must not stop other work)."""
+        """The current path of inode ``ino`` (not a directory) or None once it has no name
+        (lock NOT held: when nothing cheaper knows, this searches the volume, which must not
+        stop other work). A name found while others rename it is looked for again, at most
+        three times; then the last name found is the answer (the caller's operation checks it
+        in the same step as it acts, and asks again if it moved)."""
         with self.lock:
             path = self._resolve(ino, hint)
         if path is not UNKNOWN:
             return path
-        for dirpath, _dirs, files in os.walk(self.volume_path):  # rare: a restart lost the map
+        found: str | None = None
+        for _ in range(3):
+            found = self._search(ino)
+            if found is None:
+                return None
+            with self.lock:
+                path = self._resolve(ino, found)
+            if path is not UNKNOWN:
+                return path
+        return found
+
+    def _search(self, ino: int) -> str | None:
+        """Walk the volume for a name of ``ino`` (rare: a restart lost the map, or the name a
+        node knew went while another is left)."""
+        for dirpath, _dirs, files in os.walk(self.volume_path):
             for name in files:
                 full = os.path.join(dirpath, name)
                 with contextlib.suppress(OSError):
                     if os.lstat(full).st_ino == ino:
-                        with self.lock:
-                            found = self._resolve(ino, os.path.relpath(full, self.volume_path))
-                        return found if found is not UNKNOWN else self.locate(ino, hint)
+                        return os.path.relpath(full, self.volume_path)
         return None
 
     def acquire(self, node: str, op_id: str, ino: int, hint: str) -> dict[str, Any]:
