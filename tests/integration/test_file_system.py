@@ -479,3 +479,57 @@ def test_times_before_1970_and_after_2262_work_and_are_replicated(
     assert os.stat(path).st_mtime_ns == os.stat(local).st_mtime_ns
     settled(cluster)
     assert os.stat(cluster.target / path.name).st_mtime_ns == os.stat(local).st_mtime_ns
+
+
+def test_a_hard_linked_fifo_or_symlink_whose_known_name_went_keeps_working(
+        cluster: LocalCluster) -> None:
+    """Before: the coordinator's search accepted regular files only and recursed ~1000 deep."""
+    m1, m2 = cluster.mount("h1"), cluster.mount("h2")
+    os.mkdir(f"{m1}/speciallinks")
+    os.mkfifo(f"{m1}/speciallinks/a")
+    os.symlink("target", f"{m1}/speciallinks/s")
+    os.link(f"{m1}/speciallinks/a", f"{m1}/speciallinks/b")
+    os.link(f"{m1}/speciallinks/s", f"{m1}/speciallinks/t", follow_symlinks=False)
+    os.lstat(f"{m1}/speciallinks/a")  # h1's kernel knows each inode by its first name
+    os.lstat(f"{m1}/speciallinks/s")
+    os.unlink(f"{m2}/speciallinks/a")
+    os.unlink(f"{m2}/speciallinks/s")
+    os.chown(f"{m1}/speciallinks/b", USER, USER)
+    os.utime(f"{m1}/speciallinks/b", ns=(1, 2))
+    os.chown(f"{m1}/speciallinks/t", OTHER, OTHER, follow_symlinks=False)
+    os.link(f"{m1}/speciallinks/b", f"{m1}/speciallinks/c")
+    settled(cluster)
+
+
+def test_a_fifo_made_by_a_user_takes_the_directorys_default_acl(cluster: LocalCluster) -> None:
+    m1 = cluster.mount("h1")
+    os.mkdir(f"{m1}/aclfifo")
+    os.chmod(f"{m1}/aclfifo", 0o777)
+    os.setxattr(f"{m1}/aclfifo", "system.posix_acl_default", acl(
+        (ACL_USER_OBJ, 7, NO_ID), (ACL_GROUP_OBJ, 5, NO_ID), (ACL_OTHER, 0, NO_ID)))
+    local = cluster.workdir / "aclfifo-local"  # the same on the volume's own file system
+    local.mkdir(mode=0o777)
+    os.chmod(local, 0o777)
+    os.setxattr(local, "system.posix_acl_default",
+                os.getxattr(f"{m1}/aclfifo", "system.posix_acl_default"))
+    for where in (f"{m1}/aclfifo", str(local)):
+        r = as_user(USER, f"mkfifo {where}/p", umask=0)
+        assert r.returncode == 0, r.stderr
+    assert os.stat(f"{m1}/aclfifo/p").st_mode == os.stat(local / "p").st_mode == stat.S_IFIFO | 0o640
+    settled(cluster)
+
+
+def test_an_append_by_another_user_clears_set_user_id_bits(cluster: LocalCluster) -> None:
+    m1 = cluster.mount("h1")
+    os.mkdir(f"{m1}/suid")
+    os.chmod(f"{m1}/suid", 0o777)
+    for name, script in (("appended", "echo y >> {p}"),
+                         ("written", "printf y | dd of={p} conv=notrunc 2>/dev/null")):
+        path = f"{m1}/suid/{name}"
+        Path(path).write_text("x\n")
+        os.chown(path, USER, USER)
+        os.chmod(path, 0o6777)
+        r = as_user(OTHER, script.format(p=path))
+        assert r.returncode == 0, r.stderr
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o777, name  # as ext4 does
+    settled(cluster)

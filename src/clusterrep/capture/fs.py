@@ -494,8 +494,19 @@ class CaptureFS:
         if handle is None or not handle.write:
             raise OSError(errno.EBADF, "not open for writing")
         data = bytes(body[k.WRITE_IN.size:k.WRITE_IN.size + size])
+        if handle.append and hdr.uid != 0:
+            self._remove_privs(hdr, fh)
         n = self.agent.write(handle.ino, handle.path, fh, data, offset, append=handle.append)
         return k.WRITE_OUT.pack(n, 0)
+
+    def _remove_privs(self, hdr: k.Header, fh: int) -> None:
+        """A write by an unprivileged user clears set-user-ID (and group-executable
+        set-group-ID) bits, as any file system does. The kernel does it for cached writes; for
+        an O_APPEND handle (direct I/O) it leaves it to us."""
+        mode = stat.S_IMODE(os.fstat(fh).st_mode)
+        kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        if mode & kill:
+            self._setattr(self.inodes.get(hdr.nodeid), {"mode": mode & ~kill})
 
     def fallocate(self, hdr: k.Header, body: memoryview) -> None:
         fh, offset, length, mode, _ = k.FALLOCATE_IN.unpack_from(body)
