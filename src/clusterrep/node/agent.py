@@ -31,7 +31,18 @@ from typing import Any
 
 from .. import wire
 from ..confined import fallocate
-from ..events import Event, Fallocate, MetaEvent, Stamp, Tick, decode, encode, encode_write
+from ..events import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    Event,
+    Fallocate,
+    MetaEvent,
+    Stamp,
+    Tick,
+    decode,
+    encode,
+    encode_write,
+)
 from ..journal import Journal
 from ..locks import LockTable
 from ..shipper import Shipper
@@ -606,10 +617,7 @@ class NodeAgent(NodeLocking):
                         break
                     try:
                         st = os.fstat(fd)
-                        start = e * EXTENT
-                        if start < st.st_size:
-                            data = os.pread(fd, min(EXTENT, st.st_size - start), start)
-                            self._append_write(path, start, data)
+                        self._record_extent(fd, path, e * EXTENT, min((e + 1) * EXTENT, st.st_size))
                         # the time the lost writes left, not the replica's applying them again
                         self._append(lambda s, p=path, t=st.st_mtime_ns: Stamp(
                             source=self.name, seq=s, wall=time.time_ns(), after=self.known,
@@ -618,6 +626,29 @@ class NodeAgent(NodeLocking):
                         os.close(fd)
                 break
         self.activity.repaired(extents)
+
+    def _record_extent(self, fd: int, path: str, start: int, end: int) -> None:
+        """Record what the volume holds in [start, end) of ``path``: its data as writes and its
+        holes as punched holes, so a sparse image stays sparse on the replica (file lock and
+        token held)."""
+        pos = start
+        while pos < end:
+            try:
+                data_at = min(os.lseek(fd, pos, os.SEEK_DATA), end)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                data_at = end  # nothing but a hole from here to the end of the file
+            if data_at > pos:
+                self._append(lambda s, p=pos, n=data_at - pos: Fallocate(
+                    source=self.name, seq=s, wall=time.time_ns(), after=self.known, path=path,
+                    offset=p, length=n, mode=FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE))
+            if data_at >= end:
+                return
+            hole_at = min(os.lseek(fd, data_at, os.SEEK_HOLE), end)
+            for off in range(data_at, hole_at, EXTENT):
+                self._append_write(path, off, os.pread(fd, min(EXTENT, hole_at - off), off))
+            pos = hole_at
 
     def status(self) -> dict[str, Any]:
         return {
