@@ -245,3 +245,38 @@ def test_a_crash_between_intent_and_volume_change_completes_the_operation(tmp_pa
     last = decode(svc.journal.read(svc.gseq, max_bytes=1 << 20)[0][1])
     assert isinstance(last, cls) and last.op_id == "h1-2"  # recorded once, as it ran
     svc.close()
+
+
+@pytest.mark.parametrize("case", ["create over an existing name", "setxattr not run",
+                                  "removexattr of a missing attribute", "setxattr run"])
+def test_recovery_records_only_what_the_cut_off_operation_did(tmp_path: Path, case: str) -> None:
+    """Found by review: recovery took "the name exists" for "the create ran" (and gave someone
+    else's file the caller's owner and mode), and any setxattr or removexattr for run."""
+    from clusterrep.coordinator.namespace import Options
+    from clusterrep.events import Create, RemoveXattr, SetXattr
+
+    svc = _coordinator(tmp_path)
+    svc.execute("h2", "create", "h2-1", {"path": "theirs", "mode": 0o600})
+    f = tmp_path / "volume" / "theirs"
+    os.setxattr(f, "user.kept", b"old")
+    before, gseq = os.stat(f), svc.gseq
+    with svc.lock:  # the coordinator notes the intent, and dies before the volume changes
+        if case == "create over an existing name":
+            fields = {"path": "theirs", "mode": 0o777}
+            svc._intent(Create, "h1", "h1-9", fields,
+                        extra=svc._new_extra(fields, Options(uid=4242, gid=4242, umask=0)))
+        elif case == "setxattr not run":
+            svc._intent(SetXattr, "h1", "h1-9", {"path": "theirs", "name": "user.kept", "value": b"new"})
+        elif case == "removexattr of a missing attribute":
+            svc._intent(RemoveXattr, "h1", "h1-9", {"path": "theirs", "name": "user.none"},
+                        extra={"had": False})
+        else:
+            svc._intent(SetXattr, "h1", "h1-9", {"path": "theirs", "name": "user.new", "value": b"v"})
+            os.setxattr(f, "user.new", b"v")  # it ran
+    svc.journal.close()
+    svc = CoordinatorService(tmp_path / "volume", tmp_path / "coord-state")
+    after = os.stat(f)
+    assert (after.st_uid, after.st_mode) == (before.st_uid, before.st_mode)
+    assert os.getxattr(f, "user.kept") == b"old"
+    assert svc.gseq == gseq + (1 if case == "setxattr run" else 0)
+    svc.close()

@@ -343,12 +343,30 @@ class Namespace:
         def handler(node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
             with self.lock:
                 self._verify(f, opts)
-                self._intent(cls, node, op_id, f, extra={"creds": opts.creds()})
+                self._intent(cls, node, op_id, f, extra=self._new_extra(f, opts))
                 make(f)
                 self._settle(f["path"], f.get("mode") if cls is not Symlink else None,
                              opts.creds(), directory=cls is Mkdir)
                 return self._done(cls, node, op_id, f)
         return handler
+
+    def _new_extra(self, f: dict[str, Any], opts: Options) -> dict[str, Any]:
+        """What recovery needs of an operation making an inode: the caller (its owner), and
+        whether the name was taken already (then the operation cannot have made what is there)."""
+        return {"creds": opts.creds(), "existed": self._stat(f["path"]) is not None}
+
+    def _removexattr(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
+        with self.lock:
+            self._verify(f, opts)
+            fd = self.vol.inode(f["path"])
+            try:
+                names = os.listxattr(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+            # (recovery tells a removal that ran from one that would have failed by this)
+            self._intent(RemoveXattr, node, op_id, f, extra={"had": f["name"] in names})
+            self.vol.removexattr(f["path"], f["name"], missing_ok=False)
+            return self._done(RemoveXattr, node, op_id, f)
 
     def _setxattr(self, f: dict[str, Any], opts: Options) -> None:
         fd = self.vol.inode(f["path"])
@@ -367,7 +385,7 @@ class Namespace:
     def _create(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
         with self.lock:
             self._verify(f, opts)
-            self._intent(Create, node, op_id, f, extra={"creds": opts.creds()})
+            self._intent(Create, node, op_id, f, extra=self._new_extra(f, opts))
             self.vol.create(f["path"], f.get("mode", 0o644), exist_ok=False, as_given=True)
             self._settle(f["path"], f.get("mode", 0o644), opts.creds(), directory=False)
             ino = self.vol.lstat(f["path"]).st_ino
@@ -427,8 +445,7 @@ class Namespace:
                                                         replace=False, as_given=True)),
             Rmdir: self._simple(Rmdir, lambda f, o: vol.rmdir(f["path"], missing_ok=False)),
             SetXattr: self._simple(SetXattr, self._setxattr),
-            RemoveXattr: self._simple(RemoveXattr, lambda f, o: vol.removexattr(
-                f["path"], f["name"], missing_ok=False)),
+            RemoveXattr: self._removexattr,
         }
 
     def _done(self, cls: type[MetaEvent], node: str, op_id: str, f: dict[str, Any]) -> dict[str, Any]:

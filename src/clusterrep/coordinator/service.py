@@ -229,10 +229,6 @@ class CoordinatorService(FileLocking, Namespace):
                              f.get("uid"), f.get("gid"))
         elif cls is Truncate:  # (no token is out for the file: it was recalled first)
             self.vol.truncate(f["path"], f["size"])
-        elif cls is SetXattr:
-            self.vol.setxattr(f["path"], f["name"], f["value"])
-        elif cls is RemoveXattr:
-            self.vol.removexattr(f["path"], f["name"], missing_ok=True)
 
     def _took_effect(self, cls: type[MetaEvent], f: dict[str, Any], extra: dict[str, Any]) -> bool:
         def exists(p: str) -> bool:
@@ -242,8 +238,8 @@ class CoordinatorService(FileLocking, Namespace):
             except (OSError, ApplyError):
                 return False
 
-        if cls in (Create, Mkdir, Symlink, Mknod):
-            return exists(f["path"])
+        if cls in (Create, Mkdir, Symlink, Mknod):  # made by it, not there before
+            return exists(f["path"]) and not extra.get("existed", False)
         if cls is Link:
             return exists(f["dst"]) and exists(f["path"]) and \
                 self.vol.lstat(f["dst"]).st_ino == self.vol.lstat(f["path"]).st_ino
@@ -253,8 +249,23 @@ class CoordinatorService(FileLocking, Namespace):
             return not exists(f["path"]) and exists(f["dst"])
         if cls is Exchange:
             return exists(f["path"]) and self.vol.lstat(f["path"]).st_ino != extra.get("ino")
-        # idempotent: `_complete` runs them (again)
-        return cls in (Truncate, SetAttr, SetXattr, RemoveXattr)
+        if cls is SetXattr:  # the value is there (as asked: its flags are no longer checked)
+            return self._xattr(f["path"], f["name"]) == f["value"]
+        if cls is RemoveXattr:  # it was there, and is gone
+            return bool(extra.get("had")) and self._xattr(f["path"], f["name"]) is None
+        return cls in (Truncate, SetAttr)  # idempotent: `_complete` runs them (again)
+
+    def _xattr(self, path: str, name: str) -> bytes | None:
+        try:
+            fd = self.vol.inode(path)
+        except (OSError, ApplyError):
+            return None
+        try:
+            return os.getxattr(f"/proc/self/fd/{fd}", name)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def _remember_journal(self) -> None:
         """Rebuild ``done`` from the events still in the journal (after a restart)."""
