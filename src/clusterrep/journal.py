@@ -674,11 +674,14 @@ class Journal:
                 self._check_usable()
             if self._durable_index >= target:
                 return self._durable_index
-            self._syncing = True
             target = self._next_index  # the group: everything appended until now
             fd = self._segments[-1].fd
             assert fd is not None
-            fd = os.dup(fd)  # trim, close or a failed append must not close it under the fsync
+            # trim, close or a failed append must not close it under the fsync; and if no
+            # descriptor is left (EMFILE) this fails before anything is marked running, so
+            # callers waiting for a sync never wait for one that never started
+            fd = os.dup(fd)
+            self._syncing = True
         try:
             os.fsync(fd)
         except OSError as exc:

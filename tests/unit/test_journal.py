@@ -834,3 +834,27 @@ def test_the_tail_cache_is_bounded_and_starts_empty_after_a_reopen(fast_dir: Pat
         assert len(j.read(1)) == 50
         j.append([b"y"])
         assert j.read(51) == [(51, b"y")]
+
+
+def test_a_sync_that_finds_no_descriptor_left_fails_and_hangs_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a long property run that leaked descriptors: a sync failing with EMFILE left
+    the journal marked as syncing, and every later sync and close waited forever."""
+    import threading
+
+    import clusterrep.journal as journal_module
+
+    j = Journal(tmp_path / "j")
+    j.append([b"one"])
+    real_dup = os.dup
+
+    def no_descriptor_left(fd: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+    monkeypatch.setattr(journal_module.os, "dup", no_descriptor_left)
+    with pytest.raises(OSError):
+        j.sync()
+    monkeypatch.setattr(journal_module.os, "dup", real_dup)
+    later = threading.Thread(target=lambda: (j.sync(), j.close()), daemon=True)
+    later.start()
+    later.join(10)
+    assert not later.is_alive(), "a later sync or close waits for the sync that never ran"

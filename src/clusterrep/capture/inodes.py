@@ -93,6 +93,14 @@ class Inodes:
                 del self._by_key[(inode.dev, inode.ino)]
                 os.close(inode.fd)
 
+    def close(self) -> None:
+        """Let go of every inode (the mount is gone)."""
+        with self._lock:
+            for inode in self._by_id.values():
+                os.close(inode.fd)
+            self._by_id.clear()
+            self._by_key.clear()
+
     def path(self, inode: Inode) -> str | None:
         """The inode's current path relative to the volume ('' for the root), or None if it has
         no name there any more (unlinked, or moved out of the volume)."""
