@@ -324,11 +324,20 @@ def test_hard_links_fifos_sockets_devices_and_exchange(cluster: LocalCluster) ->
     assert os.stat(cluster.target / "links/null").st_rdev == os.makedev(1, 3)
 
 
-def test_o_tmpfile_is_refused_the_same_way_every_time(cluster: LocalCluster) -> None:
+def test_what_is_refused_is_refused_the_same_way_every_time(cluster: LocalCluster) -> None:
+    """docs/operations.md lists these with their reasons."""
+    m1 = cluster.mount("h1")
+    Path(f"{m1}/refused-a").write_text("a")
+    Path(f"{m1}/refused-b").write_text("b")
     for _ in range(3):
         with pytest.raises(OSError) as info:
-            os.open(str(cluster.mount("h1")), os.O_TMPFILE | os.O_RDWR, 0o600)
+            os.open(str(m1), os.O_TMPFILE | os.O_RDWR, 0o600)
         assert info.value.errno == errno.EOPNOTSUPP
+        for flags in (4, 1 | RENAME_EXCHANGE):  # RENAME_WHITEOUT; NOREPLACE with EXCHANGE
+            with pytest.raises(OSError) as info:
+                renameat2(f"{m1}/refused-a", f"{m1}/refused-b", flags)
+            assert info.value.errno == errno.EINVAL
+    assert Path(f"{m1}/refused-a").read_text() == "a"
 
 
 def test_other_users_use_the_mount_and_modes_and_acls_are_enforced(cluster: LocalCluster) -> None:
