@@ -49,6 +49,10 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"{name:14} {link:5} {s['captured']:>9} "
                      f"{s['received']:>9} {s['applied']:>9} {s['lag_events']:>7} "
                      f"{s['lag_seconds']:>6.1f} {s['bytes_received'] / 2**20:>8.1f}")
+    for name, s in st["sources"].items():
+        if s.get("unsettled"):
+            lines.append(f"{name}: {s['unsettled']} file(s) being written; their modification "
+                         "times are recorded once their writers are quiet")
     for reason in st.get("waiting_for") or []:
         lines.append(f"waiting for: {reason}")
     return "\n".join(lines)
