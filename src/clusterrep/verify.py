@@ -94,7 +94,7 @@ def _time(ns: int) -> str:
     return f"{sign}{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
 
 
-def _read_xattrs(fd: int) -> dict[str, bytes]:
+def read_xattrs(fd: int) -> dict[str, bytes]:
     """Every extended attribute of the inode ``fd`` (an O_PATH descriptor is enough) refers to.
 
     Through /proc/self/fd the calls act on the inode itself, a symlink included, where the
@@ -123,7 +123,7 @@ def _entry(name: str, dirfd: int, xattrs: bool) -> _Entry:
         return _Entry(os.stat(name, dir_fd=dirfd, follow_symlinks=False), _NO_XATTRS)
     fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
     try:
-        return _Entry(os.fstat(fd), _read_xattrs(fd))
+        return _Entry(os.fstat(fd), read_xattrs(fd))
     finally:
         os.close(fd)
 
