@@ -9,10 +9,7 @@ write tokens the operation conflicts with, and journals the event (its gseq) wit
 it left on the volume (`events.Attr`: mode, owner, time and, for a new inode, its extended
 attributes, read back in the same step).
 
-A new inode belongs to the calling user (``uid``, ``gid``, ``umask`` of the request), as on a
-local file system: a set-group-ID directory passes its group (and, to a new directory, the
-bit) on; the caller's umask applies unless the directory has a default ACL, which applies
-instead (the volume's file system does that part itself).
+A new inode belongs to the calling user (`volumestate`).
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ from typing import Any
 from ..confined import Target
 from ..errors import ApplyError, ClusterrepError, OpFailed
 from ..events import (
-    Attr,
     Close,
     Create,
     Exchange,
@@ -49,6 +45,7 @@ from ..events import (
     encode,
     time_from_wire,
 )
+from .volumestate import VolumeState
 
 UNKNOWN = "\0unknown"  # `_resolve`: not known without a search (never a path: paths have no NUL)
 
@@ -58,13 +55,7 @@ KINDS: dict[str, type[MetaEvent]] = {
     "setattr": SetAttr, "symlink": Symlink, "link": Link, "mknod": Mknod,
     "setxattr": SetXattr, "removexattr": RemoveXattr,
 }
-_NEW_INODE = (Create, Mkdir, Symlink, Mknod)  # operations that make an inode (owner, umask)
-ACL_DEFAULT = "system.posix_acl_default"
 XATTR_FLAGS = (0, os.XATTR_CREATE, os.XATTR_REPLACE)
-
-
-def _parent(path: str) -> str:
-    return path.rpartition("/")[0]
 
 
 @dataclass(frozen=True)
@@ -87,7 +78,7 @@ class Options:
 Handler = Callable[[str, str, dict[str, Any], Options], dict[str, Any]]
 
 
-class Namespace:
+class Namespace(VolumeState):
     """Mixed into `CoordinatorService`; uses its lock, volume, journal and token table."""
 
     lock: threading.RLock
@@ -163,91 +154,6 @@ class Namespace:
         except (OSError, ApplyError):
             return None
         return st.st_ino if stat.S_ISREG(st.st_mode) else None
-
-    def _stat(self, path: str) -> os.stat_result | None:
-        """lstat of ``path`` on the volume ("" is the root); None if missing (lock held)."""
-        try:
-            return self.vol.lstat(path) if path else os.fstat(self.vol.root_fd)
-        except (OSError, ApplyError):
-            return None
-
-    def _attr(self, path: str, *, xattrs: bool) -> Attr | None:
-        """What ``path`` holds now (lock held): mode, owner, time (not of a file a node is
-        writing: that node stamps it) and, if asked, every extended attribute."""
-        st = self._stat(path)
-        if st is None:
-            return None
-        writing = stat.S_ISREG(st.st_mode) and st.st_ino in self.holders
-        listed = None
-        if xattrs:
-            fd = self.vol.inode(path)
-            try:
-                ref = f"/proc/self/fd/{fd}"
-                names = sorted(os.listxattr(ref))
-                listed = tuple((n, os.getxattr(ref, n)) for n in names)
-            except OSError:
-                listed = None
-            finally:
-                os.close(fd)
-        return Attr(path, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                    None if writing else st.st_mtime_ns, listed)
-
-    def _attrs_for(self, cls: type[MetaEvent], f: dict[str, Any]) -> tuple[Attr, ...]:
-        """The inodes an operation changed, as the volume has them now (lock held)."""
-        path, dst = f.get("path", ""), f.get("dst")
-        if cls in _NEW_INODE:
-            wanted = [(path, True), (_parent(path), False)]
-        elif cls is Link:
-            wanted = [(dst, False), (_parent(dst), False)]
-        elif cls in (Unlink, Rmdir):
-            wanted = [(_parent(path), False)]
-        elif cls is Rename:
-            wanted = [(_parent(path), False), (_parent(dst), False), (dst, False)]
-        elif cls is Exchange:
-            wanted = [(_parent(path), False), (_parent(dst), False), (path, False), (dst, False)]
-        else:  # truncate, setattr, setxattr, removexattr
-            wanted = [(path, False)]
-        out: dict[str, Attr] = {}
-        for p, with_xattrs in wanted:
-            if p not in out:
-                attr = self._attr(p, xattrs=with_xattrs)
-                if attr is not None:
-                    out[p] = attr
-        return tuple(out.values())
-
-    def _settle(self, path: str, mode: int | None, creds: list[Any], *, directory: bool) -> None:
-        """Give the new inode at ``path`` the caller's owner and mode (see the module doc)."""
-        uid, gid, umask = [*creds, None, None, None][:3]
-        parent = self._stat(_parent(path))
-        inherit = parent is not None and bool(parent.st_mode & stat.S_ISGID)
-        fd = self.vol.inode(path)
-        try:
-            ref = f"/proc/self/fd/{fd}"
-            st = os.fstat(fd)
-            want_uid = uid if isinstance(uid, int) else st.st_uid
-            want_gid = parent.st_gid if inherit and parent is not None else (
-                gid if isinstance(gid, int) else st.st_gid)
-            want = None
-            if mode is not None:
-                if self._has_default_acl(_parent(path)):
-                    want = stat.S_IMODE(st.st_mode)  # what the inherited ACL made of it
-                else:
-                    want = mode & ~(umask if isinstance(umask, int) else 0) & 0o7777
-                if directory:
-                    want = (want & 0o1777) | (stat.S_ISGID if inherit else 0)
-            if (st.st_uid, st.st_gid) != (want_uid, want_gid):
-                os.chown(ref, want_uid, want_gid)  # (clears set-user-ID bits: mode comes after)
-            if want is not None and stat.S_IMODE(os.fstat(fd).st_mode) != want:
-                os.chmod(ref, want)
-        finally:
-            os.close(fd)
-
-    def _has_default_acl(self, directory: str) -> bool:
-        try:  # (through the target's cached descriptor of the directory: no open)
-            os.getxattr(f"/proc/self/fd/{self.vol.dir_fd(directory)}", ACL_DEFAULT)
-            return True
-        except (OSError, ApplyError):
-            return False
 
     def _under(self, path: str) -> list[int]:
         return [ino for ino, p in self.paths.items() if p == path or p.startswith(path + "/")]
@@ -377,7 +283,7 @@ class Namespace:
 
     def _link(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
         with self.lock:
-            self._verify({**f, "path": f["path"]}, opts)
+            self._verify(f, opts)
             self._intent(Link, node, op_id, f)
             self.vol.link(f["path"], f["dst"], replace=False)
             return self._done(Link, node, op_id, f)
