@@ -138,6 +138,12 @@ class Target:
             return ApplyError(f"{path!r} in the target is a directory, expected a file", errno=errno.EISDIR)
         return ApplyError(f"cannot open {path!r} in the target: {exc}", errno=exc.errno or errno.EIO)
 
+    def _drop_cached(self, path: str) -> None:
+        """A name about to be replaced: its cached write descriptor must not outlive it."""
+        old = self._files.pop(path, None)
+        if old is not None:
+            os.close(old)
+
     def forget(self) -> None:
         """Drop cached descriptors (after a change to the namespace)."""
         for fd in self._files.values():
@@ -259,8 +265,8 @@ class Target:
         """An ``O_PATH`` descriptor of the inode at ``path`` ("" is the root), never following
         a symlink. Its ``/proc/self/fd/N`` name reaches that very inode (a symlink included)
         for chmod, chown, utime and xattr calls. The caller closes it."""
-        if path == "":
-            return os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        if path == "":  # (the directory opened at start, not whatever its name leads to now)
+            return os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd)
         parent, name = self.parent(path)
         try:
             return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
@@ -356,6 +362,7 @@ class Target:
         ``as_given`` the permission bits are left as the file system made them of ``mode``
         (umask or the directory's default ACL), as for `create`."""
         parent, name = self.parent(path)
+        self._drop_cached(path)
         first = mode if as_given else stat.S_IFMT(mode) | 0o600
         try:
             os.mknod(name, first, rdev, dir_fd=parent)
@@ -403,6 +410,7 @@ class Target:
 
     def symlink(self, path: str, target: str, *, replace: bool) -> None:
         parent, name = self.parent(path)
+        self._drop_cached(path)
         try:
             os.symlink(target, name, dir_fd=parent)
         except FileExistsError:

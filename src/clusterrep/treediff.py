@@ -23,9 +23,10 @@ Actions (paths relative to the roots, ``""`` the root, surrogateescape as in `cl
   action is idempotent and can be re-applied after a crash), plus the full set of extended
   attributes when they differ or the entry is new (``None``: leave them, they are equal). Full
   state rather than a delta costs 20 bytes and needs no read-modify-write on the replica; xattrs
-  are sent only when they differ because they can be 64 KiB each. The applier does, in order:
-  ``lchown``, ``chmod`` (not for a symlink; after chown, which clears set-user-ID bits), the
-  xattrs (set each listed, remove the others), ``utime`` (``follow_symlinks=False``) last.
+  are sent only when they differ because they can be 64 KiB each. The applier
+  (`confined.Target.apply_attr`) does, in order: ``lchown`` (it clears set-user-ID bits), the
+  xattrs (set each listed, remove the others; an access ACL sets mode bits), ``chmod`` (not for
+  a symlink), ``utime`` (``follow_symlinks=False``) last.
 
 Order (why each action can be applied as it arrives):
 
