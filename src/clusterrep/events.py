@@ -166,6 +166,17 @@ def _check_text(value: object, label: str, max_bytes: int) -> bytes:
     return raw
 
 
+def repath(paths: dict[Any, str], src: str, dst: str, *, exchange: bool = False) -> None:
+    """Follow a rename of ``src`` to ``dst`` (with ``exchange``, a swap of the two) in a map of
+    paths, in place: a path at or below a moved name moves with it."""
+    moves = ((src, dst), (dst, src)) if exchange else ((src, dst),)
+    for key, p in list(paths.items()):
+        for a, b in moves:
+            if p == a or p.startswith(a + "/"):
+                paths[key] = b + p[len(a):]
+                break
+
+
 def check_any_path(path: object, what: str) -> str:
     """A path (`check_path`) or ``""``, the volume root."""
     if path == "":

@@ -202,31 +202,30 @@ class CaptureFS:
         st = os.fstat(fh) if handle is not None else os.fstat(inode.fd)
         return k.ATTR_OUT.pack(0, 0, 0) + k.pack_attr(st)
 
-    def _truncate(self, inode: Inode, fd: int | None, length: int) -> None:
-        """Truncate this inode wherever its name is now; one without a name any more is
-        truncated here alone (nothing on the volume can show it)."""
+    def _named(self, inode: Inode, kind: str, **fields: Any) -> bool:
+        """Run ``kind`` through the coordinator on ``inode`` wherever its name is now; False if
+        it has none (then the caller changes it here alone: nothing on the volume can show it)."""
         def run() -> None:
             path = self.inodes.path(inode)
             if path is None:
                 raise FileNotFoundError(errno.ENOENT, "no name")
-            self.agent.meta("truncate", path=path, size=length, ino=inode.ino)
+            self.agent.meta(kind, path=path, ino=inode.ino, **fields)
         try:
             _retry_stale(run)
         except FileNotFoundError:
+            return False
+        return True
+
+    def _truncate(self, inode: Inode, fd: int | None, length: int) -> None:
+        """Truncate this inode wherever its name is now (a nameless one here alone)."""
+        if not self._named(inode, "truncate", size=length):
             if fd is not None:
                 os.ftruncate(fd, length)
             else:
                 os.truncate(inode.proc, length)
 
     def _setattr(self, inode: Inode, fields: dict[str, Any]) -> None:
-        def run() -> None:
-            path = self.inodes.path(inode)
-            if path is None:
-                raise FileNotFoundError(errno.ENOENT, "no name")
-            self.agent.meta("setattr", path=path, ino=inode.ino, **fields)
-        try:
-            _retry_stale(run)
-        except FileNotFoundError:  # no name: change the orphan here (nothing to replicate)
+        if not self._named(inode, "setattr", **fields):  # no name: the orphan, here alone
             if "uid" in fields or "gid" in fields:
                 os.chown(inode.proc, fields.get("uid", -1), fields.get("gid", -1))
             if "mode" in fields:
@@ -325,17 +324,6 @@ class CaptureFS:
         _retry_stale(run)
 
     # -- extended attributes (read here, changed through the coordinator) ----------------------
-
-    def _named(self, inode: Inode, kind: str, **fields: Any) -> bool:
-        """Run ``kind`` on ``inode`` wherever its name is now; False if it has none (then the
-        caller changes it here alone: nothing on the volume can show it)."""
-        def run() -> bool:
-            path = self.inodes.path(inode)
-            if path is None:
-                return False
-            self.agent.meta(kind, path=path, ino=inode.ino, **fields)
-            return True
-        return _retry_stale(run)
 
     def setxattr(self, hdr: k.Header, body: memoryview) -> None:
         size, flags = k.SETXATTR_IN.unpack_from(body)

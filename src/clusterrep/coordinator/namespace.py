@@ -43,6 +43,7 @@ from ..events import (
     Truncate,
     Unlink,
     encode,
+    repath,
     time_from_wire,
 )
 from .volumestate import VolumeState
@@ -217,14 +218,7 @@ class Namespace(VolumeState):
         before = self._stat(src)
         self._intent(Exchange, node, op_id, f, extra={"ino": before.st_ino if before else None})
         self.vol.exchange(src, dst)
-        for ino, p in list(self.paths.items()):
-            for a, b in ((src, dst), (dst, src)):
-                if p == a:
-                    self.paths[ino] = b
-                    break
-                if p.startswith(a + "/"):
-                    self.paths[ino] = b + p[len(a):]
-                    break
+        repath(self.paths, src, dst, exchange=True)
         return self._done(Exchange, node, op_id, f)
 
     def _setattr(self, node: str, op_id: str, f: dict[str, Any], opts: Options) -> dict[str, Any]:
@@ -380,9 +374,5 @@ class Namespace(VolumeState):
         self.vol.rename(src, dst, noreplace=noreplace)
         if replaced is not None:
             self._unnamed(replaced.st_ino, dst, replaced.st_nlink)
-        for ino, p in list(self.paths.items()):
-            if p == src:
-                self.paths[ino] = dst
-            elif p.startswith(src + "/"):
-                self.paths[ino] = dst + p[len(src):]
+        repath(self.paths, src, dst)
         return self._done(Rename, node, op_id, f)

@@ -42,6 +42,7 @@ from ..events import (
     decode,
     encode,
     encode_write,
+    repath,
 )
 from ..journal import Journal
 from ..locks import LockTable
@@ -315,21 +316,10 @@ class NodeAgent(NodeLocking):
         elif kind == "open" and isinstance(reply.get("ino"), int):
             self.paths[reply["ino"]] = fields["path"]  # the coordinator's word, as of now
         elif kind == "rename":
-            self._renamed(fields["path"], fields["dst"])
+            repath(self.paths, fields["path"], fields["dst"])
         elif kind == "exchange":
-            self._renamed(fields["path"], fields["dst"], exchange=True)
+            repath(self.paths, fields["path"], fields["dst"], exchange=True)
         return reply
-
-    def _renamed(self, src: str, dst: str, *, exchange: bool = False) -> None:
-        moves = ((src, dst), (dst, src)) if exchange else ((src, dst),)
-        for ino, p in list(self.paths.items()):
-            for a, b in moves:
-                if p == a:
-                    self.paths[ino] = b
-                    break
-                if p.startswith(a + "/"):
-                    self.paths[ino] = b + p[len(a):]
-                    break
 
     def where(self, ino: int, hint: str) -> str | None:
         """The current volume path of file ``ino``, or None once it has no name."""
