@@ -85,9 +85,10 @@ class RateLimiter:
             self._sleep(wait)
 
 
-def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """``(start, end)`` byte ranges of data within ``[0, size)``, in order, per SEEK_DATA/SEEK_HOLE."""
-    pos = 0
+def data_extents(fd: int, size: int, start: int = 0) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` byte ranges of data within ``[start, size)``, in order, per
+    SEEK_DATA/SEEK_HOLE."""
+    pos = start
     while pos < size:
         try:
             start = os.lseek(fd, pos, os.SEEK_DATA)
@@ -119,6 +120,26 @@ def plan(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
         cursor = stop
     if cursor < total:
         yield cursor, total - cursor, True
+
+
+def range_blocks(fd: int, size: int, first: int, end: int,
+                 limiter: RateLimiter | None = None) -> list[bytes]:
+    """Digest or ``HOLE`` of each block ``first .. end - 1`` of the first ``size`` bytes of
+    ``fd`` (``end`` at most ``block_count(size)``); holes found by SEEK_DATA are not read."""
+    out: list[bytes] = []
+    at = first
+    for start, stop in data_extents(fd, size, first * BLOCK_SIZE):
+        lo, hi = max(start // BLOCK_SIZE, at), min(-(-stop // BLOCK_SIZE), end)
+        if lo >= end:
+            break
+        if lo >= hi:
+            continue
+        out += [HOLE] * (lo - at)
+        for chunk in range(lo, hi, READ_CHUNK_BLOCKS):
+            out += read_hash(fd, size, chunk, min(READ_CHUNK_BLOCKS, hi - chunk), limiter)
+        at = hi
+    out += [HOLE] * (end - at)
+    return out
 
 
 def read_hash(fd: int, size: int, first: int, count: int, limiter: RateLimiter | None = None) -> list[bytes]:

@@ -124,6 +124,9 @@ NODE_MODE = "node_mode"  # file type and permission bits of a special file (FIFO
 ATTRS = "attrs"  # a tuple of `Attr`
 TIME, OPT_TIME = "time", "opt_time"
 OPT_ID = "opt_id"  # a uid or gid, or None  # nanoseconds since the epoch, any time a time_t holds
+NAMES = "names"  # a tuple of source names (node names)
+FLAG = "flag"  # 0 or 1
+MAX_NAMES = 256  # names one event may list
 MAX_TIME_NS = (1 << 63) * 10**9
 _I64 = 1 << 63
 
@@ -304,6 +307,17 @@ def _check_field(ev: Event, name: str, kind: str) -> None:
         _check_int(value, label, 0, 0o177777)
         if stat.S_IFMT(value) not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
             raise InvalidEvent(f"{label} {value:o} is not a FIFO, socket or device")
+    elif kind == NAMES:
+        if isinstance(value, list):
+            value = tuple(value)
+            object.__setattr__(ev, name, value)
+        if not isinstance(value, tuple) or len(value) > MAX_NAMES:
+            raise InvalidEvent(f"{label} must be a list of at most {MAX_NAMES} names")
+        for item in value:
+            _check_source(item, f"{label} entry")
+    elif kind == FLAG:
+        if type(value) is not int or value not in (0, 1):
+            raise InvalidEvent(f"{label} must be 0 or 1, got {value!r}")
     elif kind == ATTRS:
         if not isinstance(value, tuple):
             if not isinstance(value, list):
@@ -635,11 +649,74 @@ class Lock(MetaEvent):
     SPEC: ClassVar[tuple[tuple[str, str], ...]] = _P
 
 
+# -- the synchronisation (docs/architecture.md, "Synchronisation"): recorded by the coordinator
+# only, in its stream; the replica applies them in the merged order like any metadata event.
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncStart(MetaEvent):
+    """Mark S of a synchronisation: every write token was recalled just before it, so every
+    write placed before S is on the volume; the `SyncEntries` that follow (same lock hold) are
+    the volume's structure at S. ``members``: the nodes in the cluster at S; ``stream``: the
+    coordinator stream's identity; ``reason``: why (shown to people)."""
+
+    sync_id: str
+    reason: str
+    stream: str
+    members: tuple[str, ...] = ()
+    KIND: ClassVar[int] = 30
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("sync_id", XNAME), ("reason", TARGET), ("stream", XNAME), ("members", NAMES))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncEntries(MetaEvent):
+    """A batch of the structure snapshot at the last `SyncStart`, in walk order
+    (`clusterrep.syncwire.encode_entries`); ``final`` on the last batch."""
+
+    entries: bytes
+    final: int = 0
+    KIND: ClassVar[int] = 31
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = (("entries", DATA), ("final", FLAG))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncBlocks(MetaEvent):
+    """Content of file ``path`` (volume inode ``ino``) read under its write token at this
+    mark: its ``size``, the blocks of ``first .. first + count - 1`` that differ from the
+    replica's (`clusterrep.syncwire.encode_blocks`; those not listed are equal), and its
+    ``attrs`` (modification time included); ``final`` on the file's last chunk."""
+
+    path: str
+    ino: int
+    size: int
+    first: int
+    count: int
+    blocks: bytes
+    final: int = 0
+    attrs: tuple[Attr, ...] = ()
+    KIND: ClassVar[int] = 32
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = (
+        (PATH, PATH), ("ino", INT), ("size", INT), ("first", INT), ("count", INT),
+        ("blocks", DATA), ("final", FLAG), ("attrs", ATTRS))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncEnd(MetaEvent):
+    """Mark E: synchronisation ``sync_id`` is over (``outcome`` "done", or "aborted" when a
+    newer one replaced it)."""
+
+    sync_id: str
+    outcome: str
+    KIND: ClassVar[int] = 33
+    SPEC: ClassVar[tuple[tuple[str, str], ...]] = (("sync_id", XNAME), ("outcome", XNAME))
+
+
 EVENT_TYPES: dict[int, type[Event]] = {
     cls.KIND: cls
     for cls in (Write, Fallocate, Stamp, Tick, Create, Open, Close, Mkdir, Rmdir, Unlink, Rename,
                 Exchange, Truncate, SetAttr, Symlink, Link, Mknod, SetXattr, RemoveXattr,
-                Acquire, Join, Leave, Lock)
+                Acquire, Join, Leave, Lock, SyncStart, SyncEntries, SyncBlocks, SyncEnd)
 }
 _EXTRA: dict[type[Event], tuple[str, ...]] = {
     cls: tuple(f.name for f in fields(cls) if f.name not in ("source", "seq", "wall")
@@ -754,7 +831,7 @@ def describe(event: Event) -> str:
     parts = []
     for name, _ in cls.SPEC:
         value = getattr(event, name)
-        if name in ("data", "value"):
+        if name in ("data", "value", "entries", "blocks"):
             parts.append(f"{len(value)}B")
         elif name == "attrs":
             continue

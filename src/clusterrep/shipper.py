@@ -8,7 +8,8 @@ them durable.
 
 Protocol (msgpack frames over an authenticated `wire.Connection`):
 
-    -> {"t": "hello", "source": NAME}            <- {"t": "welcome", "next": SEQ}
+    -> {"t": "hello", "source": NAME, "first": SEQ}
+                            <- {"t": "welcome", "next": SEQ, "gap_ok": BOOL, ["need_sync": {...}]}
     -> {"t": "batch", "events": [bytes...], "captured": N, "unsettled": K}
                                 <- {"t": "recv", "received": SEQ}   (validated, in memory)
                                 <- {"t": "ack", "durable": SEQ}     (fsync'd in its journal)
@@ -20,6 +21,12 @@ sending the next one overlaps the replica's journal write and fsync of the previ
 backlog of large writes); small batches wait for the acknowledgement and grow meanwhile. The
 replica answers them in order; a refusal ends the connection, and the resend starts from the
 replica's ``next`` as after any reconnect.
+
+``first`` is the oldest seq the journal still holds. A replica that needs older ones lost them
+(they were trimmed once a replica had them): it then needs a synchronisation, says ``gap_ok``,
+and the stream is sent from ``first``. To the coordinator's shipper the replica adds
+``need_sync`` (``request``, ``reason``) to its answers while it waits for one; ``on_reply``
+sees every answer.
 """
 
 from __future__ import annotations
@@ -48,8 +55,10 @@ class Shipper:
     def __init__(self, journal: Journal, replica: str, auth: wire.Auth | bytes, *, name: str, role: str,
                  batch_bytes: int = 4 << 20, beat_interval: float = 0.2,
                  retry_interval: float = 0.5, linger: float = 0.002, window: int = 4,
-                 unsettled: Callable[[], int] = lambda: 0) -> None:
+                 unsettled: Callable[[], int] = lambda: 0,
+                 on_reply: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.journal = journal
+        self.on_reply = on_reply
         # files written whose modification time is not recorded yet (`NodeAgent.unsettled`):
         # reported with every batch and beat, so `clusterrep wait` waits for them too
         self.unsettled = unsettled
@@ -124,9 +133,13 @@ class Shipper:
     def _session(self) -> None:
         conn = wire.connect(self.replica, self.auth, name=self.name, role=self.role)
         self._conn = conn
-        conn.send({"t": "hello", "source": self.name})
+        conn.send({"t": "hello", "source": self.name, "first": self.journal.first_index})
         reply = self._reply(conn)
         nxt = int(reply["next"])
+        if nxt < self.journal.first_index and reply.get("gap_ok") is True:
+            log.warning("%s: the replica asks for seq %d, trimmed here; it is synchronising, so the "
+                        "stream goes on from seq %d", self.name, nxt, self.journal.first_index)
+            nxt = self.journal.first_index
         if nxt > self.journal.next_index:
             raise ReplicaRefused(
                 f"the replica already has seq {nxt - 1} from {self.name}, but this journal ends at "
@@ -205,6 +218,8 @@ class Shipper:
             raise ReplicaRefused(f"the replica refused: {reply.get('message')}")
         if reply.get("t") not in ("welcome", "ack", "recv"):
             raise ReplicaRefused(f"unexpected reply from the replica: {reply!r:.100}")
+        if self.on_reply is not None and "need_sync" in reply:
+            self.on_reply(reply)
         return reply
 
     def _acked(self, durable: int | None, *, received: int | None = None) -> None:

@@ -95,3 +95,20 @@ def state_dir(text: str) -> str:
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
     return text
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def byte_rate(text: str) -> float:
+    """A rate in bytes per second: a number with an optional K, M, G or T (powers of 1024),
+    optionally followed by "B/s" or "/s": "200M", "1.5G/s", "50MB/s"."""
+    raw = text.strip().upper().removesuffix("/S").removesuffix("B")
+    unit = raw[-1:] if raw[-1:] in _UNITS and raw[-1:] else ""
+    try:
+        value = float(raw[:-1] if unit else raw) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (say e.g. 200M for 200 MiB/s)") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a rate must be more than 0")
+    return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from ..coordinator.server import CoordinatorServer
 from ..coordinator.service import CoordinatorService
@@ -10,12 +11,15 @@ from .common import (
     add_auth,
     add_verbose,
     auth,
+    byte_rate,
     peer_address,
     positive_seconds,
     serve_until_signalled,
     setup_logging,
     state_dir,
 )
+
+log = logging.getLogger("clusterrep.coordinator")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -31,8 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--state", required=True, type=state_dir, metavar="DIR",
                    help="the coordinator's stream journal and tables (created if missing)")
     p.add_argument("--allow-existing", action="store_true",
-                   help="start on a non-empty volume (only if the replica already holds an "
-                        "identical copy; initial synchronisation is not implemented yet)")
+                   help="deprecated, does nothing: a volume that already holds files is "
+                        "synchronised to the replica when the coordinator first starts on it")
+    p.add_argument("--sync-rate", type=byte_rate, default=None, metavar="RATE",
+                   help="at most this many bytes per second read from the volume by a "
+                        "synchronisation (e.g. 200M), so that it does not starve running VMs "
+                        "(default: no limit)")
     p.add_argument("--lease", type=positive_seconds, default=10.0, metavar="SECONDS",
                    help="how long a node that stopped answering keeps its write tokens and file "
                         "locks (default 10). A node stops writing by itself before its lease "
@@ -48,7 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def main(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     creds = auth(args)
-    service = CoordinatorService(args.volume, args.state, allow_existing=args.allow_existing,
-                                 lock_grace=args.lock_grace, lease=args.lease)
-    server = CoordinatorServer(service, args.listen, args.replica, creds)
+    if args.allow_existing:
+        log.warning("--allow-existing is deprecated and does nothing: a volume that holds files "
+                    "is synchronised to the replica automatically")
+    service = CoordinatorService(args.volume, args.state, lock_grace=args.lock_grace,
+                                 lease=args.lease)
+    server = CoordinatorServer(service, args.listen, args.replica, creds, sync_rate=args.sync_rate)
     return serve_until_signalled(server.start, server.stop, f"coordinator on {args.listen}")

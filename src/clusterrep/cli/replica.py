@@ -31,6 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--state", required=True, type=state_dir, metavar="DIR",
                    help="journal and checkpoint directory (created if missing; keep it apart "
                         "from --target)")
+    p.add_argument("--adopt-target", action="store_true",
+                   help="this replica has no state yet but --target already holds files (an "
+                        "older copy of the volume): keep them, and let the first "
+                        "synchronisation compare them with the volume, so that only what differs "
+                        "moves; every file it deletes is logged. Without it a replica without "
+                        "state refuses a target that is not empty")
     add_auth(p)
     add_verbose(p)
     p.set_defaults(func=main)
@@ -45,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
         target.mkdir(mode=0o700)
         os.chmod(target, 0o700)  # (whatever the umask)
     warn_if_exposed(target)
-    service = ReplicaService(target, state)
+    service = ReplicaService(target, state, adopt_target=args.adopt_target)
     server = ReplicaServer(service, args.listen, creds)
     return serve_until_signalled(server.start, server.stop, f"replica on {args.listen}")
 

@@ -33,6 +33,7 @@ from ..errors import ClusterrepError, InvalidLock, OpFailed, ReclaimConflict
 from ..shipper import Shipper
 from .requests import answer
 from .service import CoordinatorService
+from .sync import SyncRunner
 
 log = logging.getLogger("clusterrep.coordinator")
 RECALL_TIMEOUT = 30.0
@@ -50,11 +51,13 @@ class _Control:
 
 class CoordinatorServer:
     def __init__(self, service: CoordinatorService, listen: str, replica: str,
-                 auth: wire.Auth | bytes) -> None:
+                 auth: wire.Auth | bytes, *, sync_rate: float | None = None) -> None:
         self.service = service
         self.server = serve.Server(listen, auth, name="coordinator", role="coordinator",
                                   handler=self._handle)
-        self.shipper = Shipper(service.journal, replica, auth, name="coordinator", role="coordinator")
+        self.sync = SyncRunner(service, replica, auth, rate=sync_rate)
+        self.shipper = Shipper(service.journal, replica, auth, name="coordinator", role="coordinator",
+                               on_reply=self.sync.on_replica_reply)
         service.recaller = self._recall
         service.on_record = self._recorded
         service.on_unlock = self._unlocked
@@ -72,6 +75,7 @@ class CoordinatorServer:
         return self.server.address
 
     def start(self) -> None:
+        self.sync.start()
         self.shipper.start()
         self.server.start()
         self._pusher.start()
@@ -82,6 +86,7 @@ class CoordinatorServer:
             self._changed.notify_all()
         self.server.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.sync.stop()
         self.shipper.stop()
         self.service.close()
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from ..confined import Target
 from ..durable import atomic_write
-from ..errors import ApplyError, ClusterrepError, InvalidEvent, OpFailed, VolumeNotEmpty
+from ..errors import ApplyError, ClusterrepError, InvalidEvent, OpFailed
 from ..events import (
     EVENT_TYPES,
     Acquire,
@@ -64,6 +64,8 @@ from ..replica.merger import COORDINATOR
 from ..timing import pause
 from .locking import FileLocking
 from .namespace import UNKNOWN, Namespace
+from .syncmarks import SyncMarks
+from .volumestate import SYNC_HOLDER
 
 log = logging.getLogger("clusterrep.coordinator")
 
@@ -86,9 +88,9 @@ def _load_epochs(path: Path) -> dict[str, int]:
 Recaller = Callable[[str, int], None]
 
 
-class CoordinatorService(FileLocking, Namespace):
-    def __init__(self, volume: str | Path, state: str | Path, *, allow_existing: bool = False,
-                 lock_grace: float = 15.0, lease: float = 10.0) -> None:
+class CoordinatorService(SyncMarks, FileLocking, Namespace):
+    def __init__(self, volume: str | Path, state: str | Path, *, lock_grace: float = 15.0,
+                 lease: float = 10.0) -> None:
         self.volume_path = Path(volume)
         if not self.volume_path.is_dir():
             raise ClusterrepError(f"volume {volume} is not a directory",
@@ -96,12 +98,9 @@ class CoordinatorService(FileLocking, Namespace):
         self.state = Path(state)
         self.state.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(self.state / "stream")
-        if self.journal.next_index == 1 and not allow_existing and any(self.volume_path.iterdir()):
-            raise VolumeNotEmpty(
-                f"volume {volume} is not empty and this coordinator has never run on it",
-                hint="start from an empty volume (initial synchronisation of existing files is "
-                     "not implemented yet), or pass --allow-existing if the replica already "
-                     "holds an identical copy")
+        # a volume that already holds files when this coordinator first starts on it: the
+        # replica is brought to it by a synchronisation recorded before any operation
+        held_data = self.journal.next_index == 1 and any(self.volume_path.iterdir())
         self.vol = Target(self.volume_path)
         self.gseq = self.journal.next_index - 1
         self.members: set[str] = set()
@@ -121,6 +120,7 @@ class CoordinatorService(FileLocking, Namespace):
         self._inflight: dict[str, threading.Event] = {}
         self._intent_open = False
         self.recaller: Recaller | None = None
+        self._barrier = False  # a sync's mark is being recorded: no write token is granted
         # leases: a node's tokens and locks are its own while it renews them (any request
         # renews); only once a silent node's lease ran out may they go to another node
         self.lease = lease
@@ -157,6 +157,15 @@ class CoordinatorService(FileLocking, Namespace):
             self._record(SetAttr, COORDINATOR, f"coordinator-root-{self.incarnation}", path="",
                          attrs=(root,))
             self.journal.sync()
+        # the sync recorded at first start (id, mark), for `SyncRunner` to carry out
+        self.first_sync: tuple[str, int] | None = None
+        if held_data:
+            sync_id = secrets.token_hex(8)
+            with self.lock:
+                mark = self._record_start(sync_id, "the volume held files when the coordinator "
+                                          "first started on it")
+            self.journal.sync()
+            self.first_sync = (sync_id, mark)
 
     # -- intent: an operation between its volume change and its journal record ---------------
 
@@ -464,6 +473,9 @@ class CoordinatorService(FileLocking, Namespace):
         """Take the token of ``ino`` back from ``holder`` (lock NOT held). If a recall of it is
         already under way, wait for that one instead. Until the holder answers, it still holds
         the token: nobody else gets it, and the holder cannot be told it still has it."""
+        if holder == SYNC_HOLDER:
+            self.wait_released(ino)
+            return
         with self.lock:
             if self.holders.get(ino) != holder:
                 return
@@ -559,11 +571,16 @@ class CoordinatorService(FileLocking, Namespace):
                 holder = self.holders.get(ino)
                 if holder == node and ino not in self.recalling:
                     return {"gseq": self.gseq, "path": path, "event": None}
-                if holder is None:
+                if self._barrier:
+                    holder = None
+                elif holder is None:
                     self._validate(Acquire, node, op_id, {"path": path})
                     ev = self._record(Acquire, node, op_id, path=path)
                     self.holders[ino] = node
                     break
+            if holder is None:  # a sync's mark is being recorded: ask again after it
+                pause(0.01)
+                continue
             self._recall(holder, ino)
         self._durable()
         return {"gseq": ev.gseq, "path": path, "event": encode(ev)}

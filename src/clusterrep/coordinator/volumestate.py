@@ -23,6 +23,8 @@ from ..confined import Target
 from ..errors import ApplyError
 from ..events import Attr, Create, Exchange, Link, MetaEvent, Mkdir, Mknod, Rename, Rmdir, Symlink, Unlink
 
+SYNC_HOLDER = "coordinator"  # a synchronisation reading a file holds its write token under this name
+
 NEW_INODE = (Create, Mkdir, Symlink, Mknod)  # operations that make an inode (owner, umask)
 ACL_DEFAULT = "system.posix_acl_default"
 
@@ -50,7 +52,7 @@ class VolumeState:
         st = self._stat(path)
         if st is None:
             return None
-        writing = stat.S_ISREG(st.st_mode) and st.st_ino in self.holders
+        writing = stat.S_ISREG(st.st_mode) and self.holders.get(st.st_ino, SYNC_HOLDER) != SYNC_HOLDER
         listed = None
         if xattrs:
             fd = self.vol.inode(path)

@@ -39,6 +39,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Protocol
 
 from ..confined import Target
 from ..durable import atomic_write
@@ -59,6 +60,10 @@ from ..events import (
     SetXattr,
     Stamp,
     Symlink,
+    SyncBlocks,
+    SyncEnd,
+    SyncEntries,
+    SyncStart,
     Truncate,
     Unlink,
     Write,
@@ -69,7 +74,15 @@ from .position import Position
 log = logging.getLogger("clusterrep.replica")
 CHECKPOINT = "checkpoint.json"
 EXCHANGE_NOTE = "exchange.json"  # the exchange about to run: gseq and its source's inode
-_BARRIERS = (Unlink, Rmdir, Rename, Exchange)
+_BARRIERS = (Unlink, Rmdir, Rename, Exchange, SyncStart, SyncEnd)
+_SYNC = (SyncStart, SyncEntries, SyncBlocks, SyncEnd)
+
+
+class SyncHandler(Protocol):
+    """What applies a synchronisation's events (`clusterrep.replica.sync.ReplicaSync`)."""
+
+    def apply(self, ev: MetaEvent, replaying: bool) -> None: ...
+    def flush(self) -> None: ...
 
 
 class Applier:
@@ -103,6 +116,7 @@ class Applier:
         self.skipped = 0
         self.checkpoints = 0
         self.emulated = 0  # fallocate modes the target's file system refused, done by hand
+        self.sync: SyncHandler | None = None  # applies SyncStart/SyncEntries/SyncBlocks/SyncEnd
 
     def _load(self) -> tuple[Position, bool]:
         try:
@@ -119,13 +133,32 @@ class Applier:
             )
         return pos, True
 
+    def target_replaced(self) -> str | None:
+        """Why the target is not the directory this state was applied to (None: it is, or no
+        state was applied yet)."""
+        try:
+            saved = (self.state_dir / "target-id").read_text()
+        except FileNotFoundError:
+            return None
+        st = os.fstat(self.target.root_fd)
+        now = f"{st.st_dev}:{st.st_ino}"
+        if saved == now:
+            return None
+        return (f"the target {self.target.root} is another directory than the one this replica's "
+                f"state was applied to (device:inode {saved}, now {now}): it was replaced")
+
     # -- applying ----------------------------------------------------------------------------
 
     def apply(self, events: Iterable[Event]) -> None:
         position = self.position
         cursors, afters = position.cursors, position.afters
         write = self.target.write
+        floor = position.floor
         for ev in events:
+            if floor and position.below_floor(ev):
+                position.advance(ev)  # a synchronisation since holds its effect
+                self.skipped += 1
+                continue
             if type(ev) is Write and self.fault is None:
                 # fast path for the bulk of the traffic; same steps as below
                 src = ev.source
@@ -148,7 +181,7 @@ class Applier:
             if position.already_applied(ev):
                 self.skipped += 1
                 continue
-            barrier = isinstance(ev, _BARRIERS)
+            barrier = isinstance(ev, _BARRIERS) or (type(ev) is SyncEntries and ev.final)
             if barrier and self._since:
                 self.checkpoint()
             if self.fault is not None:
@@ -208,6 +241,10 @@ class Applier:
                 self.emulated += 1
         elif cls is Stamp:
             t.stamp(ev.path, ev.mtime_ns)  # type: ignore[attr-defined]
+        elif cls in _SYNC:
+            if self.sync is None:
+                raise ApplyError(f"{describe(ev)}: this applier cannot apply a synchronisation")
+            self.sync.apply(ev, self.replaying)  # type: ignore[arg-type]
         # Open, Close, Acquire, Lock, Join, Leave, Tick: marks only
         if isinstance(ev, MetaEvent):
             for attr in getattr(ev, "attrs", ()):
@@ -239,10 +276,16 @@ class Applier:
 
     def checkpoint(self) -> None:
         """Make the target durable, then record the position durably."""
+        if self.sync is not None:
+            self.sync.flush()
         self.target.sync()
         marker = self.state_dir / "target"
         if not marker.exists():
             atomic_write(marker, os.path.realpath(self.target.root).encode())
+        ident = self.state_dir / "target-id"
+        st = os.fstat(self.target.root_fd)
+        if not ident.exists() or ident.read_text() != f"{st.st_dev}:{st.st_ino}":
+            atomic_write(ident, f"{st.st_dev}:{st.st_ino}".encode())
         atomic_write(self.checkpoint_path, self.position.dumps())
         self._since = 0
         self._bytes = 0

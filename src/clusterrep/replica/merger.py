@@ -44,6 +44,7 @@ class Merger:
         # per node: highest after/gseq seen in its stream, in seq order (a promise about the rest)
         self._known: dict[str, int] = dict(self.position.afters)
         self._cursor: dict[str, int] = dict(self.position.cursors)
+        self._floating: set[str] = set(self.position.floating)
         self.received = 0
         self.duplicates = 0
 
@@ -78,6 +79,9 @@ class Merger:
                 item = ev
             else:  # pragma: no cover - Event itself is abstract
                 raise InvalidEvent(f"not a known event type: {ev!r}")
+            if src in self._floating:  # its stream starts here (what came before was trimmed)
+                self._floating.discard(src)
+                self._cursor[src] = ev.seq
             if ev.seq < self._cursor.get(src, 1):
                 self.duplicates += 1
                 continue
@@ -152,7 +156,7 @@ class Merger:
                 m = a
                 if a > g:
                     return
-                if src not in members:
+                if src not in members and a >= pos.floor:
                     raise StampViolation(f"node {src} recorded {describe(item)} while not a member "
                                          "(no Join before it, or after its Leave)")
                 del buf[c]

@@ -7,7 +7,12 @@ exactly where the applier stopped:
 * ``cursors[node]``: every data event of ``node`` with ``seq < cursor`` is applied (a node's
   data events are applied in ``seq`` order, so this is a prefix);
 * ``afters[node]``: the ``after`` stamp of that node's last applied data event;
-* ``members``: nodes that have joined and not left, as of ``gseq``.
+* ``members``: nodes that have joined and not left, as of ``gseq``;
+* ``floor``: a synchronisation re-started the replica at mark ``floor``: events placed before
+  it (metadata with ``gseq < floor``, data with ``after < floor``) are passed without being
+  applied, since the sync's structure and blocks already hold their effect;
+* ``floating``: member nodes whose stream this replica has not seen since that re-start: the
+  first event received from one is where its stream starts (what came before was trimmed).
 """
 
 from __future__ import annotations
@@ -29,6 +34,14 @@ class Position:
     cursors: dict[str, int] = field(default_factory=dict)
     afters: dict[str, int] = field(default_factory=dict)
     applied: int = 0
+    floor: int = 0
+    floating: set[str] = field(default_factory=set)
+
+    def below_floor(self, event: Event) -> bool:
+        """Is ``event`` placed before the mark a synchronisation re-started this replica at?"""
+        if isinstance(event, DataEvent):
+            return event.after < self.floor
+        return isinstance(event, MetaEvent) and event.gseq < self.floor
 
     def advance(self, event: Event) -> None:
         """Move past ``event``, which must be the next event of the merged order."""
@@ -41,6 +54,8 @@ class Position:
         elif isinstance(event, DataEvent):
             self.cursors[event.source] = event.seq + 1
             self.afters[event.source] = event.after
+            if self.floating:
+                self.floating.discard(event.source)
         self.applied += 1
 
     def already_applied(self, event: Event) -> bool:
@@ -51,7 +66,7 @@ class Position:
 
     def copy(self) -> Position:
         return Position(self.gseq, set(self.members), dict(self.cursors), dict(self.afters),
-                        self.applied)
+                        self.applied, self.floor, set(self.floating))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -61,6 +76,8 @@ class Position:
             "cursors": dict(sorted(self.cursors.items())),
             "afters": dict(sorted(self.afters.items())),
             "applied": self.applied,
+            "floor": self.floor,
+            "floating": sorted(self.floating),
         }
 
     @classmethod
@@ -75,6 +92,8 @@ class Position:
                 cursors={str(k): int(v) for k, v in data["cursors"].items()},
                 afters={str(k): int(v) for k, v in data["afters"].items()},
                 applied=int(data["applied"]),
+                floor=int(data.get("floor", 0)),
+                floating={str(m) for m in data.get("floating", ())},
             )
         except CheckpointError:
             raise

@@ -47,11 +47,14 @@ class ReplicaServer:
         if conn.peer_role == "node" and source == COORDINATOR:
             raise BatchRefused(f"a node cannot be named {COORDINATOR!r}", 0)
         hello = conn.recv(timeout=30)
+        if source == COORDINATOR and isinstance(hello, dict) and hello.get("t") == "sync":
+            self._sync_session(conn, hello)
+            return
         if not isinstance(hello, dict) or hello.get("t") != "hello" or hello.get("source") != source:
             conn.send({"t": "error", "message": "expected hello for the authenticated source"})
             return
         self.service.report(source, 0, tls=conn.tls)
-        conn.send({"t": "welcome", "next": self.service.next_seq(source)})
+        conn.send(self.service.welcome(source, max(1, _int(hello.get("first", 1)))))
         log.info("%s %s connected from %s", conn.peer_role, source, conn.peer_addr)
         try:
             while True:
@@ -68,16 +71,41 @@ class ReplicaServer:
                         log.warning("refused a batch from %s (%s): %s", source, conn.peer_addr, exc)
                         conn.send({"t": "error", "message": str(exc), "next": exc.next_seq})
                         return
-                    conn.send({"t": "ack", "durable": durable})
+                    conn.send({"t": "ack", "durable": durable, **self.service.sync_request(source)})
                 elif kind == "beat":
                     conn.send({"t": "ack", "durable": self.service.report(
-                        source, captured, unsettled=unsettled)})
+                        source, captured, unsettled=unsettled), **self.service.sync_request(source)})
                 else:
                     conn.send({"t": "error", "message": f"unexpected message {kind!r}"})
                     return
         finally:
             self.service.report(source, 0, connected=False)
             log.info("%s %s disconnected", conn.peer_role, source)
+
+    def _sync_session(self, conn: wire.Connection, hello: dict[str, Any]) -> None:
+        """The coordinator's questions during a sync: which files are pending (``plan``), and
+        the target's blocks of a range of one (``manifest``). See `clusterrep.replica.sync`."""
+        sync = self.service.sync
+        sync_id = hello.get("sync_id")
+        if not isinstance(sync_id, str):
+            conn.send({"t": "error", "message": "a sync session needs a sync_id"})
+            return
+        conn.send({"t": "ready"})
+        while True:
+            msg = conn.recv()
+            kind = msg.get("t") if isinstance(msg, dict) else None
+            if kind == "plan":
+                conn.send(sync.plan(sync_id, _int(msg.get("after", 0))))
+            elif kind == "manifest":
+                count = min(_int(msg.get("count", 0)), 1 << 16)
+                conn.send(sync.manifest(sync_id, _int(msg.get("ino", 0)), _int(msg.get("first", 0)),
+                                        count))
+            elif kind == "skip":
+                sync.skip(sync_id, _int(msg.get("ino", 0)))
+                conn.send({"t": "ok"})
+            else:
+                conn.send({"t": "error", "message": f"unexpected message {kind!r}"})
+                return
 
     def _client(self, conn: wire.Connection) -> None:
         while True:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -27,11 +28,12 @@ from typing import Any
 
 from ..durable import atomic_write
 from ..errors import ApplyError, ClusterrepError, InvalidEvent
-from ..events import Event, MetaEvent, decode
+from ..events import Event, MetaEvent, SyncStart, decode
 from ..journal import Journal
-from .applier import Applier
+from .applier import CHECKPOINT, Applier
 from .merger import COORDINATOR, Merger
 from .position import Position
+from .sync import ReplicaSync
 
 log = logging.getLogger("clusterrep.replica")
 
@@ -60,13 +62,35 @@ class SourceState:
     arrivals: deque[tuple[int, float]] = field(default_factory=deque)
 
 
+class TargetNotEmpty(ClusterrepError):
+    """A replica without state was pointed at a target that already holds files."""
+
+    exit_code = 2
+
+
 class ReplicaService:
     def __init__(self, target: str | Path, state: str | Path, *, checkpoint_idle: float = 0.5,
-                 checkpoint_interval: float = 30.0) -> None:
+                 checkpoint_interval: float = 30.0, adopt_target: bool = False) -> None:
         self.state = Path(state)
+        fresh = not (self.state / "apply" / CHECKPOINT).exists()
+        if fresh and not adopt_target and _holds_files(target):
+            raise TargetNotEmpty(
+                f"target {target} already holds files and this replica has no state for it",
+                hint="pass --adopt-target to have the first synchronisation compare it with the "
+                     "volume (only what differs moves; every file it deletes is logged), or point "
+                     "--target at an empty directory")
         self.state.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(self.state / "journal", tail_cache=0)  # read only to replay after a restart
         self.applier = Applier(target, self.state / "apply")
+        self.sync = ReplicaSync(self.state, self.applier.target)
+        self.applier.sync = self.sync
+        self.sync.applied_gseq = lambda: int(self._merge_view.get("gseq", 0))
+        if fresh and adopt_target and _holds_files(target):
+            self.sync.need(f"adopting target {target}, which already holds files")
+        elif (why := self.applier.target_replaced()) is not None:
+            self.sync.need(why)
+        # sources whose stream (re)started after a gap while awaiting a sync: their first seq
+        self._starts: dict[str, int] = {}
         self.merger = Merger(self.applier.position)
         self.sources: dict[str, SourceState] = {}
         self.checkpoint_idle = checkpoint_idle
@@ -112,6 +136,11 @@ class ReplicaService:
         if count:
             log.info("recovered %d journaled events; resuming from checkpoint at gseq %d",
                      count, self.applier.position.gseq)
+        self.sync.recover(self.applier.position.gseq)
+        if self.sync.awaiting is not None:
+            start = self._find_start()
+            if start is not None:
+                self._rebase(start)
 
     def start(self) -> None:
         self._thread.start()
@@ -124,6 +153,7 @@ class ReplicaService:
             if self.error is None:
                 self._checkpoint()
         finally:
+            self.sync.close()
             self.applier.target.close()
             self.journal.close()
 
@@ -132,6 +162,41 @@ class ReplicaService:
     def next_seq(self, source: str) -> int:
         with self._lock:
             return self.sources.setdefault(source, SourceState()).received + 1
+
+    def welcome(self, source: str, first: int) -> dict[str, Any]:
+        """The answer to ``source``'s hello; ``first``: the oldest seq its journal still holds.
+
+        A stream that starts after what this replica needs lost those events for good (they
+        were trimmed once an earlier replica had them): this replica then needs a sync, and
+        takes the stream from where it starts."""
+        with self._lock:
+            st = self.sources.setdefault(source, SourceState())
+            need = None
+            if first > st.received + 1 and not self._gap_ok(source, st):
+                need = (f"{source}'s stream now starts at seq {first}, but this replica has only "
+                        f"up to seq {st.received}: the events between were trimmed after a replica "
+                        "held them (this replica's state was lost or is an older copy)")
+            reply: dict[str, Any] = {"t": "welcome", "next": st.received + 1}
+        if need is not None:
+            self.sync.need(need)
+        with self._lock:
+            reply["gap_ok"] = self._gap_ok(source, st)
+        reply.update(self.sync_request(source))
+        return reply
+
+    def sync_request(self, source: str) -> dict[str, Any]:
+        """What to tell the coordinator with every answer: the sync this replica asks for."""
+        if source == COORDINATOR and self.sync.awaiting is not None:
+            return {"need_sync": {"request": self.sync.request, "reason": self.sync.awaiting}}
+        return {}
+
+    def _gap_ok(self, source: str, st: SourceState) -> bool:
+        """May ``source``'s stream jump ahead? (Lock held.) Only while awaiting a sync (events
+        before its mark are not needed), or for a node whose start this replica never saw since
+        a sync re-started it."""
+        if self.sync.awaiting is not None:
+            return True
+        return source in self.applier.position.floating and st.received == 0
 
     def report(self, source: str, captured: int, connected: bool = True,
                tls: bool | None = None, unsettled: int = 0) -> int:
@@ -172,6 +237,12 @@ class ReplicaService:
         with self._lock:
             st = self.sources.setdefault(source, SourceState())
             fresh = [(ev, raw) for ev, raw in zip(events, raw_events, strict=True) if ev.seq > st.received]
+            if fresh and fresh[0][0].seq > st.received + 1 and self._gap_ok(source, st):
+                log.warning("the stream of %s resumes at seq %d (seq %d..%d are not needed: a "
+                            "synchronisation replaces them)", source, fresh[0][0].seq,
+                            st.received + 1, fresh[0][0].seq - 1)
+                st.received = fresh[0][0].seq - 1
+                self._starts[source] = fresh[0][0].seq
             expect = st.received + 1
             for ev, _ in fresh:
                 if ev.seq != expect:
@@ -196,6 +267,9 @@ class ReplicaService:
                 st.bytes_received += size
                 st.events_received += len(fresh)
                 self._queue.put([ev for ev, _ in fresh])
+                if source == COORDINATOR and self.sync.awaiting is not None and any(
+                        isinstance(ev, SyncStart) and self.sync.answers(ev) for ev, _ in fresh):
+                    self._queue.put([])  # wake the apply thread: it re-starts at that mark
                 self._idle.clear()
             st.captured = max(st.captured, captured, st.received)
             st.unsettled = unsettled
@@ -222,6 +296,16 @@ class ReplicaService:
             if self.error is not None:
                 continue  # keep receiving (journaled, durable), apply nothing until fixed
             try:
+                if self.sync.awaiting is not None:
+                    # apply nothing until the sync asked for starts: then re-start at its mark
+                    start = next((ev for ev in batch if isinstance(ev, SyncStart)
+                                  and ev.source == COORDINATOR and self.sync.answers(ev)), None)
+                    if start is None:
+                        self._publish()
+                        continue
+                    self._rebase(start)
+                    batch = []
+                    dirty = True
                 if batch:
                     self.merger.add(batch)
                     more = True
@@ -253,6 +337,50 @@ class ReplicaService:
             except ClusterrepError as exc:
                 self.error = str(exc)
                 log.critical("replica stopped applying: %s", exc)
+
+    def _find_start(self) -> SyncStart | None:
+        """The sync this replica awaits, if its start is journaled already (after a restart)."""
+        start = self.journal.first_index
+        while start < self.journal.next_index:
+            records = self.journal.read(start, max_bytes=64 << 20)
+            for _, raw in records:
+                ev = decode(raw)
+                if isinstance(ev, SyncStart) and ev.source == COORDINATOR and self.sync.answers(ev):
+                    return ev
+            start = records[-1][0] + 1
+        return None
+
+    def _rebase(self, start: SyncStart) -> None:
+        """Re-start the merged order at the sync's mark S (apply thread): what is placed before
+        S is passed without being applied (the sync's structure and blocks hold it); each node's
+        stream is taken from where this replica has it."""
+        old = self.applier.position
+        with self._lock:
+            received = {s: st.received for s, st in self.sources.items() if s != COORDINATOR}
+            starts = dict(self._starts)
+        cursors: dict[str, int] = {}
+        for src, got in received.items():
+            if src in starts:
+                cursors[src] = starts[src]
+            elif got > 0:
+                cursors[src] = old.cursors.get(src, 1)
+        members = set(start.members)
+        pos = Position(gseq=start.gseq - 1, members=members, cursors=cursors, afters={},
+                       applied=old.applied, floor=start.gseq,
+                       floating={m for m in members if m not in cursors})
+        self.applier.position = pos
+        self.applier.replaying = False
+        self.merger = Merger(pos)
+        self._retry = []
+        at = self.journal.first_index
+        while at < self.journal.next_index:
+            records = self.journal.read(at, max_bytes=64 << 20)
+            self.merger.add(decode(raw) for _, raw in records)
+            at = records[-1][0] + 1
+        self._checkpoint()
+        log.warning("re-starting the merged order at synchronisation %s (mark g%d): events placed "
+                    "before it are not applied, the synchronisation holds their effect",
+                    start.sync_id, start.gseq)
 
     def _drain_and_apply(self) -> int:
         out = self._retry + self.merger.drain()
@@ -351,6 +479,8 @@ class ReplicaService:
             "journal_bytes": self.journal.bytes_total,
             "error": self.error,
             "stalled": self.stalled,
+            "sync": self.sync.status(),
+            "last_sync": self.sync.last,
             "idle": self._idle.is_set() and self._queue.empty(),
             "sources": sources,
         }
@@ -376,3 +506,11 @@ def _needed_after_restart(keep: _Keep, pos: Position) -> bool:
     if source == COORDINATOR:
         return False
     return seq >= pos.cursors.get(source, 1)
+
+
+def _holds_files(target: str | Path) -> bool:
+    try:
+        with os.scandir(target) as it:
+            return any(True for _ in it)
+    except FileNotFoundError:
+        return False

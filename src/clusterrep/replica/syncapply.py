@@ -329,7 +329,13 @@ class SyncApplier:
         self.stats.created += 1
 
     def _content(self, entry: Entry, blocks: Iterable[Block | Hole]) -> None:
-        t, path, size = self.target, entry.path, entry.size
+        self.apply_blocks(entry.path, entry.size, blocks)
+
+    def apply_blocks(self, path: str, size: int, blocks: Iterable[Block | Hole]) -> None:
+        """Set regular file ``path``'s size to ``size``, then write or punch ``blocks`` (strictly
+        increasing indexes below the block count), each checked as for a ``Content``."""
+        check_path(path, "blocks path")
+        t = self.target
         count = block_count(size)
         t.truncate(path, size)  # a regular file, opened without following a symlink, or refused
         self.stats.files += 1

@@ -1,0 +1,255 @@
+"""The coordinator's synchronisation worker: brings the replica to the volume's content.
+
+A sync is asked for by the replica (its answers carry ``need_sync`` while it does not hold the
+volume), by an operator (`clusterrep sync`), or recorded at the coordinator's first start on a
+volume that already holds files. One runs at a time; a newer request replaces an unfinished
+one (recorded as ``aborted``).
+
+Steps (docs/architecture.md, "Synchronisation"): `CoordinatorService.begin_sync` records mark
+S and the structure; the replica applies the structure and lists the files whose content may
+differ, each with the manifest of its own copy. This worker then, over a ``sync`` connection
+to the replica, takes each listed file's write token, hashes a chunk of ``chunk_blocks`` blocks
+of the volume's file, asks the replica's manifest of that chunk, reads the blocks that differ
+and records them as `SyncBlocks` (compressed where that pays), gives the token back, and goes
+on with the next chunk; then records `SyncEnd`. ``sync.json`` in the state directory keeps the
+running sync, so a restarted coordinator carries on with it (the replica lists what is still
+to do).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from .. import wire
+from ..blockread import RateLimiter, range_blocks
+from ..blocks import BLOCK_SIZE, HOLE, Manifest, block_count, block_length, compress, diff_blocks, hash_block
+from ..durable import atomic_write
+from ..errors import ClusterrepError
+from ..replica.syncapply import Block, Hole
+from ..syncwire import encode_blocks
+
+if TYPE_CHECKING:
+    from .service import CoordinatorService
+
+log = logging.getLogger("clusterrep.coordinator.sync")
+CHUNK_BLOCKS = 1024  # blocks read under one hold of a file's write token (64 MiB)
+EVENT_BYTES = 4 << 20  # block payload per SyncBlocks event
+
+
+class SyncAborted(ClusterrepError):
+    """The replica no longer follows this sync (a newer one replaced it)."""
+
+
+class SyncRunner:
+    def __init__(self, service: CoordinatorService, replica: str, auth: wire.Auth | bytes, *,
+                 chunk_blocks: int = CHUNK_BLOCKS, rate: float | None = None) -> None:
+        self.service = service
+        self.replica = replica
+        self.auth = auth
+        self.chunk_blocks = chunk_blocks
+        self.limiter = RateLimiter(rate) if rate else None
+        self._file = service.state / "sync.json"
+        try:
+            self.current: dict[str, Any] | None = json.loads(self._file.read_text()) or None
+        except FileNotFoundError:
+            self.current = None
+        if self.current is None and service.first_sync is not None:
+            self.current = {"sync_id": service.first_sync[0], "gseq": service.first_sync[1],
+                            "reason": "the volume held files when the coordinator first started on it"}
+            self._save()
+        self._request: tuple[str, str] | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._ops = 0
+        self.progress: dict[str, Any] = {}
+        self.last: dict[str, Any] | None = None
+        self._thread = threading.Thread(target=self._run, name="sync", daemon=True)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def on_replica_reply(self, reply: dict[str, Any]) -> None:
+        """The replica's shipper answer carries ``need_sync``: start the sync it asks for."""
+        need = reply.get("need_sync")
+        if not isinstance(need, dict) or not isinstance(need.get("request"), str):
+            return
+        self.request(need["request"], str(need.get("reason", "the replica asked")))
+
+    def request(self, sync_id: str, reason: str) -> None:
+        with self._lock:
+            if (self.current is not None and self.current["sync_id"] == sync_id) or (
+                    self._request is not None and self._request[0] == sync_id):
+                return
+            self._request = (sync_id, reason)
+        log.warning("the replica asks for a synchronisation (%s)", reason)
+        self._wake.set()
+
+    def start_now(self, reason: str) -> str:
+        """An operator's sync: returns its id."""
+        sync_id = secrets.token_hex(8)
+        self.request(sync_id, reason)
+        return sync_id
+
+    # -- running -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                request, self._request = self._request, None
+            try:
+                if request is not None:
+                    if self.current is not None:
+                        self.service.record_end(self.current["sync_id"], "aborted")
+                        log.warning("synchronisation %s replaced by %s", self.current["sync_id"], request[0])
+                    self.current = {"sync_id": request[0], "gseq": 0, "reason": request[1]}
+                    self.current["gseq"] = self.service.begin_sync(request[0], request[1])
+                    self._save()
+                if self.current is not None:
+                    outcome = self._carry_out(self.current)
+                    if outcome is not None:
+                        self.service.record_end(self.current["sync_id"], outcome)
+                        self.last = {**self.current, **self.progress, "outcome": outcome}
+                        log.info("synchronisation %s %s: %s", self.current["sync_id"], outcome,
+                                 self.progress)
+                        self.current = None
+                        self._save()
+            except (ClusterrepError, OSError) as exc:
+                if not self._stop.is_set():
+                    log.warning("synchronisation: %s (trying again)", exc)
+                self._stop.wait(1.0)
+                continue
+            self._wake.wait(0.5)
+            self._wake.clear()
+
+    def _save(self) -> None:
+        atomic_write(self._file, json.dumps(self.current).encode())
+
+    def _carry_out(self, cur: dict[str, Any]) -> str | None:
+        """Compare and send every file the replica lists; the outcome, or None if interrupted."""
+        sync_id = cur["sync_id"]
+        conn = wire.connect(self.replica, self.auth, name="coordinator", role="coordinator")
+        try:
+            conn.send({"t": "sync", "sync_id": sync_id})
+            self._ask(conn, None, "ready")
+            self.progress = {"files": 0, "bytes_read": 0, "bytes_sent": 0, "blocks_sent": 0,
+                             "started": time.time()}
+            after = 0
+            while not self._stop.is_set():
+                if self._request is not None:
+                    return None  # a newer request replaces this sync
+                plan = self._ask(conn, {"t": "plan", "after": after}, "plan")
+                state = plan.get("state")
+                if state == "unknown" and (plan.get("awaiting")
+                                           or int(plan.get("applied", 0)) > cur["gseq"] > 0):
+                    return "aborted"  # the replica follows another sync
+                if state in ("wait", "unknown"):
+                    self._stop.wait(0.1)
+                    continue
+                files = plan.get("files") or []
+                if not files:
+                    return "done"
+                for ino, raw in files:
+                    self._sync_file(conn, sync_id, int(ino), os.fsdecode(raw))
+                    after = int(ino)
+                    self.progress["files"] += 1
+            return None
+        finally:
+            conn.close()
+
+    def _ask(self, conn: wire.Connection, msg: dict[str, Any] | None, kind: str) -> dict[str, Any]:
+        if msg is not None:
+            conn.send(msg)
+        reply = conn.recv(timeout=600)
+        if not isinstance(reply, dict) or reply.get("t") != kind:
+            raise SyncAborted(f"the replica answered {reply!r:.200} to a sync {kind} request")
+        return reply
+
+    def _sync_file(self, conn: wire.Connection, sync_id: str, ino: int, hint: str) -> None:
+        first = 0
+        while True:
+            with self.service.hold_token(ino, hint) as path:
+                if path is None:
+                    self._ask(conn, {"t": "skip", "ino": ino}, "ok")
+                    return
+                hint = path
+                end, total = self._chunk(conn, sync_id, ino, path, first)
+            if end >= total:
+                return
+            first = end
+
+    def _chunk(self, conn: wire.Connection, sync_id: str, ino: int, path: str,
+               first: int) -> tuple[int, int]:
+        """One chunk of a file whose token is held: compare, record; returns (end, total)."""
+        opath = self.service.vol.inode(path)
+        try:
+            fd = os.open(f"/proc/self/fd/{opath}", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(opath)
+        try:
+            st = os.fstat(fd)
+            size, total = st.st_size, block_count(st.st_size)
+            end = min(first + self.chunk_blocks, total)
+            ours = Manifest.build(size, range_blocks(fd, size, first, end, self.limiter), first)
+            reply = self._ask(conn, {"t": "manifest", "ino": ino, "first": first,
+                                     "count": end - first}, "manifest")
+            theirs = _their(reply)
+            if theirs is None or theirs.count == 0 or theirs.first != first:
+                wanted = [i for i, b in ours.items() if b != HOLE]
+            else:
+                wanted = diff_blocks(ours, theirs)
+            self.progress["bytes_read"] += sum(block_length(size, i) for i, b in ours.items() if b != HOLE)
+            groups: list[list[Block | Hole]] = [[]]
+            held = 0
+            holes = {i for i, b in ours.items() if b == HOLE}
+            for index in wanted:
+                if index in holes:
+                    groups[-1].append(Hole(index))
+                    continue
+                data = os.pread(fd, block_length(size, index), index * BLOCK_SIZE)
+                codec, payload = compress(data)
+                if held + len(payload) > EVENT_BYTES and groups[-1]:
+                    groups.append([])
+                    held = 0
+                groups[-1].append(Block(index, int(codec), payload, hash_block(data)))
+                held += len(payload)
+                self.progress["bytes_sent"] += len(payload)
+                self.progress["blocks_sent"] += 1
+            for n, group in enumerate(groups):
+                self._ops += 1
+                self.service.record_blocks(
+                    f"sync-{sync_id}-{self.service.incarnation}-b{self._ops}", ino, path,
+                    {"size": size, "first": first, "count": end - first, "blocks": encode_blocks(group),
+                     "final": int(end >= total and n == len(groups) - 1)})
+            return end, total
+        finally:
+            os.close(fd)
+
+    def status(self) -> dict[str, Any] | None:
+        cur = self.current
+        if cur is None:
+            return None
+        return {**cur, **self.progress}
+
+
+def _their(reply: dict[str, Any]) -> Manifest | None:
+    if reply.get("state") != "ok":
+        return None
+    try:
+        size, first, count, holes, digests = reply["m"]
+        return Manifest(int(size), int(first), int(count), bytes(holes), bytes(digests))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SyncAborted(f"the replica sent a malformed manifest: {exc}") from None

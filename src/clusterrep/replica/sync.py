@@ -1,0 +1,378 @@
+"""The replica's side of a synchronisation (docs/architecture.md, "Synchronisation").
+
+A sync runs *in the merged order*, as the coordinator's events `SyncStart` (mark S),
+`SyncEntries` (the volume's structure at S), `SyncBlocks` (one file's differing blocks, read
+under its write token) and `SyncEnd` (mark E). This module applies them:
+
+* at S: forget any earlier sync, start spooling the structure (`state/sync-entries`);
+* at the last `SyncEntries`: compare the spooled structure with a walk of the target
+  (`clusterrep.treediff.compare`), apply every removal, creation, hard link and attribute
+  (`SyncApplier`), and for each regular file whose content may differ record it as *pending*
+  in `state/sync.db` with the manifest of the target's file as it is at that point (hashed
+  here, in the apply thread, so no event changes it meanwhile; `clusterrep.hashcache` spares
+  the reading of files hashed before);
+* each `SyncBlocks`: set the file's size, write or punch the listed blocks, set its attributes;
+  the last chunk of a file marks it done;
+* at E: the sync is over; its summary stays for `status`.
+
+Between those points the coordinator asks, over its ``sync`` connection, for the pending files
+(`plan`) and for the target's manifest of a range of one file (`manifest`): it compares them
+with the volume's blocks under the file's write token and records the `SyncBlocks` that make
+them equal. Why that is exact while writers keep writing: docs/architecture.md.
+
+Whether this replica needs a sync at all (its state was lost, its target replaced, a stream it
+follows has a gap) is `awaiting`: kept in `state/sync.json` until the sync it asked for starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import secrets
+import sqlite3
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..blockread import Hasher
+from ..blocks import HOLE, WINDOW_BLOCKS, Manifest, ManifestBuilder, block_count
+from ..confined import Target
+from ..durable import atomic_write
+from ..errors import ApplyError
+from ..events import MetaEvent, SyncBlocks, SyncEnd, SyncEntries, SyncStart
+from ..hashcache import HashCache
+from ..snapshot import Entry, walk
+from ..syncwire import decode_blocks, decode_entries
+from ..treediff import Content, SetAttr, compare
+from .syncapply import SyncApplier
+
+log = logging.getLogger("clusterrep.replica.sync")
+_REC = struct.Struct("<QI")  # spool record: gseq, length
+
+
+class ReplicaSync:
+    """State and steps of this replica's synchronisation; see the module docstring."""
+
+    def __init__(self, state: Path, target: Target) -> None:
+        self.state = state
+        self.target = target
+        self._file = state / "sync.json"
+        self._spool = state / "sync-entries"
+        self._lock = threading.Lock()
+        saved = _load_json(self._file)
+        self.awaiting: str | None = saved.get("awaiting")
+        self.request: str | None = saved.get("request")
+        self.current: dict[str, Any] | None = saved.get("current")
+        self.last: dict[str, Any] | None = saved.get("last")
+        self.stream: str | None = _load_json(state / "stream.json").get("stream")
+        self._db = sqlite3.connect(state / "sync.db", check_same_thread=False, isolation_level=None)
+        self._db.executescript(
+            "CREATE TABLE IF NOT EXISTS files (ino INTEGER PRIMARY KEY, path BLOB, size INTEGER,"
+            " fresh INTEGER, done INTEGER DEFAULT 0);"
+            "CREATE TABLE IF NOT EXISTS windows (ino INTEGER, first INTEGER, count INTEGER,"
+            " holes BLOB, digests BLOB, PRIMARY KEY (ino, first));")
+        self._spooled = 0  # gseq of the last SyncEntries spooled
+        self.moved_bytes = 0
+        self.moved_blocks = 0
+        self.started = time.monotonic()
+        self.applied_gseq: Callable[[], int] = lambda: 0  # the replica's position (set by its service)
+
+    # -- whether a sync is needed ------------------------------------------------------------
+
+    def need(self, reason: str) -> None:
+        """This replica does not hold the volume (``reason`` says why): ask for a sync."""
+        with self._lock:
+            if self.awaiting is not None:
+                return
+            self.awaiting, self.request = reason, secrets.token_hex(8)
+            self._save()
+        log.warning("this replica needs a synchronisation: %s", reason)
+
+    def answers(self, ev: SyncStart) -> bool:
+        """Is ``ev`` the sync this replica asked for (or any, if it asked for none)?"""
+        return self.awaiting is None or ev.sync_id == self.request
+
+    @property
+    def running(self) -> bool:
+        return self.current is not None
+
+    # -- applying (the apply thread) ---------------------------------------------------------
+
+    def apply(self, ev: MetaEvent, replaying: bool) -> None:
+        if isinstance(ev, SyncStart):
+            self._start(ev)
+        elif isinstance(ev, SyncEntries):
+            self._entries(ev)
+        elif isinstance(ev, SyncBlocks):
+            self._blocks(ev)
+        elif isinstance(ev, SyncEnd):
+            self._end(ev)
+
+    def _start(self, ev: SyncStart) -> None:
+        with self._lock:
+            if self.request is not None and ev.sync_id == self.request:
+                self.awaiting = self.request = None
+            self.current = {"sync_id": ev.sync_id, "gseq": ev.gseq, "reason": ev.reason,
+                            "phase": "structure", "wall": ev.wall, "files": 0, "bytes": 0}
+            self._db.execute("DELETE FROM files")
+            self._db.execute("DELETE FROM windows")
+            self._save()
+        atomic_write(self.state / "stream.json", json.dumps({"stream": ev.stream}).encode())
+        self.stream = ev.stream
+        with open(self._spool, "wb"):
+            pass
+        self._spooled = ev.gseq
+        self.started = time.monotonic()
+        self.moved_bytes = self.moved_blocks = 0
+        log.info("synchronisation %s starts at mark g%d (%s)", ev.sync_id, ev.gseq, ev.reason)
+
+    def _entries(self, ev: SyncEntries) -> None:
+        if self.current is None or self.current["phase"] != "structure":
+            raise ApplyError(f"structure entries at g{ev.gseq} without a synchronisation started")
+        if ev.gseq > self._spooled:
+            decode_entries(ev.entries)  # checked before it is kept
+            with open(self._spool, "ab") as f:
+                f.write(_REC.pack(ev.gseq, len(ev.entries)) + ev.entries)
+            self._spooled = ev.gseq
+        if ev.final:
+            self._plan()
+
+    def _spooled_entries(self) -> Iterator[Entry]:
+        with open(self._spool, "rb") as f:
+            while head := f.read(_REC.size):
+                _, length = _REC.unpack(head)
+                yield from decode_entries(f.read(length))
+
+    def _plan(self) -> None:
+        """Make the target's structure the volume's at S; note the files whose content differs."""
+        assert self.current is not None
+        applier = SyncApplier(self.target, logger=log)
+        self._db.execute("DELETE FROM files")
+        self._db.execute("DELETE FROM windows")
+        plan_path = self.state / "sync-plan"
+        count = 0
+        with open(plan_path, "wb") as out:  # the whole plan first: the target is not changed
+            for action in compare(self._spooled_entries(), walk(self.target.root)):  # while walked
+                pickle.dump(action, out, protocol=pickle.HIGHEST_PROTOCOL)
+                count += 1
+        pending: list[tuple[Entry, bool]] = []
+        content_of = None
+        with open(plan_path, "rb") as f:
+            for _ in range(count):
+                action = pickle.load(f)
+                if isinstance(action, Content):
+                    pending.append((action.entry, action.fresh))
+                    content_of = action.entry.path
+                    if len(pending) >= 256:
+                        self._note(pending)
+                        pending = []
+                    continue
+                if isinstance(action, SetAttr) and action.attr.path == content_of:
+                    # its time is set with its content: until then the old one shows that the
+                    # content is still to come (to a plan made again after a crash)
+                    action = SetAttr(replace(action.attr, mtime_ns=None), action.kind)
+                content_of = None
+                applier.apply(action)
+        self._note(pending)
+        plan_path.unlink()
+        self.target.forget()
+        applier.checkpoint()
+        total = self._db.execute("SELECT count(*) FROM files").fetchone()[0]
+        with self._lock:
+            self.current.update(phase="content", files=total, applied=applier.stats.as_dict())
+            self._save()
+        log.info("synchronisation %s: structure applied (%s); %d file(s) to compare",
+                 self.current["sync_id"], applier.stats.summary(), total)
+
+    def _note(self, pending: list[tuple[Entry, bool]]) -> None:
+        """Record pending files with the target's manifest of each (none for a fresh one)."""
+        if not pending:
+            return
+        rows, windows = [], []
+        opened: dict[int, int] = {}  # ino -> read descriptor of a file to hash
+        cache = HashCache(self.state / "hashes.db")
+        try:
+            for entry, fresh in pending:
+                ino, size = entry.inode[1], entry.size
+                if not fresh:
+                    fd = self.target.inode(entry.path)
+                    try:
+                        rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+                    finally:
+                        os.close(fd)
+                    st = os.fstat(rfd)
+                    size = st.st_size
+                    cached = cache.lookup(st, time.time_ns())
+                    if cached is None:
+                        opened[ino] = rfd
+                    else:
+                        os.close(rfd)
+                        windows += [(ino, m.first, m.count, m.holes, m.digests) for m in cached.windows()]
+                rows.append((ino, os.fsencode(entry.path), size, int(fresh)))
+            if opened:
+                hashed_at = time.time_ns()
+                by_ino: dict[int, list[Manifest]] = {}
+                with Hasher() as hasher:
+                    for result in hasher.manifests((ino, fd, os.fstat(fd).st_size)
+                                                   for ino, fd in opened.items()):
+                        if result.error is not None:
+                            raise ApplyError(f"cannot read the target's file (inode {result.key}) to"
+                                             f" compare it: {result.error}")
+                        assert result.manifest is not None
+                        by_ino.setdefault(result.key, []).append(result.manifest)
+                for ino, fd in opened.items():
+                    ms = by_ino.get(ino, [])
+                    windows += [(ino, m.first, m.count, m.holes, m.digests) for m in ms]
+                    cache.store(os.fstat(fd), hashed_at, ms)
+        finally:
+            cache.close()
+            for fd in opened.values():
+                os.close(fd)
+        self._db.execute("BEGIN")
+        self._db.executemany("INSERT OR REPLACE INTO files (ino, path, size, fresh) VALUES (?, ?, ?, ?)",
+                             rows)
+        self._db.executemany("INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?)", windows)
+        self._db.execute("COMMIT")
+
+    def _blocks(self, ev: SyncBlocks) -> None:
+        blocks = decode_blocks(ev.blocks)
+        applier = SyncApplier(self.target, logger=log)
+        applier.apply_blocks(ev.path, ev.size, blocks)
+        for attr in ev.attrs:
+            self.target.apply_attr(attr)
+        self.moved_bytes += applier.stats.wire_bytes
+        self.moved_blocks += applier.stats.blocks
+        if ev.final:
+            with self._lock:
+                self._db.execute("UPDATE files SET done = 1 WHERE ino = ?", (ev.ino,))
+
+    def _end(self, ev: SyncEnd) -> None:
+        with self._lock:
+            if self.current is None or self.current["sync_id"] != ev.sync_id:
+                return
+            done = self._db.execute("SELECT count(*) FROM files WHERE done = 1").fetchone()[0]
+            self.last = {**self.current, "phase": ev.outcome, "end_gseq": ev.gseq,
+                         "bytes": self.moved_bytes, "blocks": self.moved_blocks,
+                         "files_done": done, "seconds": round(time.monotonic() - self.started, 3)}
+            self.current = None
+            self._db.execute("DELETE FROM files")
+            self._db.execute("DELETE FROM windows")
+            self._save()
+        self._spool.unlink(missing_ok=True)
+        log.info("synchronisation %s %s at mark g%d", ev.sync_id, ev.outcome, ev.gseq)
+
+    def recover(self, gseq: int) -> None:
+        """After a restart from a checkpoint at ``gseq``: keep only the structure spooled by
+        events up to it (those after it are applied again)."""
+        if self.current is None or self.current["phase"] != "structure" or not self._spool.exists():
+            return
+        keep, last = 0, self.current["gseq"]
+        with open(self._spool, "rb") as f:
+            while len(head := f.read(_REC.size)) == _REC.size:
+                g, length = _REC.unpack(head)
+                if g > gseq or len(f.read(length)) != length:
+                    break
+                keep, last = f.tell(), g
+        os.truncate(self._spool, keep)
+        self._spooled = last
+
+    def flush(self) -> None:
+        """Make the spooled structure durable (before the applier's checkpoint)."""
+        if self.current is not None and self.current["phase"] == "structure" and self._spool.exists():
+            fd = os.open(self._spool, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    # -- the coordinator's questions (server threads) ----------------------------------------
+
+    def plan(self, sync_id: str, after: int, limit: int = 512) -> dict[str, Any]:
+        with self._lock:
+            cur = self.current
+            if cur is None or cur["sync_id"] != sync_id:
+                return {"t": "plan", "state": "unknown", "applied": self.applied_gseq(),
+                        "awaiting": self.awaiting is not None}
+            if cur["phase"] != "content":
+                return {"t": "plan", "state": "wait"}
+            rows = self._db.execute("SELECT ino, path FROM files WHERE done = 0 AND ino > ?"
+                                    " ORDER BY ino LIMIT ?", (after, limit)).fetchall()
+        return {"t": "plan", "state": "files", "files": [[ino, path] for ino, path in rows]}
+
+    def manifest(self, sync_id: str, ino: int, first: int, count: int) -> dict[str, Any]:
+        """The target's blocks ``first .. first + count - 1`` of pending file ``ino``, as noted."""
+        with self._lock:
+            cur = self.current
+            if cur is None or cur["sync_id"] != sync_id:
+                return {"t": "manifest", "state": "unknown"}
+            row = self._db.execute("SELECT size, fresh FROM files WHERE ino = ?", (ino,)).fetchone()
+            if row is None:
+                return {"t": "manifest", "state": "unknown"}
+            size, fresh = row
+            end = min(first + count, block_count(size))
+            builder = ManifestBuilder(size, min(first, end))
+            if first < end:
+                if fresh:
+                    builder.add_holes(end - first)
+                else:
+                    start = first - first % WINDOW_BLOCKS
+                    for w_first, w_count, holes, digests in self._db.execute(
+                            "SELECT first, count, holes, digests FROM windows WHERE ino = ? AND first >= ?"
+                            " AND first < ? ORDER BY first", (ino, start, end)):
+                        m = Manifest(size, w_first, w_count, holes, digests)
+                        for index, block in m.items():
+                            if first <= index < end:
+                                if block == HOLE:
+                                    builder.add_holes(1)
+                                else:
+                                    builder.add_digests([block])
+            m = builder.finish()
+        return {"t": "manifest", "state": "ok", "m": [m.size, m.first, m.count, m.holes, m.digests]}
+
+    def skip(self, sync_id: str, ino: int) -> None:
+        """The coordinator found no name of pending file ``ino`` on the volume any more: its
+        removal is in the stream; nothing of its content is to come."""
+        with self._lock:
+            if self.current is not None and self.current["sync_id"] == sync_id:
+                self._db.execute("UPDATE files SET done = 1 WHERE ino = ?", (ino,))
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any] | None:
+        with self._lock:
+            if self.awaiting is not None:
+                return {"state": "awaiting", "reason": self.awaiting}
+            if self.current is None:
+                return None
+            cur = dict(self.current)
+            if cur["phase"] == "content":
+                cur["files_done"] = self._db.execute(
+                    "SELECT count(*) FROM files WHERE done = 1").fetchone()[0]
+        cur["state"] = "running"
+        cur["bytes"] = self.moved_bytes
+        cur["seconds"] = round(time.monotonic() - self.started, 3)
+        return cur
+
+    def _save(self) -> None:
+        atomic_write(self._file, json.dumps({"awaiting": self.awaiting, "request": self.request,
+                                             "current": self.current, "last": self.last}).encode())
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        raise ApplyError(f"{path} is damaged", hint="remove it: the replica then synchronises again"
+                         ) from None
+    return data if isinstance(data, dict) else {}
