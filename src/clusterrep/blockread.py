@@ -122,11 +122,12 @@ def plan(fd: int, size: int) -> Iterator[tuple[int, int, bool]]:
         yield cursor, total - cursor, True
 
 
-def range_blocks(fd: int, size: int, first: int, end: int,
-                 limiter: RateLimiter | None = None) -> list[bytes]:
-    """Digest or ``HOLE`` of each block ``first .. end - 1`` of the first ``size`` bytes of
-    ``fd`` (``end`` at most ``block_count(size)``); holes found by SEEK_DATA are not read."""
-    out: list[bytes] = []
+def range_manifest(fd: int, size: int, first: int, end: int,
+                   limiter: RateLimiter | None = None) -> Manifest:
+    """The manifest of blocks ``first .. end - 1`` of the first ``size`` bytes of ``fd`` (``end``
+    at most ``block_count(size)``): holes found by SEEK_DATA are not read, and a run of them
+    costs one bit each."""
+    builder = ManifestBuilder(size, first)
     at = first
     for start, stop in data_extents(fd, size, first * BLOCK_SIZE):
         lo, hi = max(start // BLOCK_SIZE, at), min(-(-stop // BLOCK_SIZE), end)
@@ -134,12 +135,12 @@ def range_blocks(fd: int, size: int, first: int, end: int,
             break
         if lo >= hi:
             continue
-        out += [HOLE] * (lo - at)
+        builder.add_holes(lo - at)
         for chunk in range(lo, hi, READ_CHUNK_BLOCKS):
-            out += read_hash(fd, size, chunk, min(READ_CHUNK_BLOCKS, hi - chunk), limiter)
+            builder.add_digests(read_hash(fd, size, chunk, min(READ_CHUNK_BLOCKS, hi - chunk), limiter))
         at = hi
-    out += [HOLE] * (end - at)
-    return out
+    builder.add_holes(end - at)
+    return builder.finish()
 
 
 def read_hash(fd: int, size: int, first: int, count: int, limiter: RateLimiter | None = None) -> list[bytes]:

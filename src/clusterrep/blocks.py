@@ -216,6 +216,36 @@ class Manifest:
         """The listed blocks (digest or ``HOLE``) as a list; small windows and tests only."""
         return [block for _, block in self.items()]
 
+    def slice(self, first: int, end: int) -> Manifest:
+        """Blocks ``first .. end - 1`` of this window (clipped to it), without a loop per block."""
+        lo, hi = max(first, self.first) - self.first, max(min(end, self.end) - self.first, 0)
+        lo = min(lo, hi)
+        bits = int.from_bytes(self.holes, "little")
+        data_before = lo - (bits & ((1 << lo) - 1)).bit_count()
+        inside = (bits >> lo) & ((1 << (hi - lo)) - 1)
+        n_data = (hi - lo) - inside.bit_count()
+        return Manifest(self.size, self.first + lo, hi - lo, inside.to_bytes(-(-(hi - lo) // 8), "little"),
+                        self.digests[data_before * DIGEST_SIZE:(data_before + n_data) * DIGEST_SIZE])
+
+    @classmethod
+    def holes_only(cls, size: int, first: int, count: int) -> Manifest:
+        """``count`` blocks from ``first``, every one a hole."""
+        return cls(size, first, count, ((1 << count) - 1).to_bytes(-(-count // 8), "little"), b"")
+
+    @classmethod
+    def concat(cls, parts: list[Manifest]) -> Manifest:
+        """Adjacent manifests of one file (in order) as one."""
+        if not parts:
+            raise InvalidManifest("nothing to join")
+        bits, at = 0, 0
+        for part in parts:
+            if part.first != parts[0].first + at or part.size != parts[0].size:
+                raise InvalidManifest("manifests to join are not adjacent parts of one file")
+            bits |= int.from_bytes(part.holes, "little") << at
+            at += part.count
+        return cls(parts[0].size, parts[0].first, at, bits.to_bytes(-(-at // 8), "little"),
+                   b"".join(p.digests for p in parts))
+
 
 class ManifestBuilder:
     """Accumulates a window's blocks in order; runs of holes are added in bulk."""

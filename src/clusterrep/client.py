@@ -38,6 +38,12 @@ def pending(st: dict[str, Any], since: float) -> list[str]:
         out.append(f"applying stopped: {st['error']}")
     if st.get("stalled"):
         out.append(f"applying paused: {st['stalled']}")
+    sync = st.get("sync")
+    if sync and sync.get("state") == "awaiting":
+        out.append(f"waiting for a synchronisation to start: {sync.get('reason')}")
+    elif sync:
+        out.append(f"synchronisation {sync.get('sync_id')} not finished ({sync.get('phase')}: "
+                   f"{sync.get('files_done', 0)} of {sync.get('files', 0)} files compared)")
     members = set(st.get("members") or [])
     for name, s in st["sources"].items():
         if (name in members or name == "coordinator") and not s["connected"]:

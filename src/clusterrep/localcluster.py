@@ -42,7 +42,8 @@ class LocalCluster:
                  replica_listen: str | None = None, replica_prefix: list[str] | None = None,
                  coordinator_listen: str | None = None, coordinator_prefix: list[str] | None = None,
                  coordinator_for: dict[str, str] | None = None, coordinator_addr: str | None = None,
-                 coordinator_args: list[str] | None = None, tls: bool = False) -> None:
+                 coordinator_args: list[str] | None = None, replica_args: list[str] | None = None,
+                 tls: bool = False) -> None:
         self.workdir = Path(workdir)
         self.nodes = nodes
         self.clock_offsets = clock_offsets or {}
@@ -64,6 +65,7 @@ class LocalCluster:
         self.coordinator_prefix = coordinator_prefix or []
         self.coordinator_for = coordinator_for or {}
         self.coordinator_args = coordinator_args or []
+        self.replica_args = replica_args or []
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         for d in (self.volume, self.target, self.logs):
             d.mkdir(parents=True, exist_ok=True)
@@ -117,7 +119,8 @@ class LocalCluster:
 
     def start_replica(self, timeout: float = 30.0) -> None:
         self._spawn("replica", ["replica", "--listen", self.replica_addr, "--target",
-                                str(self.target), "--state", str(self.replica_state)],
+                                str(self.target), "--state", str(self.replica_state),
+                                *self.replica_args],
                     self.replica_prefix)
         self._wait_port("replica", self.replica_addr, timeout)
 

@@ -169,11 +169,16 @@ def _readlink_under(root: str, rel: str) -> str:
 
 
 def _first_difference(a: tuple[str, str], b: tuple[str, str]) -> int | None:
-    """Offset of the first byte where file ``a`` and ``b`` (each: root, relative path) differ."""
-    with os.fdopen(_open_under(*a), "rb") as fa, os.fdopen(_open_under(*b), "rb") as fb:
+    """Offset of the first byte where file ``a`` and ``b`` (each: root, relative path) differ.
+    Ranges that are holes in both (SEEK_DATA) read as zeros in both, so they are not read."""
+    fa, fb = _open_under(*a), _open_under(*b)
+    try:
         offset = 0
         while True:
-            ca, cb = fa.read(CHUNK), fb.read(CHUNK)
+            start = min(_next_data(fa, offset), _next_data(fb, offset))
+            if start > offset:
+                offset = start
+            ca, cb = os.pread(fa, CHUNK, offset), os.pread(fb, CHUNK, offset)
             if ca != cb:
                 for i, (x, y) in enumerate(zip(ca, cb, strict=False)):
                     if x != y:
@@ -182,6 +187,19 @@ def _first_difference(a: tuple[str, str], b: tuple[str, str]) -> int | None:
             if not ca:
                 return None
             offset += len(ca)
+    finally:
+        os.close(fa)
+        os.close(fb)
+
+
+def _next_data(fd: int, offset: int) -> int:
+    """Where data starts at or after ``offset`` (the file's size past its last data)."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return os.fstat(fd).st_size
+        return offset  # no SEEK_DATA here: read everything
 
 
 def _xattr_detail(a: dict[str, bytes], b: dict[str, bytes]) -> str | None:

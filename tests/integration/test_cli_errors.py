@@ -56,13 +56,16 @@ def test_short_or_missing_token(tmp_path: Path) -> None:
     assert "missing" in r.stderr.lower() or "no such" in r.stderr.lower()
 
 
-def test_non_empty_volume_is_refused_the_first_time(tmp_path: Path, token: str) -> None:
-    vol = tmp_path / "vol"
-    vol.mkdir()
-    (vol / "existing").write_text("x")
-    r = run("coordinator", "--listen", "127.0.0.1:0", "--volume", str(vol), "--replica",
-            "127.0.0.1:9", "--state", str(tmp_path / "s"), "--token-file", token)
-    assert r.returncode != 0 and "not empty" in r.stderr and "--allow-existing" in r.stderr
+def test_a_replica_without_state_refuses_a_target_that_holds_files(tmp_path: Path, token: str) -> None:
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "existing").write_text("x")
+    r = run("replica", "--listen", "127.0.0.1:0", "--target", str(target), "--state",
+            str(tmp_path / "s"), "--token-file", token)
+    assert r.returncode != 0 and "already holds files" in r.stderr and "--adopt-target" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "s").exists()  # nothing created before every check passed
+    assert os.listdir(target) == ["existing"]
 
 
 def test_mount_point_in_use(tmp_path: Path) -> None:

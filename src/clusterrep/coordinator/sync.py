@@ -18,6 +18,7 @@ to do).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -27,8 +28,18 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .. import wire
-from ..blockread import RateLimiter, range_blocks
-from ..blocks import BLOCK_SIZE, HOLE, Manifest, block_count, block_length, compress, diff_blocks, hash_block
+from ..blockread import RateLimiter, range_manifest
+from ..blocks import (
+    BLOCK_SIZE,
+    DIGEST_SIZE,
+    HOLE,
+    Manifest,
+    block_count,
+    block_length,
+    compress,
+    diff_blocks,
+    hash_block,
+)
 from ..durable import atomic_write
 from ..errors import ClusterrepError
 from ..replica.syncapply import Block, Hole
@@ -64,6 +75,7 @@ class SyncRunner:
                             "reason": "the volume held files when the coordinator first started on it"}
             self._save()
         self._request: tuple[str, str] | None = None
+        self._ended: set[str] = set()  # syncs over (answers still in flight may name them)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -84,7 +96,7 @@ class SyncRunner:
     def request(self, sync_id: str, reason: str) -> None:
         with self._lock:
             if (self.current is not None and self.current["sync_id"] == sync_id) or (
-                    self._request is not None and self._request[0] == sync_id):
+                    self._request is not None and self._request[0] == sync_id) or sync_id in self._ended:
                 return
             self._request = (sync_id, reason)
         log.warning("the replica asks for a synchronisation (%s)", reason)
@@ -113,14 +125,19 @@ class SyncRunner:
             try:
                 if request is not None:
                     if self.current is not None:
+                        self._ended.add(self.current["sync_id"])
                         self.service.record_end(self.current["sync_id"], "aborted")
                         log.warning("synchronisation %s replaced by %s", self.current["sync_id"], request[0])
                     self.current = {"sync_id": request[0], "gseq": 0, "reason": request[1]}
-                    self.current["gseq"] = self.service.begin_sync(request[0], request[1])
+                    self._save()  # (a restart before the mark is recorded records it then)
+                if self.current is not None and not self.current["gseq"]:
+                    self.current["gseq"] = self.service.begin_sync(self.current["sync_id"],
+                                                                   self.current["reason"])
                     self._save()
                 if self.current is not None:
                     outcome = self._carry_out(self.current)
                     if outcome is not None:
+                        self._ended.add(self.current["sync_id"])
                         self.service.record_end(self.current["sync_id"], outcome)
                         self.last = {**self.current, **self.progress, "outcome": outcome}
                         log.info("synchronisation %s %s: %s", self.current["sync_id"], outcome,
@@ -153,7 +170,8 @@ class SyncRunner:
                     return None  # a newer request replaces this sync
                 plan = self._ask(conn, {"t": "plan", "after": after}, "plan")
                 state = plan.get("state")
-                if state == "unknown" and (plan.get("awaiting")
+                awaiting = plan.get("awaiting")
+                if state == "unknown" and ((awaiting and awaiting != sync_id)
                                            or int(plan.get("applied", 0)) > cur["gseq"] > 0):
                     return "aborted"  # the replica follows another sync
                 if state in ("wait", "unknown"):
@@ -202,21 +220,22 @@ class SyncRunner:
         try:
             st = os.fstat(fd)
             size, total = st.st_size, block_count(st.st_size)
-            end = min(first + self.chunk_blocks, total)
-            ours = Manifest.build(size, range_blocks(fd, size, first, end, self.limiter), first)
+            end = _past_holes(fd, min(first + self.chunk_blocks, total), total)
+            ours = range_manifest(fd, size, first, end, self.limiter)
             reply = self._ask(conn, {"t": "manifest", "ino": ino, "first": first,
                                      "count": end - first}, "manifest")
             theirs = _their(reply)
             if theirs is None or theirs.count == 0 or theirs.first != first:
-                wanted = [i for i, b in ours.items() if b != HOLE]
+                theirs = Manifest(size, first, 0, b"", b"")  # nothing there: every data block
+                wanted = [i for i, b in ours.items() if b != HOLE] if ours.digests else []
             else:
                 wanted = diff_blocks(ours, theirs)
-            self.progress["bytes_read"] += sum(block_length(size, i) for i, b in ours.items() if b != HOLE)
+            self.progress["bytes_read"] += len(ours.digests) // DIGEST_SIZE * BLOCK_SIZE
             groups: list[list[Block | Hole]] = [[]]
             held = 0
-            holes = {i for i, b in ours.items() if b == HOLE}
             for index in wanted:
-                if index in holes:
+                k = index - first
+                if ours.holes[k >> 3] >> (k & 7) & 1:
                     groups[-1].append(Hole(index))
                     continue
                 data = os.pread(fd, block_length(size, index), index * BLOCK_SIZE)
@@ -243,6 +262,19 @@ class SyncRunner:
         if cur is None:
             return None
         return {**cur, **self.progress}
+
+
+def _past_holes(fd: int, end: int, total: int) -> int:
+    """``end``, moved on past the holes that follow it (a run of holes costs one chunk)."""
+    if end >= total:
+        return end
+    try:
+        data = os.lseek(fd, end * BLOCK_SIZE, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # only holes up to the end
+            return total
+        return end
+    return max(end, min(data // BLOCK_SIZE, total))
 
 
 def _their(reply: dict[str, Any]) -> Manifest | None:

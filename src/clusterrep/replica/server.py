@@ -97,7 +97,7 @@ class ReplicaServer:
             if kind == "plan":
                 conn.send(sync.plan(sync_id, _int(msg.get("after", 0))))
             elif kind == "manifest":
-                count = min(_int(msg.get("count", 0)), 1 << 16)
+                count = _int(msg.get("count", 0))
                 conn.send(sync.manifest(sync_id, _int(msg.get("ino", 0)), _int(msg.get("first", 0)),
                                         count))
             elif kind == "skip":

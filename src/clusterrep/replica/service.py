@@ -378,6 +378,7 @@ class ReplicaService:
             self.merger.add(decode(raw) for _, raw in records)
             at = records[-1][0] + 1
         self._checkpoint()
+        self.sync.started_at(start)  # (after the checkpoint: a restart now resumes from S)
         log.warning("re-starting the merged order at synchronisation %s (mark g%d): events placed "
                     "before it are not applied, the synchronisation holds their effect",
                     start.sync_id, start.gseq)

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..blockread import Hasher
-from ..blocks import HOLE, WINDOW_BLOCKS, Manifest, ManifestBuilder, block_count
+from ..blocks import WINDOW_BLOCKS, Manifest, block_count
 from ..confined import Target
 from ..durable import atomic_write
 from ..errors import ApplyError
@@ -97,6 +97,13 @@ class ReplicaSync:
     def answers(self, ev: SyncStart) -> bool:
         """Is ``ev`` the sync this replica asked for (or any, if it asked for none)?"""
         return self.awaiting is None or ev.sync_id == self.request
+
+    def started_at(self, ev: SyncStart) -> None:
+        """The merged order was re-started at the mark of the sync this replica asked for."""
+        with self._lock:
+            if self.request is not None and ev.sync_id == self.request:
+                self.awaiting = self.request = None
+                self._save()
 
     @property
     def running(self) -> bool:
@@ -298,7 +305,7 @@ class ReplicaSync:
             cur = self.current
             if cur is None or cur["sync_id"] != sync_id:
                 return {"t": "plan", "state": "unknown", "applied": self.applied_gseq(),
-                        "awaiting": self.awaiting is not None}
+                        "awaiting": self.request if self.awaiting is not None else None}
             if cur["phase"] != "content":
                 return {"t": "plan", "state": "wait"}
             rows = self._db.execute("SELECT ino, path FROM files WHERE done = 0 AND ino > ?"
@@ -315,24 +322,17 @@ class ReplicaSync:
             if row is None:
                 return {"t": "manifest", "state": "unknown"}
             size, fresh = row
+            first = min(first, block_count(size))
             end = min(first + count, block_count(size))
-            builder = ManifestBuilder(size, min(first, end))
-            if first < end:
-                if fresh:
-                    builder.add_holes(end - first)
-                else:
-                    start = first - first % WINDOW_BLOCKS
-                    for w_first, w_count, holes, digests in self._db.execute(
-                            "SELECT first, count, holes, digests FROM windows WHERE ino = ? AND first >= ?"
-                            " AND first < ? ORDER BY first", (ino, start, end)):
-                        m = Manifest(size, w_first, w_count, holes, digests)
-                        for index, block in m.items():
-                            if first <= index < end:
-                                if block == HOLE:
-                                    builder.add_holes(1)
-                                else:
-                                    builder.add_digests([block])
-            m = builder.finish()
+            if fresh:
+                m = Manifest.holes_only(size, first, end - first)
+            else:
+                start = first - first % WINDOW_BLOCKS
+                parts = [Manifest(size, *w).slice(first, end) for w in self._db.execute(
+                    "SELECT first, count, holes, digests FROM windows WHERE ino = ? AND first >= ?"
+                    " AND first < ? ORDER BY first", (ino, start, end))]
+                parts = [p for p in parts if p.count]
+                m = Manifest.concat(parts) if parts else Manifest(size, first, 0, b"", b"")
         return {"t": "manifest", "state": "ok", "m": [m.size, m.first, m.count, m.holes, m.digests]}
 
     def skip(self, sync_id: str, ino: int) -> None:

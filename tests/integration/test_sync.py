@@ -1,0 +1,251 @@
+"""Taking over a volume that already holds data: synchronisation with real processes (issue 10).
+
+Each test ends with the replica identical to the volume (`compare_trees`: bytes, names, owners,
+modes, times, xattrs, links), and, where it matters, rsync as referee. Inputs:
+
+* a coordinator started on a populated volume, into an empty replica (no flag needed);
+* a replica that lost its state, on a stale copy of the volume (``--adopt-target``): only what
+  differs moves;
+* a replica that lost its state and its target while both hosts keep writing (renames,
+  deletes, truncates, random writes to an image the sync is copying);
+* a target replaced under a replica that kept its state;
+* ``wait`` is not caught up while a sync runs (``--sync-rate`` makes it last).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from clusterrep.capture.check import check_fuse
+from clusterrep.localcluster import LocalCluster
+from clusterrep.timing import pause
+
+MIB = 1 << 20
+USER = 4242
+
+
+def populate(vol: Path, *, images: int = 2, image_mib: int = 8, seed: int = 1) -> None:
+    """A real tree: images of random data, a sparse file, small files, symlinks, hard links,
+    empty directories, names that are not UTF-8, owners, modes, xattrs, a FIFO, old times."""
+    rnd = random.Random(seed)
+    (vol / "images").mkdir()
+    for i in range(images):
+        (vol / "images" / f"vm{i}.img").write_bytes(rnd.randbytes(image_mib * MIB))
+    with open(vol / "images" / "sparse.img", "wb") as f:
+        f.truncate(1 << 40)  # 1 TiB, 2 MiB of it data
+        f.seek(300 << 30)
+        f.write(rnd.randbytes(MIB))
+        f.seek((1 << 40) - MIB)
+        f.write(rnd.randbytes(MIB))
+    for d in range(3):
+        sub = vol / "tree" / f"d{d}" / "deeper"
+        sub.mkdir(parents=True)
+        for i in range(15):
+            (sub.parent / f"f{i}.txt").write_bytes(rnd.randbytes(rnd.randint(0, 40_000)))
+    (vol / "empty" / "dirs" / "only").mkdir(parents=True)
+    raw = os.fsencode(str(vol)) + b"/caf\xe9-\xff"
+    os.mkdir(raw)
+    with open(raw + b"/n\xe4me", "wb") as f:
+        f.write(b"latin-1 name")
+    os.symlink("images/vm0.img", vol / "current.img")
+    os.symlink("/nowhere/at/all", vol / "dangling")
+    os.link(vol / "tree" / "d0" / "f1.txt", vol / "tree" / "hardlink.txt")
+    os.chown(vol / "tree" / "d1", USER, USER)
+    os.chmod(vol / "tree" / "d2" / "f3.txt", 0o600)
+    os.setxattr(vol / "images" / "vm0.img", "user.vm", b"uuid-1234")
+    os.mkfifo(vol / "fifo")
+    os.utime(vol / "tree" / "d0" / "f0.txt", ns=(1, 86_400 * 10**9))
+
+
+def rsync_differences(vol: Path, target: Path) -> str:
+    r = subprocess.run(["rsync", "-aHAXn", "--numeric-ids", "--delete", "--itemize-changes",
+                        f"{vol}/", f"{target}/"], capture_output=True, text=True, check=True)
+    return r.stdout
+
+
+def settled(c: LocalCluster, timeout: float = 180) -> dict:
+    ok, why, status = c.wait(timeout)
+    assert ok, why
+    diffs = c.verify()
+    assert not diffs, "\n".join(map(str, diffs[:20]))
+    return status
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    check_fuse()
+    return tmp_path
+
+
+@pytest.fixture
+def clusters() -> Iterator[list[LocalCluster]]:
+    made: list[LocalCluster] = []
+    yield made
+    for c in made:
+        c.stop()
+
+
+def test_a_coordinator_started_on_a_populated_volume_fills_an_empty_replica(
+        workdir: Path, clusters: list[LocalCluster]) -> None:
+    c = LocalCluster(workdir / "c")
+    clusters.append(c)
+    populate(c.volume)
+    c.start()
+    (c.mount("h1") / "tree" / "after-the-sync").write_text("written through a mount")
+    st = settled(c)
+    assert rsync_differences(c.volume, c.target) == ""
+    assert st["last_sync"]["phase"] == "done"
+    sparse = os.stat(c.target / "images" / "sparse.img")
+    assert sparse.st_size == 1 << 40 and sparse.st_blocks * 512 < 64 * MIB  # holes stayed holes
+
+
+def test_a_replica_that_lost_its_state_on_a_stale_copy_gets_only_what_differs(
+        workdir: Path, clusters: list[LocalCluster]) -> None:
+    c = LocalCluster(workdir / "c", replica_args=["--adopt-target"])
+    clusters.append(c)
+    populate(c.volume, images=4)
+    c.start()
+    settled(c)
+    c.stop()
+    shutil.rmtree(c.replica_state)  # the replica's state is lost; its target is an old copy
+    vol = c.volume
+    with open(vol / "images" / "vm2.img", "r+b") as f:  # changed in place: two small runs
+        f.seek(3 * MIB + 100)
+        f.write(b"changed")
+        f.seek(7 * MIB)
+        f.write(b"\x00" * 4096)
+    os.rename(vol / "tree" / "d1" / "f2.txt", vol / "tree" / "renamed.txt")
+    os.unlink(vol / "tree" / "d2" / "f4.txt")
+    shutil.rmtree(vol / "empty")
+    (vol / "tree" / "new.txt").write_bytes(os.urandom(10_000))
+    os.truncate(vol / "images" / "vm3.img", 5 * MIB)
+    (c.target / "tree" / "only-in-the-replica").write_text("left over")
+    c.start()
+    st = settled(c)
+    assert rsync_differences(c.volume, c.target) == ""
+    moved = st["last_sync"]["bytes"]
+    assert moved < 2 * MIB, f"{moved} bytes moved for a few small changes"
+    assert not (c.target / "tree" / "only-in-the-replica").exists()
+    log = (c.logs / "replica.log").read_text()
+    assert "only-in-the-replica" in log  # every file the sync deletes is logged
+
+
+class Writers:
+    """Two hosts writing at once: an image written at random places (while it is synchronised),
+    appends, creates, renames, truncates and deletes."""
+
+    def __init__(self, c: LocalCluster) -> None:
+        self.c = c
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._guard, args=(f,)) for f in
+                        (self._image, self._churn)]
+
+    def __enter__(self) -> Writers:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+        assert not self.errors, self.errors
+
+    def _guard(self, f) -> None:  # type: ignore[no-untyped-def]
+        try:
+            f()
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def _image(self) -> None:
+        rnd = random.Random(5)
+        fd = os.open(self.c.mount("h1") / "images" / "vm0.img", os.O_RDWR)
+        try:
+            while not self.stop.is_set():
+                os.pwrite(fd, rnd.randbytes(4096), rnd.randrange(0, 8 * MIB // 4096) * 4096)
+                if rnd.random() < 0.05:
+                    os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _churn(self) -> None:
+        rnd = random.Random(6)
+        m1, m2 = self.c.mount("h1"), self.c.mount("h2")
+        (m2 / "churn").mkdir(exist_ok=True)
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            m = m1 if n % 2 else m2
+            name = m / "churn" / f"f{n % 20}"
+            op = rnd.random()
+            if op < 0.4:
+                with open(name, "ab") as f:
+                    f.write(rnd.randbytes(rnd.randint(1, 20_000)))
+            elif op < 0.55 and name.exists():
+                os.rename(name, m / "churn" / f"f{rnd.randrange(20)}")
+            elif op < 0.7 and name.exists():
+                os.truncate(name, rnd.randint(0, 5000))
+            elif op < 0.8 and name.exists():
+                os.unlink(name)
+            else:
+                with open(m / "images" / "vm1.img", "r+b") as f:  # the other host's image
+                    f.seek(rnd.randrange(0, 8 * MIB))
+                    f.write(rnd.randbytes(100))
+            pause(0.002)
+
+
+def test_a_replica_that_lost_state_and_target_is_resynchronised_while_hosts_write(
+        workdir: Path, clusters: list[LocalCluster]) -> None:
+    c = LocalCluster(workdir / "c")
+    clusters.append(c)
+    populate(c.volume)
+    c.start()
+    settled(c)
+    with Writers(c):
+        time.sleep(1)
+        c.stop_process("replica", signal.SIGKILL)
+        shutil.rmtree(c.replica_state)
+        shutil.rmtree(c.target)
+        time.sleep(0.5)
+        c.start_replica()
+        time.sleep(4)
+    st = settled(c)
+    assert st["last_sync"]["phase"] == "done"
+    assert "resynchronis" in (c.logs / "replica.log").read_text() or st["last_sync"]
+
+
+def test_a_replaced_target_is_resynchronised(workdir: Path, clusters: list[LocalCluster]) -> None:
+    c = LocalCluster(workdir / "c")
+    clusters.append(c)
+    populate(c.volume, images=1)
+    c.start()
+    (c.mount("h1") / "before").write_text("1")
+    settled(c)
+    c.stop_process("replica")
+    os.rename(c.target, workdir / "old-target")
+    c.target.mkdir()
+    (c.mount("h2") / "while-gone").write_text("2")
+    c.start_replica()
+    st = settled(c)
+    assert "replaced" in (st["last_sync"] or {}).get("reason", "")
+
+
+def test_wait_is_not_caught_up_while_a_sync_runs(workdir: Path, clusters: list[LocalCluster]) -> None:
+    c = LocalCluster(workdir / "c", coordinator_args=["--sync-rate", "4M"])
+    clusters.append(c)
+    populate(c.volume, images=3)  # 24 MiB at 4 MiB/s: about 6 s
+    c.start()
+    ok, why, _st = c.wait(1)
+    assert not ok and any("synchronisation" in w for w in why), why
+    settled(c)
