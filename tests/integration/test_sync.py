@@ -249,3 +249,45 @@ def test_wait_is_not_caught_up_while_a_sync_runs(workdir: Path, clusters: list[L
     ok, why, _st = c.wait(1)
     assert not ok and any("synchronisation" in w for w in why), why
     settled(c)
+
+
+def _sent_after_restart(log: Path) -> int:
+    """Bytes the coordinator sent in its last run of a sync (its "done" log line)."""
+    lines = [ln for ln in log.read_text().splitlines() if "synchronisation" in ln and " done: " in ln]
+    assert lines, "the coordinator never finished the sync"
+    return int(lines[-1].split("'bytes_sent': ")[1].split(",")[0])
+
+
+def _kill_half_way(c: LocalCluster, name: str, full: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        sync = c.status().get("sync") or {}
+        if sync.get("bytes", 0) >= full * 0.45:
+            c.stop_process(name, signal.SIGKILL)
+            return
+        pause(0.05)
+    raise AssertionError("the sync never got half way")
+
+
+@pytest.mark.parametrize("killed", ["coordinator", "replica"])
+def test_a_sync_interrupted_half_way_resumes_where_it_stopped(
+        workdir: Path, clusters: list[LocalCluster], killed: str) -> None:
+    rate = ["--sync-rate", "16M"]
+    full_run = LocalCluster(workdir / "full", nodes=(), coordinator_args=rate)
+    clusters.append(full_run)
+    populate(full_run.volume, images=6)
+    full_run.start()
+    full = settled(full_run)["last_sync"]["bytes"]
+    full_run.stop()
+    c = LocalCluster(workdir / "c", coordinator_args=rate)
+    clusters.append(c)
+    populate(c.volume, images=6)
+    c.start()
+    _kill_half_way(c, killed, full)
+    if killed == "coordinator":
+        c.start_coordinator()
+    else:
+        c.start_replica()
+    settled(c)
+    after = _sent_after_restart(c.logs / "coordinator.log")
+    assert after <= 0.55 * full, f"{after} bytes sent after the restart, of {full} for a whole sync"

@@ -165,6 +165,9 @@ class SyncRunner:
             self.progress = {"files": 0, "bytes_read": 0, "bytes_sent": 0, "blocks_sent": 0,
                              "started": time.time()}
             after = 0
+            # what this coordinator recorded before (a restart) must be applied before the
+            # replica says what is left, or it would be sent twice
+            recorded = self.service.gseq
             while not self._stop.is_set():
                 if self._request is not None:
                     return None  # a newer request replaces this sync
@@ -174,14 +177,15 @@ class SyncRunner:
                 if state == "unknown" and ((awaiting and awaiting != sync_id)
                                            or int(plan.get("applied", 0)) > cur["gseq"] > 0):
                     return "aborted"  # the replica follows another sync
-                if state in ("wait", "unknown"):
+                if state in ("wait", "unknown") or int(plan.get("applied", 0)) < recorded:
                     self._stop.wait(0.1)
                     continue
+                recorded = 0
                 files = plan.get("files") or []
                 if not files:
                     return "done"
-                for ino, raw in files:
-                    self._sync_file(conn, sync_id, int(ino), os.fsdecode(raw))
+                for ino, raw, upto in files:
+                    self._sync_file(conn, sync_id, int(ino), os.fsdecode(raw), int(upto))
                     after = int(ino)
                     self.progress["files"] += 1
             return None
@@ -196,8 +200,7 @@ class SyncRunner:
             raise SyncAborted(f"the replica answered {reply!r:.200} to a sync {kind} request")
         return reply
 
-    def _sync_file(self, conn: wire.Connection, sync_id: str, ino: int, hint: str) -> None:
-        first = 0
+    def _sync_file(self, conn: wire.Connection, sync_id: str, ino: int, hint: str, first: int) -> None:
         while True:
             with self.service.hold_token(ino, hint) as path:
                 if path is None:
@@ -220,6 +223,7 @@ class SyncRunner:
         try:
             st = os.fstat(fd)
             size, total = st.st_size, block_count(st.st_size)
+            first = min(first, total)  # (it shrank since a chunk was sent)
             end = _past_holes(fd, min(first + self.chunk_blocks, total), total)
             ours = range_manifest(fd, size, first, end, self.limiter)
             reply = self._ask(conn, {"t": "manifest", "ino": ino, "first": first,

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..blockread import Hasher
-from ..blocks import WINDOW_BLOCKS, Manifest, block_count
+from ..blocks import HOLE, WINDOW_BLOCKS, Manifest, block_count
 from ..confined import Target
 from ..durable import atomic_write
 from ..errors import ApplyError
@@ -50,7 +50,7 @@ from ..hashcache import HashCache
 from ..snapshot import Entry, walk
 from ..syncwire import decode_blocks, decode_entries
 from ..treediff import Content, SetAttr, compare
-from .syncapply import SyncApplier
+from .syncapply import Block, Hole, SyncApplier
 
 log = logging.getLogger("clusterrep.replica.sync")
 _REC = struct.Struct("<QI")  # spool record: gseq, length
@@ -74,7 +74,7 @@ class ReplicaSync:
         self._db = sqlite3.connect(state / "sync.db", check_same_thread=False, isolation_level=None)
         self._db.executescript(
             "CREATE TABLE IF NOT EXISTS files (ino INTEGER PRIMARY KEY, path BLOB, size INTEGER,"
-            " fresh INTEGER, done INTEGER DEFAULT 0);"
+            " fresh INTEGER, done INTEGER DEFAULT 0, upto INTEGER DEFAULT 0);"
             "CREATE TABLE IF NOT EXISTS windows (ino INTEGER, first INTEGER, count INTEGER,"
             " holes BLOB, digests BLOB, PRIMARY KEY (ino, first));")
         self._spooled = 0  # gseq of the last SyncEntries spooled
@@ -255,9 +255,32 @@ class ReplicaSync:
             self.target.apply_attr(attr)
         self.moved_bytes += applier.stats.wire_bytes
         self.moved_blocks += applier.stats.blocks
-        if ev.final:
-            with self._lock:
-                self._db.execute("UPDATE files SET done = 1 WHERE ino = ?", (ev.ino,))
+        with self._lock:
+            self._note_written(ev, blocks)
+
+    def _note_written(self, ev: SyncBlocks, blocks: list[Block | Hole]) -> None:
+        """What a chunk made of the target's file (lock held): its noted manifest takes the
+        blocks written, and the file's progress moves past the chunk, so a sync resumed after
+        a restart neither compares with what was there before nor sends the chunk again (the
+        chunk stays equal to the volume: every later write is applied to both)."""
+        row = self._db.execute("SELECT size, fresh, upto FROM files WHERE ino = ?", (ev.ino,)).fetchone()
+        if row is None:
+            return
+        size, fresh, _upto = row
+        if blocks and not fresh:
+            changed = {b.index: (HOLE if isinstance(b, Hole) else b.digest or HOLE) for b in blocks}
+            start = ev.first - ev.first % WINDOW_BLOCKS
+            for w in self._db.execute("SELECT first, count, holes, digests FROM windows WHERE ino = ?"
+                                      " AND first >= ? AND first < ? ORDER BY first",
+                                      (ev.ino, start, ev.first + ev.count)).fetchall():
+                m = Manifest(size, *w)
+                if not any(m.first <= i < m.end for i in changed):
+                    continue
+                new = Manifest.build(size, [changed.get(i, b) for i, b in m.items()], m.first)
+                self._db.execute("UPDATE windows SET holes = ?, digests = ? WHERE ino = ? AND first = ?",
+                                 (new.holes, new.digests, ev.ino, m.first))
+        self._db.execute("UPDATE files SET upto = max(upto, ?), done = done OR ? WHERE ino = ?",
+                         (ev.first + ev.count, ev.final, ev.ino))
 
     def _end(self, ev: SyncEnd) -> None:
         with self._lock:
@@ -308,9 +331,10 @@ class ReplicaSync:
                         "awaiting": self.request if self.awaiting is not None else None}
             if cur["phase"] != "content":
                 return {"t": "plan", "state": "wait"}
-            rows = self._db.execute("SELECT ino, path FROM files WHERE done = 0 AND ino > ?"
+            rows = self._db.execute("SELECT ino, path, upto FROM files WHERE done = 0 AND ino > ?"
                                     " ORDER BY ino LIMIT ?", (after, limit)).fetchall()
-        return {"t": "plan", "state": "files", "files": [[ino, path] for ino, path in rows]}
+        return {"t": "plan", "state": "files", "applied": self.applied_gseq(),
+                "files": [[ino, path, upto] for ino, path, upto in rows]}
 
     def manifest(self, sync_id: str, ino: int, first: int, count: int) -> dict[str, Any]:
         """The target's blocks ``first .. first + count - 1`` of pending file ``ino``, as noted."""
