@@ -684,8 +684,9 @@ class SyncEntries(MetaEvent):
 class SyncBlocks(MetaEvent):
     """Content of file ``path`` (volume inode ``ino``) read under its write token at this
     mark: its ``size``, the blocks of ``first .. first + count - 1`` that differ from the
-    replica's (`clusterrep.syncwire.encode_blocks`; those not listed are equal), and its
-    ``attrs`` (modification time included); ``final`` on the file's last chunk."""
+    replica's (`clusterrep.syncwire.encode_blocks`; those of the range not listed are equal),
+    and its ``attrs`` (modification time included); ``final`` on the file's last one. One
+    read under the token may be recorded as several of these, over consecutive ranges."""
 
     path: str
     ino: int

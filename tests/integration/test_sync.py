@@ -269,19 +269,30 @@ def _kill_half_way(c: LocalCluster, name: str, full: int) -> None:
     raise AssertionError("the sync never got half way")
 
 
+def _one_big_image(vol: Path) -> None:
+    """A 160 MiB image: three chunks of a sync (64, 64 and 32 MiB), so resuming inside a file
+    is what is measured."""
+    (vol / "images").mkdir()
+    rnd = random.Random(9)
+    with open(vol / "images" / "big.img", "wb") as f:
+        for _ in range(160):
+            f.write(rnd.randbytes(MIB))
+    (vol / "small").write_bytes(rnd.randbytes(1000))
+
+
 @pytest.mark.parametrize("killed", ["coordinator", "replica"])
 def test_a_sync_interrupted_half_way_resumes_where_it_stopped(
         workdir: Path, clusters: list[LocalCluster], killed: str) -> None:
-    rate = ["--sync-rate", "16M"]
+    rate = ["--sync-rate", "48M"]
     full_run = LocalCluster(workdir / "full", nodes=(), coordinator_args=rate)
     clusters.append(full_run)
-    populate(full_run.volume, images=6)
+    _one_big_image(full_run.volume)
     full_run.start()
     full = settled(full_run)["last_sync"]["bytes"]
     full_run.stop()
     c = LocalCluster(workdir / "c", coordinator_args=rate)
     clusters.append(c)
-    populate(c.volume, images=6)
+    _one_big_image(c.volume)
     c.start()
     _kill_half_way(c, killed, full)
     if killed == "coordinator":

@@ -235,27 +235,31 @@ class SyncRunner:
             else:
                 wanted = diff_blocks(ours, theirs)
             self.progress["bytes_read"] += len(ours.digests) // DIGEST_SIZE * BLOCK_SIZE
-            groups: list[list[Block | Hole]] = [[]]
+            # events of at most EVENT_BYTES each, every one covering a contiguous range of the
+            # chunk (the blocks of it not listed are equal): the replica's progress in the file
+            # is then exact after any of them, should the rest never come
+            groups: list[tuple[int, list[Block | Hole]]] = [(first, [])]
             held = 0
             for index in wanted:
                 k = index - first
                 if ours.holes[k >> 3] >> (k & 7) & 1:
-                    groups[-1].append(Hole(index))
+                    groups[-1][1].append(Hole(index))
                     continue
                 data = os.pread(fd, block_length(size, index), index * BLOCK_SIZE)
                 codec, payload = compress(data)
-                if held + len(payload) > EVENT_BYTES and groups[-1]:
-                    groups.append([])
+                if held + len(payload) > EVENT_BYTES and groups[-1][1]:
+                    groups.append((index, []))
                     held = 0
-                groups[-1].append(Block(index, int(codec), payload, hash_block(data)))
+                groups[-1][1].append(Block(index, int(codec), payload, hash_block(data)))
                 held += len(payload)
                 self.progress["bytes_sent"] += len(payload)
                 self.progress["blocks_sent"] += 1
-            for n, group in enumerate(groups):
+            for n, (start, group) in enumerate(groups):
+                stop = groups[n + 1][0] if n + 1 < len(groups) else end
                 self._ops += 1
                 self.service.record_blocks(
                     f"sync-{sync_id}-{self.service.incarnation}-b{self._ops}", ino, path,
-                    {"size": size, "first": first, "count": end - first, "blocks": encode_blocks(group),
+                    {"size": size, "first": start, "count": stop - start, "blocks": encode_blocks(group),
                      "final": int(end >= total and n == len(groups) - 1)})
             return end, total
         finally:
