@@ -19,12 +19,12 @@ def _ask(conn: wire.Connection) -> dict[str, Any]:
     return reply["status"]
 
 
-def _connect(replica: str, auth: wire.Auth | bytes) -> wire.Connection:
-    return wire.connect(replica, auth, name=f"cli-{os.getpid()}", role="client")
+def _connect(replica: str, auth: wire.Auth | bytes, name: str | None = None) -> wire.Connection:
+    return wire.connect(replica, auth, name=name or f"cli-{os.getpid()}", role="client")
 
 
-def fetch_status(replica: str, auth: wire.Auth | bytes) -> dict[str, Any]:
-    conn = _connect(replica, auth)
+def fetch_status(replica: str, auth: wire.Auth | bytes, *, name: str | None = None) -> dict[str, Any]:
+    conn = _connect(replica, auth, name)
     try:
         return _ask(conn)
     finally:

@@ -302,3 +302,26 @@ def test_a_sync_interrupted_half_way_resumes_where_it_stopped(
     settled(c)
     after = _sent_after_restart(c.logs / "coordinator.log")
     assert after <= 0.55 * full, f"{after} bytes sent after the restart, of {full} for a whole sync"
+
+
+def test_clusterrep_sync_by_hand_puts_a_damaged_target_right(
+        workdir: Path, clusters: list[LocalCluster]) -> None:
+    c = LocalCluster(workdir / "c")
+    clusters.append(c)
+    populate(c.volume, images=1)
+    c.start()
+    (c.mount("h1") / "written").write_bytes(os.urandom(100_000))
+    settled(c)
+    os.unlink(c.target / "tree" / "d0" / "f3.txt")  # damage done by hand in the target
+    os.chmod(c.target / "tree" / "d1" / "f5.txt", 0o777)
+    os.truncate(c.target / "images" / "vm0.img", MIB)
+    r = subprocess.run(["python3", "-m", "clusterrep", "sync", "--coordinator", c.coordinator_addr,
+                        "--token-file", str(c.token_file), "--timeout", "120"],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "done" in r.stderr and "Traceback" not in r.stderr
+    st = settled(c)
+    assert "files compared" in subprocess.run(
+        ["python3", "-m", "clusterrep", "status", "--replica", c.replica_addr, "--token-file",
+         str(c.token_file)], capture_output=True, text=True, check=True).stdout
+    assert st["last_sync"]["reason"].startswith("requested by an operator")

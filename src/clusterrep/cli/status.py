@@ -55,7 +55,27 @@ def format_status(st: dict[str, Any]) -> str:
                          "times are recorded once their writers are quiet")
     for reason in st.get("waiting_for") or []:
         lines.append(f"waiting for: {reason}")
+    lines.extend(_sync_lines(st))
     return "\n".join(lines)
+
+
+def _sync_lines(st: dict[str, Any]) -> list[str]:
+    sync, last = st.get("sync"), st.get("last_sync")
+    if sync and sync.get("state") == "awaiting":
+        return [f"SYNC: waiting for a synchronisation to start: {sync.get('reason')}"]
+    if sync:
+        total = sync.get("volume_bytes") or 0
+        rate = sync.get("bytes", 0) / max(sync.get("seconds", 0), 1e-3)
+        return [f"SYNC {sync.get('sync_id')} from mark g{sync.get('gseq')}: {sync.get('phase')}, "
+                f"{sync.get('files_done', 0)} of {sync.get('files', 0)} files compared "
+                f"({total / 2**20:.1f} MiB), {sync.get('bytes', 0) / 2**20:.1f} MiB moved at "
+                f"{rate / 2**20:.1f} MiB/s, {sync.get('seconds', 0):.0f} s so far; "
+                f"why: {sync.get('reason')}"]
+    if last:
+        return [f"last sync {last.get('sync_id')}: {last.get('phase')} at mark g{last.get('end_gseq')}, "
+                f"{last.get('files_done', 0)} files compared, {last.get('bytes', 0) / 2**20:.1f} MiB "
+                f"moved in {last.get('seconds', 0):.1f} s ({last.get('reason')})"]
+    return []
 
 
 def status_main(args: argparse.Namespace) -> int:

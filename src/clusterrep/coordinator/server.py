@@ -93,7 +93,24 @@ class CoordinatorServer:
     # -- connections -------------------------------------------------------------------------
 
     def _handle(self, conn: wire.Connection) -> None:
-        serve.route(conn, {"node": self._requests, "node-control": self._control}, log)
+        serve.route(conn, {"node": self._requests, "node-control": self._control,
+                           "client": self._client}, log)
+
+    def _client(self, conn: wire.Connection) -> None:
+        """An operator's requests: ``{"t": "sync"}`` starts a synchronisation now;
+        ``{"t": "sync-status", "sync_id": ID}`` says how far it is (the replica asked too)."""
+        while True:
+            msg = conn.recv()
+            kind = msg.get("t") if isinstance(msg, dict) else None
+            if kind == "sync":
+                sync_id = self.sync.start_now("requested by an operator (clusterrep sync)")
+                log.info("an operator asked for synchronisation %s", sync_id)
+                conn.send({"t": "sync", "sync_id": sync_id})
+            elif kind == "sync-status" and isinstance(msg.get("sync_id"), str):
+                conn.send({"t": "sync-status", **self.sync.report(msg["sync_id"])})
+            else:
+                conn.send({"t": "error", "message": f"unexpected request {kind!r}"})
+                return
 
     def _requests(self, conn: wire.Connection) -> None:
         node = conn.peer_name

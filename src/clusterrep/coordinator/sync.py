@@ -40,6 +40,7 @@ from ..blocks import (
     diff_blocks,
     hash_block,
 )
+from ..client import fetch_status
 from ..durable import atomic_write
 from ..errors import ClusterrepError
 from ..replica.syncapply import Block, Hole
@@ -265,11 +266,28 @@ class SyncRunner:
         finally:
             os.close(fd)
 
-    def status(self) -> dict[str, Any] | None:
-        cur = self.current
-        if cur is None:
-            return None
-        return {**cur, **self.progress}
+    def report(self, sync_id: str) -> dict[str, Any]:
+        """How far sync ``sync_id`` is: ``state`` (queued, running, recorded: every step is in
+        the stream, aborted, unknown), this coordinator's progress, and the replica's view
+        (``replica``: its status's ``sync`` and ``last_sync``; None if it cannot be asked)."""
+        cur, last = self.current, self.last
+        if cur is not None and cur["sync_id"] == sync_id:
+            state, progress = "running", {**cur, **self.progress}
+        elif self._request is not None and self._request[0] == sync_id:
+            state, progress = "queued", {}
+        elif last is not None and last["sync_id"] == sync_id:
+            state, progress = ("recorded" if last["outcome"] == "done" else "aborted"), last
+        elif sync_id in self._ended:
+            state, progress = "aborted", {}
+        else:
+            state, progress = "unknown", {}
+        try:
+            st = fetch_status(self.replica, self.auth, name="coordinator")
+            replica = {"sync": st.get("sync"), "last_sync": st.get("last_sync"),
+                       "error": st.get("error")}
+        except (ClusterrepError, OSError) as exc:
+            replica = {"unreachable": str(exc)}
+        return {"state": state, "progress": progress, "replica": replica}
 
 
 def _past_holes(fd: int, end: int, total: int) -> int:

@@ -78,6 +78,7 @@ class ReplicaSync:
             "CREATE TABLE IF NOT EXISTS windows (ino INTEGER, first INTEGER, count INTEGER,"
             " holes BLOB, digests BLOB, PRIMARY KEY (ino, first));")
         self._spooled = 0  # gseq of the last SyncEntries spooled
+        self._volume_bytes = 0  # size on the volume of the files whose content is compared
         self.moved_bytes = 0
         self.moved_blocks = 0
         self.started = time.monotonic()
@@ -170,11 +171,13 @@ class ReplicaSync:
                 count += 1
         pending: list[tuple[Entry, bool]] = []
         content_of = None
+        self._volume_bytes = 0
         with open(plan_path, "rb") as f:
             for _ in range(count):
                 action = pickle.load(f)
                 if isinstance(action, Content):
                     pending.append((action.entry, action.fresh))
+                    self._volume_bytes += action.entry.size
                     content_of = action.entry.path
                     if len(pending) >= 256:
                         self._note(pending)
@@ -192,7 +195,8 @@ class ReplicaSync:
         applier.checkpoint()
         total = self._db.execute("SELECT count(*) FROM files").fetchone()[0]
         with self._lock:
-            self.current.update(phase="content", files=total, applied=applier.stats.as_dict())
+            self.current.update(phase="content", files=total, applied=applier.stats.as_dict(),
+                                volume_bytes=self._volume_bytes)
             self._save()
         log.info("synchronisation %s: structure applied (%s); %d file(s) to compare",
                  self.current["sync_id"], applier.stats.summary(), total)
