@@ -100,15 +100,27 @@ def state_dir(text: str) -> str:
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def byte_rate(text: str) -> float:
-    """A rate in bytes per second: a number with an optional K, M, G or T (powers of 1024),
-    optionally followed by "B/s" or "/s": "200M", "1.5G/s", "50MB/s"."""
-    raw = text.strip().upper().removesuffix("/S").removesuffix("B")
-    unit = raw[-1:] if raw[-1:] in _UNITS and raw[-1:] else ""
+def _amount(text: str, what: str) -> float:
+    """A number with an optional K, M, G or T (powers of 1024) and an optional "B"/"iB"."""
+    t = text.strip().upper().removesuffix("/S").removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in _UNITS else (t, "")
     try:
-        value = float(raw[:-1] if unit else raw) * _UNITS[unit]
+        value = float(num) * _UNITS[unit]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rate (say e.g. 200M for 200 MiB/s)") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a rate must be more than 0")
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
     return value
+
+
+def parse_size(text: str) -> int:
+    """A size of at least 1 MiB: "512M", "8G"."""
+    value = int(_amount(text, "a size like 512M or 8G"))
+    if value < 1 << 20:
+        raise argparse.ArgumentTypeError(f"{text!r} is too small: at least 1M")
+    return value
+
+
+def byte_rate(text: str) -> float:
+    """A rate in bytes per second: "200M", "1.5G/s", "50MB/s"."""
+    return _amount(text, "a rate (say e.g. 200M for 200 MiB/s)")

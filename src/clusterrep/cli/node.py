@@ -11,6 +11,7 @@ from .common import (
     add_auth,
     add_verbose,
     auth,
+    parse_size,
     peer_address,
     positive_seconds,
     setup_logging,
@@ -65,19 +66,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_auth(p)
     add_verbose(p)
     p.set_defaults(func=main)
-
-
-def parse_size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        value = int(float(num) * units[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512M or 8G") from None
-    if value < 1 << 20:
-        raise argparse.ArgumentTypeError(f"{text!r} is too small: at least 1M")
-    return value
 
 
 def main(args: argparse.Namespace) -> int:
