@@ -658,15 +658,25 @@ class SyncStart(MetaEvent):
     """Mark S of a synchronisation: every write token was recalled just before it, so every
     write placed before S is on the volume; the `SyncEntries` that follow (same lock hold) are
     the volume's structure at S. ``members``: the nodes in the cluster at S; ``stream``: the
-    coordinator stream's identity; ``reason``: why (shown to people)."""
+    coordinator stream's identity; ``reason``: why (shown to people); ``mode``: "sync" (files
+    whose size or time differ are compared), "verify" (every file is compared, nothing is
+    changed: differences are reported) or "repair" (every file compared, differences put right
+    and reported)."""
 
     sync_id: str
     reason: str
     stream: str
     members: tuple[str, ...] = ()
+    mode: str = "sync"
     KIND: ClassVar[int] = 30
     SPEC: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("sync_id", XNAME), ("reason", TARGET), ("stream", XNAME), ("members", NAMES))
+        ("sync_id", XNAME), ("reason", TARGET), ("stream", XNAME), ("members", NAMES), ("mode", XNAME))
+    MODES: ClassVar[tuple[str, ...]] = ("sync", "verify", "repair")
+
+    def __post_init__(self) -> None:
+        MetaEvent.__post_init__(self)
+        if self.mode not in self.MODES:
+            raise InvalidEvent(f"SyncStart.mode {self.mode!r} is not one of {', '.join(self.MODES)}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -23,9 +23,10 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-def add_auth(p: argparse.ArgumentParser) -> None:
-    """The shared token (always) and TLS with certificates (optional, all three or none)."""
-    p.add_argument("--token-file", required=True, metavar="FILE",
+def add_auth(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """The shared token (always, unless ``required`` is False: a command that connects only
+    in some of its forms) and TLS with certificates (optional, all three or none)."""
+    p.add_argument("--token-file", required=required, metavar="FILE",
                    help="file holding the cluster's shared secret: one line, at least 32 "
                         "characters (create one with: head -c 32 /dev/urandom | xxd -p -c 64)")
     g = p.add_argument_group("TLS (optional; all three, on every member, or none)",

@@ -61,11 +61,15 @@ def _view(report: dict[str, Any]) -> tuple[str, int, int, int, int, bool]:
             total, finished)
 
 
-def main(args: argparse.Namespace) -> int:
-    coordinator = _Coordinator(args.coordinator, auth(args))
-    sync_id = coordinator.ask({"t": "sync"})["sync_id"]
-    deadline = time.monotonic() + args.timeout
-    interactive = sys.stderr.isatty() and not args.json
+def follow(addr: str, creds: wire.Auth, mode: str, timeout: float, *,
+           show: bool) -> tuple[str, dict[str, Any]]:
+    """Ask the coordinator for a sync (``mode``: sync, verify or repair) and follow it until the
+    replica has applied its end mark, or ``timeout`` seconds; returns its id and last report.
+    ``show``: a progress bar on a terminal, a line every 5 s otherwise."""
+    coordinator = _Coordinator(addr, creds)
+    sync_id = coordinator.ask({"t": "sync", "mode": mode})["sync_id"]
+    deadline = time.monotonic() + timeout
+    interactive = show and sys.stderr.isatty()
     report: dict[str, Any] = {}
     progress_bar = None
     if interactive:
@@ -77,35 +81,41 @@ def main(args: argparse.Namespace) -> int:
             TimeRemainingColumn,
             TransferSpeedColumn,
         )
-        progress_bar = Progress(TextColumn("sync {task.fields[phase]} {task.fields[files]}"), BarColumn(),
-                                DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                                transient=False)
+        progress_bar = Progress(TextColumn(f"{mode} {{task.fields[phase]}} {{task.fields[files]}}"),
+                                BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                TimeRemainingColumn(), transient=False)
         progress_bar.start()
-        task = progress_bar.add_task("sync", total=None, phase="starting", files="")
-    else:
-        print(f"synchronisation {sync_id} asked for", file=sys.stderr)
+        task = progress_bar.add_task(mode, total=None, phase="starting", files="")
+    elif show:
+        print(f"{mode} {sync_id} asked for", file=sys.stderr)
     last_line = 0.0
     try:
-        while True:
+        while time.monotonic() < deadline:
             report = coordinator.ask({"t": "sync-status", "sync_id": sync_id})
             phase, done, files, read, total, finished = _view(report)
             if progress_bar is not None:
                 progress_bar.update(task, completed=read, total=total or None, phase=phase,
                                     files=f"{done}/{files} files")
-            elif time.monotonic() - last_line > 5:
-                print(f"sync {sync_id}: {phase}, {done}/{files} files compared, "
+            elif show and time.monotonic() - last_line > 5:
+                print(f"{mode} {sync_id}: {phase}, {done}/{files} files compared, "
                       f"{read / 2**20:.1f} of {total / 2**20:.1f} MiB read", file=sys.stderr)
                 last_line = time.monotonic()
             if finished or report["state"] == "unknown":
-                break
-            if time.monotonic() > deadline:
-                print(f"clusterrep sync: not finished after {args.timeout:g} s (it goes on: "
-                      "see clusterrep status)", file=sys.stderr)
-                return 1
+                return sync_id, report
             pause(0.5)
     finally:
         if progress_bar is not None:
             progress_bar.stop()
+    report["timed_out"] = True
+    return sync_id, report
+
+
+def main(args: argparse.Namespace) -> int:
+    sync_id, report = follow(args.coordinator, auth(args), "sync", args.timeout, show=not args.json)
+    if report.get("timed_out"):
+        print(f"clusterrep sync: not finished after {args.timeout:g} s (it goes on: see clusterrep "
+              "status)", file=sys.stderr)
+        return 1
     last = (report.get("replica") or {}).get("last_sync") or {}
     if args.json:
         print(json.dumps({"sync_id": sync_id, **report}, indent=2))

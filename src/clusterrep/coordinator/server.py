@@ -103,8 +103,14 @@ class CoordinatorServer:
             msg = conn.recv()
             kind = msg.get("t") if isinstance(msg, dict) else None
             if kind == "sync":
-                sync_id = self.sync.start_now("requested by an operator (clusterrep sync)")
-                log.info("an operator asked for synchronisation %s", sync_id)
+                mode = msg.get("mode", "sync")
+                if mode not in ("sync", "verify", "repair"):
+                    conn.send({"t": "error", "message": f"unknown sync mode {mode!r}"})
+                    return
+                command = "clusterrep sync" if mode == "sync" else \
+                    f"clusterrep verify --online{' --repair' if mode == 'repair' else ''}"
+                sync_id = self.sync.start_now(f"requested by an operator ({command})", mode)
+                log.info("an operator asked for %s %s", mode, sync_id)
                 conn.send({"t": "sync", "sync_id": sync_id})
             elif kind == "sync-status" and isinstance(msg.get("sync_id"), str):
                 conn.send({"t": "sync-status", **self.sync.report(msg["sync_id"])})

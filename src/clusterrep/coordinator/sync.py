@@ -75,7 +75,7 @@ class SyncRunner:
             self.current = {"sync_id": service.first_sync[0], "gseq": service.first_sync[1],
                             "reason": "the volume held files when the coordinator first started on it"}
             self._save()
-        self._request: tuple[str, str] | None = None
+        self._request: tuple[str, str, str] | None = None  # (sync id, reason, mode)
         self._ended: set[str] = set()  # syncs over (answers still in flight may name them)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -94,19 +94,19 @@ class SyncRunner:
             return
         self.request(need["request"], str(need.get("reason", "the replica asked")))
 
-    def request(self, sync_id: str, reason: str) -> None:
+    def request(self, sync_id: str, reason: str, mode: str = "sync") -> None:
         with self._lock:
             if (self.current is not None and self.current["sync_id"] == sync_id) or (
                     self._request is not None and self._request[0] == sync_id) or sync_id in self._ended:
                 return
-            self._request = (sync_id, reason)
+            self._request = (sync_id, reason, mode)
         log.warning("the replica asks for a synchronisation (%s)", reason)
         self._wake.set()
 
-    def start_now(self, reason: str) -> str:
-        """An operator's sync: returns its id."""
+    def start_now(self, reason: str, mode: str = "sync") -> str:
+        """An operator's sync (``mode``: sync, verify or repair): returns its id."""
         sync_id = secrets.token_hex(8)
-        self.request(sync_id, reason)
+        self.request(sync_id, reason, mode)
         return sync_id
 
     # -- running -----------------------------------------------------------------------------
@@ -129,11 +129,12 @@ class SyncRunner:
                         self._ended.add(self.current["sync_id"])
                         self.service.record_end(self.current["sync_id"], "aborted")
                         log.warning("synchronisation %s replaced by %s", self.current["sync_id"], request[0])
-                    self.current = {"sync_id": request[0], "gseq": 0, "reason": request[1]}
+                    self.current = {"sync_id": request[0], "gseq": 0, "reason": request[1],
+                                    "mode": request[2]}
                     self._save()  # (a restart before the mark is recorded records it then)
                 if self.current is not None and not self.current["gseq"]:
-                    self.current["gseq"] = self.service.begin_sync(self.current["sync_id"],
-                                                                   self.current["reason"])
+                    self.current["gseq"] = self.service.begin_sync(
+                        self.current["sync_id"], self.current["reason"], self.current.get("mode", "sync"))
                     self._save()
                 if self.current is not None:
                     outcome = self._carry_out(self.current)
@@ -186,7 +187,14 @@ class SyncRunner:
                 if not files:
                     return "done"
                 for ino, raw, upto in files:
-                    self._sync_file(conn, sync_id, int(ino), os.fsdecode(raw), int(upto))
+                    try:
+                        self._sync_file(conn, sync_id, int(ino), os.fsdecode(raw), int(upto),
+                                        cur.get("mode", "sync"))
+                    except OSError as exc:  # this file only: say so, go on with the others
+                        log.error("synchronisation %s: cannot read %r on the volume: %s", sync_id,
+                                  os.fsdecode(raw), exc)
+                        self._ask(conn, {"t": "skip", "ino": int(ino),
+                                         "why": f"cannot read it on the volume: {exc}"}, "ok")
                     after = int(ino)
                     self.progress["files"] += 1
             return None
@@ -201,20 +209,21 @@ class SyncRunner:
             raise SyncAborted(f"the replica answered {reply!r:.200} to a sync {kind} request")
         return reply
 
-    def _sync_file(self, conn: wire.Connection, sync_id: str, ino: int, hint: str, first: int) -> None:
+    def _sync_file(self, conn: wire.Connection, sync_id: str, ino: int, hint: str, first: int,
+                   mode: str) -> None:
         while True:
             with self.service.hold_token(ino, hint) as path:
                 if path is None:
                     self._ask(conn, {"t": "skip", "ino": ino}, "ok")
                     return
                 hint = path
-                end, total = self._chunk(conn, sync_id, ino, path, first)
+                end, total = self._chunk(conn, sync_id, ino, path, first, mode)
             if end >= total:
                 return
             first = end
 
     def _chunk(self, conn: wire.Connection, sync_id: str, ino: int, path: str,
-               first: int) -> tuple[int, int]:
+               first: int, mode: str) -> tuple[int, int]:
         """One chunk of a file whose token is held: compare, record; returns (end, total)."""
         opath = self.service.vol.inode(path)
         try:
@@ -245,6 +254,10 @@ class SyncRunner:
                 k = index - first
                 if ours.holes[k >> 3] >> (k & 7) & 1:
                     groups[-1][1].append(Hole(index))
+                    continue
+                if mode == "verify":  # report, change nothing: the digest says enough
+                    digest = ours.slice(index, index + 1).digests
+                    groups[-1][1].append(Block(index, 0, b"", digest))
                     continue
                 data = os.pread(fd, block_length(size, index), index * BLOCK_SIZE)
                 codec, payload = compress(data)

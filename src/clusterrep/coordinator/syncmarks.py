@@ -23,7 +23,7 @@ from typing import Any
 
 from ..events import Attr, SyncBlocks, SyncEnd, SyncEntries, SyncStart
 from ..snapshot import walk
-from ..syncwire import MAX_BATCH_BYTES, encode_entries, entry_to_wire
+from ..syncwire import MAX_BATCH_BYTES, encode_entries
 from ..timing import pause
 from .namespace import UNKNOWN
 from .volumestate import SYNC_HOLDER
@@ -40,7 +40,7 @@ class SyncMarks:
     gseq: int
     _barrier: bool
 
-    def begin_sync(self, sync_id: str, reason: str) -> int:
+    def begin_sync(self, sync_id: str, reason: str, mode: str = "sync") -> int:
         """Recall every write token, then record mark S and the structure; returns S."""
         self.wait_for_grace()  # type: ignore[attr-defined]
         with self.lock:
@@ -50,7 +50,7 @@ class SyncMarks:
                 with self.lock:
                     busy = [(ino, h) for ino, h in self.holders.items() if h != SYNC_HOLDER]
                     if not busy:
-                        start = self._record_start(sync_id, reason)
+                        start = self._record_start(sync_id, reason, mode)
                         break
                 for ino, holder in busy:
                     self._recall(holder, ino)  # type: ignore[attr-defined]
@@ -60,10 +60,11 @@ class SyncMarks:
         self._durable()  # type: ignore[attr-defined]
         return start
 
-    def _record_start(self, sync_id: str, reason: str) -> int:
+    def _record_start(self, sync_id: str, reason: str, mode: str = "sync") -> int:
         """Record S and the structure (lock held)."""
         ev = self._record(SyncStart, SYNC_HOLDER, f"sync-{sync_id}", sync_id=sync_id,  # type: ignore[attr-defined]
-                          reason=reason[:4000], stream="volume", members=tuple(sorted(self.members)))
+                          reason=reason[:4000], stream="volume", members=tuple(sorted(self.members)),
+                          mode=mode)
         batch: list[Any] = []
         size = entries = 0
         for entry in walk(self.volume_path):  # type: ignore[attr-defined]
@@ -141,4 +142,3 @@ class SyncMarks:
         return int(ev.gseq)
 
 
-__all__ = ["SyncMarks", "entry_to_wire"]

@@ -101,7 +101,8 @@ class ReplicaServer:
                 conn.send(sync.manifest(sync_id, _int(msg.get("ino", 0)), _int(msg.get("first", 0)),
                                         count))
             elif kind == "skip":
-                sync.skip(sync_id, _int(msg.get("ino", 0)))
+                why = msg.get("why")
+                sync.skip(sync_id, _int(msg.get("ino", 0)), why[:1000] if isinstance(why, str) else None)
                 conn.send({"t": "ok"})
             else:
                 conn.send({"t": "error", "message": f"unexpected message {kind!r}"})

@@ -32,6 +32,7 @@ import os
 import pickle
 import secrets
 import sqlite3
+import stat
 import struct
 import threading
 import time
@@ -41,19 +42,21 @@ from pathlib import Path
 from typing import Any
 
 from ..blockread import Hasher
-from ..blocks import HOLE, WINDOW_BLOCKS, Manifest, block_count
+from ..blocks import BLOCK_SIZE, HOLE, WINDOW_BLOCKS, Manifest, block_count, block_length, hash_block
 from ..confined import Target
 from ..durable import atomic_write
 from ..errors import ApplyError
-from ..events import MetaEvent, SyncBlocks, SyncEnd, SyncEntries, SyncStart
+from ..events import Attr, MetaEvent, SyncBlocks, SyncEnd, SyncEntries, SyncStart
 from ..hashcache import HashCache
-from ..snapshot import Entry, walk
+from ..snapshot import Entry, Kind, walk
 from ..syncwire import decode_blocks, decode_entries
-from ..treediff import Content, SetAttr, compare
+from ..treediff import Content, Create, Link, Remove, SetAttr, compare
+from ..verify import read_xattrs
 from .syncapply import Block, Hole, SyncApplier
 
 log = logging.getLogger("clusterrep.replica.sync")
 _REC = struct.Struct("<QI")  # spool record: gseq, length
+MAX_REPORTED = 1000  # differences a verify or repair lists (all are counted)
 
 
 class ReplicaSync:
@@ -76,7 +79,8 @@ class ReplicaSync:
             "CREATE TABLE IF NOT EXISTS files (ino INTEGER PRIMARY KEY, path BLOB, size INTEGER,"
             " fresh INTEGER, done INTEGER DEFAULT 0, upto INTEGER DEFAULT 0);"
             "CREATE TABLE IF NOT EXISTS windows (ino INTEGER, first INTEGER, count INTEGER,"
-            " holes BLOB, digests BLOB, PRIMARY KEY (ino, first));")
+            " holes BLOB, digests BLOB, PRIMARY KEY (ino, first));"
+            "CREATE TABLE IF NOT EXISTS diffs (n INTEGER PRIMARY KEY, path BLOB, what TEXT, detail TEXT);")
         self._spooled = 0  # gseq of the last SyncEntries spooled
         self._volume_bytes = 0  # size on the volume of the files whose content is compared
         self.moved_bytes = 0
@@ -127,9 +131,11 @@ class ReplicaSync:
             if self.request is not None and ev.sync_id == self.request:
                 self.awaiting = self.request = None
             self.current = {"sync_id": ev.sync_id, "gseq": ev.gseq, "reason": ev.reason,
-                            "phase": "structure", "wall": ev.wall, "files": 0, "bytes": 0}
+                            "mode": ev.mode, "phase": "structure", "wall": ev.wall, "files": 0,
+                            "bytes": 0, "differences": 0, "not_compared": 0}
             self._db.execute("DELETE FROM files")
             self._db.execute("DELETE FROM windows")
+            self._db.execute("DELETE FROM diffs")
             self._save()
         atomic_write(self.state / "stream.json", json.dumps({"stream": ev.stream}).encode())
         self.stream = ev.stream
@@ -157,16 +163,23 @@ class ReplicaSync:
                 _, length = _REC.unpack(head)
                 yield from decode_entries(f.read(length))
 
+    @property
+    def mode(self) -> str:
+        return self.current.get("mode", "sync") if self.current is not None else "sync"
+
     def _plan(self) -> None:
-        """Make the target's structure the volume's at S; note the files whose content differs."""
+        """Make the target's structure the volume's at S (mode verify: report what differs,
+        change nothing); note the files whose content is to be compared."""
         assert self.current is not None
+        mode = self.mode
         applier = SyncApplier(self.target, logger=log)
         self._db.execute("DELETE FROM files")
         self._db.execute("DELETE FROM windows")
         plan_path = self.state / "sync-plan"
         count = 0
         with open(plan_path, "wb") as out:  # the whole plan first: the target is not changed
-            for action in compare(self._spooled_entries(), walk(self.target.root)):  # while walked
+            for action in compare(self._spooled_entries(), walk(self.target.root),  # while walked
+                                  content=mode != "sync"):
                 pickle.dump(action, out, protocol=pickle.HIGHEST_PROTOCOL)
                 count += 1
         pending: list[tuple[Entry, bool]] = []
@@ -176,6 +189,8 @@ class ReplicaSync:
             for _ in range(count):
                 action = pickle.load(f)
                 if isinstance(action, Content):
+                    if mode == "verify" and action.fresh:
+                        continue  # missing in the target: reported as such
                     pending.append((action.entry, action.fresh))
                     self._volume_bytes += action.entry.size
                     content_of = action.entry.path
@@ -188,7 +203,10 @@ class ReplicaSync:
                     # content is still to come (to a plan made again after a crash)
                     action = SetAttr(replace(action.attr, mtime_ns=None), action.kind)
                 content_of = None
-                applier.apply(action)
+                if mode != "sync":
+                    self._report_action(action)
+                if mode != "verify":
+                    applier.apply(action)
         self._note(pending)
         plan_path.unlink()
         self.target.forget()
@@ -198,8 +216,57 @@ class ReplicaSync:
             self.current.update(phase="content", files=total, applied=applier.stats.as_dict(),
                                 volume_bytes=self._volume_bytes)
             self._save()
-        log.info("synchronisation %s: structure applied (%s); %d file(s) to compare",
-                 self.current["sync_id"], applier.stats.summary(), total)
+        log.info("synchronisation %s (%s): structure %s (%s); %d file(s) to compare",
+                 self.current["sync_id"], mode, "compared" if mode == "verify" else "applied",
+                 applier.stats.summary(), total)
+
+    def _report_action(self, action: Any) -> None:
+        """A structure difference found by a verify or repair."""
+        if isinstance(action, Remove):
+            self._differ(action.path, "extra", f"{action.kind} only in the replica")
+        elif isinstance(action, Create):
+            self._differ(action.entry.path, "missing", f"{action.entry.kind} missing in the replica")
+        elif isinstance(action, Link):
+            self._differ(action.path, "link", f"not a hard link of {action.to!r} in the replica")
+        elif isinstance(action, SetAttr):
+            what = self._attr_difference(action.attr)
+            if what == "modification time" and action.kind is Kind.DIR and self.mode == "repair":
+                return  # (the repair's own removals and creations in it changed it)
+            if what:
+                self._differ(action.attr.path or ".", "attributes", what)
+
+    def _attr_difference(self, attr: Attr) -> str:
+        """How the target's ``attr.path`` differs from ``attr`` ("" if it does not)."""
+        try:
+            st = self.target.lstat(attr.path) if attr.path else os.fstat(self.target.root_fd)
+        except (OSError, ApplyError):
+            return ""
+        out = []
+        if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) != attr.mode:
+            out.append(f"mode {attr.mode:o} on the volume, {stat.S_IMODE(st.st_mode):o} in the replica")
+        if (st.st_uid, st.st_gid) != (attr.uid, attr.gid):
+            out.append(f"owner {attr.uid}:{attr.gid} on the volume, {st.st_uid}:{st.st_gid} in the replica")
+        if attr.mtime_ns is not None and st.st_mtime_ns != attr.mtime_ns:
+            out.append("modification time")
+        if attr.xattrs is not None:
+            fd = self.target.inode(attr.path)
+            try:
+                if tuple(sorted(read_xattrs(fd).items())) != tuple(sorted(attr.xattrs)):
+                    out.append("extended attributes")
+            finally:
+                os.close(fd)
+        return "; ".join(out)
+
+    def _differ(self, path: str, what: str, detail: str) -> None:
+        with self._lock:
+            if self.current is None:
+                return
+            self.current["differences"] = self.current.get("differences", 0) + 1
+            if self.current["differences"] <= MAX_REPORTED:
+                self._db.execute("INSERT INTO diffs (path, what, detail) VALUES (?, ?, ?)",
+                                 (os.fsencode(path), what, detail))
+        log.warning("%s: %s %s: %s", "repaired" if self.mode == "repair" else "differs", what,
+                    path, detail)
 
     def _note(self, pending: list[tuple[Entry, bool]]) -> None:
         """Record pending files with the target's manifest of each (none for a fresh one)."""
@@ -219,7 +286,8 @@ class ReplicaSync:
                         os.close(fd)
                     st = os.fstat(rfd)
                     size = st.st_size
-                    cached = cache.lookup(st, time.time_ns())
+                    # (a verify or repair reads everything: it must not trust the cache)
+                    cached = cache.lookup(st, time.time_ns()) if self.mode == "sync" else None
                     if cached is None:
                         opened[ino] = rfd
                     else:
@@ -253,6 +321,14 @@ class ReplicaSync:
 
     def _blocks(self, ev: SyncBlocks) -> None:
         blocks = decode_blocks(ev.blocks)
+        mode = self.mode
+        if mode != "sync":
+            self._report_blocks(ev, blocks)
+        if mode == "verify":
+            with self._lock:
+                self._db.execute("UPDATE files SET upto = max(upto, ?), done = done OR ? WHERE ino = ?",
+                                 (ev.first + ev.count, ev.final, ev.ino))
+            return
         applier = SyncApplier(self.target, logger=log)
         applier.apply_blocks(ev.path, ev.size, blocks)
         for attr in ev.attrs:
@@ -261,6 +337,43 @@ class ReplicaSync:
         self.moved_blocks += applier.stats.blocks
         with self._lock:
             self._note_written(ev, blocks)
+
+    def _report_blocks(self, ev: SyncBlocks, blocks: list[Block | Hole]) -> None:
+        """Report how the target's file differs from the volume's at this chunk's mark (a verify
+        or repair; before a repair writes). The blocks listed are those whose digest differs
+        from the manifest noted at R; writes since R reached both sides, so each is read again
+        here, at the exact point of the order, and counted only if it still differs: a block
+        written since is never reported (no phantom differences)."""
+        try:
+            fd = self.target.inode(ev.path)
+        except (OSError, ApplyError):
+            return  # reported missing already
+        try:
+            rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return  # not a regular file: reported as another kind already
+        finally:
+            os.close(fd)
+        try:
+            size = os.fstat(rfd).st_size
+            differing = []
+            for b in blocks:
+                length = block_length(ev.size, b.index)
+                data = os.pread(rfd, length, b.index * BLOCK_SIZE).ljust(length, b"\0")
+                same = not any(data) if isinstance(b, Hole) else hash_block(data) == b.digest
+                if not same:
+                    differing.append(b.index)
+        finally:
+            os.close(rfd)
+        if size != ev.size:
+            self._differ(ev.path, "size", f"{ev.size} bytes on the volume, {size} in the replica")
+        if differing:
+            self._differ(ev.path, "content", f"{len(differing)} block(s) of 64 KiB differ, the first "
+                         f"at offset {differing[0] * BLOCK_SIZE}")
+        for attr in ev.attrs:
+            what = self._attr_difference(attr)
+            if what:
+                self._differ(attr.path, "attributes", what)
 
     def _note_written(self, ev: SyncBlocks, blocks: list[Block | Hole]) -> None:
         """What a chunk made of the target's file (lock held): its noted manifest takes the
@@ -291,12 +404,15 @@ class ReplicaSync:
             if self.current is None or self.current["sync_id"] != ev.sync_id:
                 return
             done = self._db.execute("SELECT count(*) FROM files WHERE done = 1").fetchone()[0]
-            self.last = {**self.current, "phase": ev.outcome, "end_gseq": ev.gseq,
+            listed = [{"path": os.fsdecode(p), "what": w, "detail": d} for p, w, d in self._db.execute(
+                "SELECT path, what, detail FROM diffs ORDER BY n LIMIT ?", (MAX_REPORTED,))]
+            self.last = {**self.current, "phase": ev.outcome, "end_gseq": ev.gseq, "listed": listed,
                          "bytes": self.moved_bytes, "blocks": self.moved_blocks,
                          "files_done": done, "seconds": round(time.monotonic() - self.started, 3)}
             self.current = None
             self._db.execute("DELETE FROM files")
             self._db.execute("DELETE FROM windows")
+            self._db.execute("DELETE FROM diffs")
             self._save()
         self._spool.unlink(missing_ok=True)
         log.info("synchronisation %s %s at mark g%d", ev.sync_id, ev.outcome, ev.gseq)
@@ -363,12 +479,19 @@ class ReplicaSync:
                 m = Manifest.concat(parts) if parts else Manifest(size, first, 0, b"", b"")
         return {"t": "manifest", "state": "ok", "m": [m.size, m.first, m.count, m.holes, m.digests]}
 
-    def skip(self, sync_id: str, ino: int) -> None:
-        """The coordinator found no name of pending file ``ino`` on the volume any more: its
-        removal is in the stream; nothing of its content is to come."""
+    def skip(self, sync_id: str, ino: int, why: str | None = None) -> None:
+        """Nothing of pending file ``ino``'s content is to come: it has no name on the volume any
+        more (its removal is in the stream), or ``why`` it could not be read there."""
         with self._lock:
-            if self.current is not None and self.current["sync_id"] == sync_id:
-                self._db.execute("UPDATE files SET done = 1 WHERE ino = ?", (ino,))
+            if self.current is None or self.current["sync_id"] != sync_id:
+                return
+            self._db.execute("UPDATE files SET done = 1 WHERE ino = ?", (ino,))
+            row = self._db.execute("SELECT path FROM files WHERE ino = ?", (ino,)).fetchone()
+            if why is not None:
+                self.current["not_compared"] = self.current.get("not_compared", 0) + 1
+                if self.current["not_compared"] <= MAX_REPORTED:
+                    self._db.execute("INSERT INTO diffs (path, what, detail) VALUES (?, ?, ?)",
+                                     (row[0] if row else b"?", "not compared", why))
 
     # -- status ------------------------------------------------------------------------------
 
