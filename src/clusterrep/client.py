@@ -45,7 +45,10 @@ def pending(st: dict[str, Any], since: float) -> list[str]:
         out.append(f"synchronisation {sync.get('sync_id')} not finished ({sync.get('phase')}: "
                    f"{sync.get('files_done', 0)} of {sync.get('files', 0)} files compared)")
     members = set(st.get("members") or [])
+    evicted = st.get("evicted") or {}
     for name, s in st["sources"].items():
+        if name in evicted:
+            continue  # what it captured and never shipped is put right from the volume
         if (name in members or name == "coordinator") and not s["connected"]:
             out.append(f"{name}: not connected to the replica, so what it captured is unknown")
         elif s["applied"] < s["captured"]:

@@ -649,6 +649,16 @@ class Lock(MetaEvent):
     SPEC: ClassVar[tuple[tuple[str, str], ...]] = _P
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Evict(MetaEvent):
+    """Node ``origin`` was removed from the cluster by an operator (or after a configured
+    silence) once its lease had run out: it holds no write token or lock any more. The replica
+    stops waiting for its stream here; what it wrote and never shipped is put right from the
+    volume by the synchronisation that follows. Its stream is refused from then on."""
+
+    KIND: ClassVar[int] = 34
+
+
 # -- the synchronisation (docs/architecture.md, "Synchronisation"): recorded by the coordinator
 # only, in its stream; the replica applies them in the merged order like any metadata event.
 
@@ -660,8 +670,9 @@ class SyncStart(MetaEvent):
     the volume's structure at S. ``members``: the nodes in the cluster at S; ``stream``: the
     coordinator stream's identity; ``reason``: why (shown to people); ``mode``: "sync" (files
     whose size or time differ are compared), "verify" (every file is compared, nothing is
-    changed: differences are reported) or "repair" (every file compared, differences put right
-    and reported)."""
+    changed: differences are reported), "repair" (every file compared, differences put right
+    and reported) or "files" (the entries are only some regular files, e.g. those an evicted
+    node was writing: their content is compared and put right; nothing else is touched)."""
 
     sync_id: str
     reason: str
@@ -671,7 +682,7 @@ class SyncStart(MetaEvent):
     KIND: ClassVar[int] = 30
     SPEC: ClassVar[tuple[tuple[str, str], ...]] = (
         ("sync_id", XNAME), ("reason", TARGET), ("stream", XNAME), ("members", NAMES), ("mode", XNAME))
-    MODES: ClassVar[tuple[str, ...]] = ("sync", "verify", "repair")
+    MODES: ClassVar[tuple[str, ...]] = ("sync", "verify", "repair", "files")
 
     def __post_init__(self) -> None:
         MetaEvent.__post_init__(self)
@@ -727,7 +738,7 @@ EVENT_TYPES: dict[int, type[Event]] = {
     cls.KIND: cls
     for cls in (Write, Fallocate, Stamp, Tick, Create, Open, Close, Mkdir, Rmdir, Unlink, Rename,
                 Exchange, Truncate, SetAttr, Symlink, Link, Mknod, SetXattr, RemoveXattr,
-                Acquire, Join, Leave, Lock, SyncStart, SyncEntries, SyncBlocks, SyncEnd)
+                Acquire, Join, Leave, Lock, SyncStart, SyncEntries, SyncBlocks, SyncEnd, Evict)
 }
 _EXTRA: dict[type[Event], tuple[str, ...]] = {
     cls: tuple(f.name for f in fields(cls) if f.name not in ("source", "seq", "wall")

@@ -388,3 +388,45 @@ def test_online_verify_trusted_with_writers_running_then_finds_and_repairs_what_
         r = _verify_online(c, "--json")
         assert r.returncode == 0, r.stdout + r.stderr
     settled(c)
+
+
+def test_a_host_killed_for_good_is_evicted_and_the_others_keep_replicating(
+        workdir: Path, clusters: list[LocalCluster]) -> None:
+    c = LocalCluster(workdir / "c", coordinator_args=["--lease", "3"])
+    clusters.append(c)
+    populate(c.volume, images=2)
+    c.start()
+    settled(c)
+    stop = threading.Event()
+
+    def h1_writes() -> None:  # the VM on h1 writes its image until its host dies
+        rnd = random.Random(3)
+        try:
+            fd = os.open(c.mount("h1") / "images" / "vm0.img", os.O_RDWR)
+            while not stop.is_set():
+                os.pwrite(fd, rnd.randbytes(65536), rnd.randrange(0, 128) * 65536)
+        except OSError:
+            pass  # the host died under it
+
+    writer = threading.Thread(target=h1_writes)
+    writer.start()
+    time.sleep(1.5)
+    c.stop_process("h1", signal.SIGKILL)  # for good, with writes never shipped
+    stop.set()
+    writer.join(30)
+    (c.mount("h2") / "tree" / "h2-goes-on").write_text("after h1 died")
+    ok, why, _ = c.wait(8)
+    assert not ok and any("h1" in w for w in why), why  # the merge waits for h1's stream
+    r = subprocess.run(["python3", "-m", "clusterrep", "evict", "--coordinator", c.coordinator_addr,
+                        "--token-file", str(c.token_file), "--node", "h1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "evicted" in r.stderr, r.stderr
+    with open(c.mount("h2") / "images" / "vm1.img", "r+b") as f:  # h2 keeps writing
+        f.write(b"h2 after the eviction")
+    settled(c)
+    with pytest.raises(Exception, match="evicted"):
+        c.start_node("h1", timeout=30)  # a node that comes back is refused, saying why
+    r = subprocess.run(["python3", "-m", "clusterrep", "evict", "--coordinator", c.coordinator_addr,
+                        "--token-file", str(c.token_file), "--node", "h9"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "not a member" in r.stderr and "Traceback" not in r.stderr

@@ -41,6 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="at most this many bytes per second read from the volume by a "
                         "synchronisation (e.g. 200M), so that it does not starve running VMs "
                         "(default: no limit)")
+    p.add_argument("--evict-after", type=positive_seconds, default=None, metavar="SECONDS",
+                   help="evict a node silent for this long (never before its lease ran out; see "
+                        "clusterrep evict). Default: never; a node that died stays a member and "
+                        "the replica waits for it until an operator evicts it")
     p.add_argument("--lease", type=positive_seconds, default=10.0, metavar="SECONDS",
                    help="how long a node that stopped answering keeps its write tokens and file "
                         "locks (default 10). A node stops writing by itself before its lease "
@@ -61,5 +65,6 @@ def main(args: argparse.Namespace) -> int:
                     "is synchronised to the replica automatically")
     service = CoordinatorService(args.volume, args.state, lock_grace=args.lock_grace,
                                  lease=args.lease)
-    server = CoordinatorServer(service, args.listen, args.replica, creds, sync_rate=args.sync_rate)
+    server = CoordinatorServer(service, args.listen, args.replica, creds, sync_rate=args.sync_rate,
+                               evict_after=args.evict_after)
     return serve_until_signalled(server.start, server.stop, f"coordinator on {args.listen}")

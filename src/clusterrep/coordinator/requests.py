@@ -30,6 +30,10 @@ def answer(svc: CoordinatorService, node: str, msg: Request) -> dict[str, Any]:
 
 
 def _answer(svc: CoordinatorService, node: str, msg: Request) -> dict[str, Any]:
+    if node in svc.evicted:
+        raise OpFailed(f"node {node} was evicted from the cluster (at gseq {svc.evicted[node]}): "
+                       "it is refused. To bring this host back, stop it, remove its state directory "
+                       "(--state) and start it with a new --id", errno.EPERM)
     svc.renew(node)  # any request shows the node alive
     op = msg.get("op")
     if op in ("ping", "renew"):

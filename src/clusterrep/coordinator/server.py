@@ -51,7 +51,8 @@ class _Control:
 
 class CoordinatorServer:
     def __init__(self, service: CoordinatorService, listen: str, replica: str,
-                 auth: wire.Auth | bytes, *, sync_rate: float | None = None) -> None:
+                 auth: wire.Auth | bytes, *, sync_rate: float | None = None,
+                 evict_after: float | None = None) -> None:
         self.service = service
         self.server = serve.Server(listen, auth, name="coordinator", role="coordinator",
                                   handler=self._handle)
@@ -69,6 +70,8 @@ class CoordinatorServer:
         self._changed = threading.Condition()
         self._unlocks: list[tuple[str, int]] = []  # (node, ino) to tell "unlocked"
         self._pusher = threading.Thread(target=self._push_gseq, name="gseq-push", daemon=True)
+        self.evict_after = evict_after
+        self._evictor = threading.Thread(target=self._evict_silent, name="evict", daemon=True)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -79,6 +82,8 @@ class CoordinatorServer:
         self.shipper.start()
         self.server.start()
         self._pusher.start()
+        if self.evict_after is not None:
+            self._evictor.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -112,6 +117,8 @@ class CoordinatorServer:
                 sync_id = self.sync.start_now(f"requested by an operator ({command})", mode)
                 log.info("an operator asked for %s %s", mode, sync_id)
                 conn.send({"t": "sync", "sync_id": sync_id})
+            elif kind == "evict" and isinstance(msg.get("node"), str):
+                conn.send({"t": "evict", **self.evict(msg["node"])})
             elif kind == "sync-status" and isinstance(msg.get("sync_id"), str):
                 conn.send({"t": "sync-status", **self.sync.report(msg["sync_id"])})
             else:
@@ -146,6 +153,34 @@ class CoordinatorServer:
         reply["id"] = msg["id"]
         with contextlib.suppress(ClusterrepError, OSError):
             conn.send(reply)
+
+    def evict(self, node: str) -> dict[str, Any]:
+        """Remove ``node`` for good, then compare the files it was writing with the volume."""
+        try:
+            gseq, files = self.service.evict(node)
+        except ClusterrepError as exc:
+            return {"error": str(exc)}
+        with self._lock:
+            ctl = self._controls.pop(node, None)
+        if ctl is not None:
+            ctl.conn.close()
+        sync_id = None
+        if files:
+            sync_id = self.sync.start_now(f"node {node} was evicted: the {len(files)} file(s) it was "
+                                          "writing are compared with the volume", "files", files)
+        return {"gseq": gseq, "files": len(files), "sync_id": sync_id}
+
+    def _evict_silent(self) -> None:
+        """``--evict-after``: evict a member silent for that long (never before its lease ran out)."""
+        while not self._stop.wait(1.0):
+            if self.evict_after is None:
+                return
+            for node in sorted(self.service.members):
+                silent = time.monotonic() - self.service.seen.get(node, self.service.started)
+                if silent > self.evict_after and self.service.lease_left(node) <= 0:
+                    log.warning("node %s silent for %.0f s (--evict-after %g): evicting it", node,
+                                silent, self.evict_after)
+                    self.evict(node)
 
     # -- control links: recalls and gseq pushes ----------------------------------------------
 

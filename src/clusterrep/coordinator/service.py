@@ -38,6 +38,7 @@ from ..events import (
     EVENT_TYPES,
     Acquire,
     Create,
+    Evict,
     Exchange,
     Join,
     Leave,
@@ -72,6 +73,16 @@ log = logging.getLogger("clusterrep.coordinator")
 
 
 MAX_ORPHANS = 65536
+
+
+def _load_json_map(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(errors="surrogateescape"))
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        raise ClusterrepError(f"{path} is damaged", hint="restore it from a copy") from None
+    return raw if isinstance(raw, dict) else {}
 
 
 def _load_epochs(path: Path) -> dict[str, int]:
@@ -144,6 +155,11 @@ class CoordinatorService(SyncMarks, FileLocking, Namespace):
         # its epoch change knows its tokens and locks were taken)
         self.incarnation = secrets.token_hex(8)
         self.epochs: dict[str, int] = _load_epochs(self.state / "epochs.json")
+        # nodes removed for good (node -> gseq of its Evict), and per node the files whose write
+        # tokens were taken from it when its lease ran out ([ino, path]): what it wrote there
+        # and never shipped is compared with the volume if it is evicted
+        self.evicted: dict[str, int] = _load_json_map(self.state / "evicted.json")
+        self.lost_tokens: dict[str, list[list[Any]]] = _load_json_map(self.state / "lost-tokens.json")
         self.reclaimed: set[str] = set()
         self.expired = 0  # files whose token was taken from a node that went silent
         self.on_record: Callable[[], None] | None = None  # wakes the shipper
@@ -382,6 +398,12 @@ class CoordinatorService(SyncMarks, FileLocking, Namespace):
             held = self.locks.held_by(node)
             self.epochs[node] = self.epochs.get(node, 0) + 1
             atomic_write(self.state / "epochs.json", json.dumps(self.epochs).encode())
+            if tokens:
+                lost = self.lost_tokens.setdefault(node, [])
+                lost += [[ino, self.paths.get(ino, "")] for ino in tokens]
+                del lost[:-100_000]
+                atomic_write(self.state / "lost-tokens.json",
+                             json.dumps(self.lost_tokens).encode("utf-8", "surrogateescape"))
             stamped = [self._stamp(ino) for ino in tokens]
         if any(stamped):
             self._durable()
@@ -403,6 +425,36 @@ class CoordinatorService(SyncMarks, FileLocking, Namespace):
         return True
 
     # -- membership --------------------------------------------------------------------------
+
+    def evict(self, node: str) -> tuple[int, list[list[Any]]]:
+        """Remove ``node`` for good (it never comes back): once its lease has run out, take its
+        tokens and locks and record `Evict`. Returns the mark and the files whose write tokens
+        it held (``[ino, path]``), whose content the caller has compared with the volume."""
+        if node in self.evicted:
+            raise ClusterrepError(f"node {node} was evicted already (at gseq {self.evicted[node]})")
+        if node not in self.members:
+            raise ClusterrepError(f"node {node} is not a member of this cluster",
+                                  hint=f"members: {', '.join(sorted(self.members)) or 'none'}")
+        left = self.lease_left(node)
+        if left > 0:
+            log.warning("evicting node %s: waiting %.1f s for its lease to run out (until then it "
+                        "may still be writing)", node, left)
+            while self.lease_left(node) > 0:
+                pause(0.1)
+        self.expire(node, "was evicted")
+        with self.lock:
+            ev = self._record(Evict, node, f"evict-{self.incarnation}-{node}")
+            self.members.discard(node)
+            atomic_write(self.state / "members.json", json.dumps(sorted(self.members)).encode())
+            self.evicted[node] = ev.gseq
+            atomic_write(self.state / "evicted.json", json.dumps(self.evicted).encode())
+            files = self.lost_tokens.pop(node, [])
+            atomic_write(self.state / "lost-tokens.json",
+                         json.dumps(self.lost_tokens).encode("utf-8", "surrogateescape"))
+        self._durable()
+        log.warning("node %s evicted at gseq %d; %d file(s) it was writing are compared with the "
+                    "volume", node, ev.gseq, len(files))
+        return ev.gseq, files
 
     def join(self, node: str, op_id: str, incarnation: str | None = None) -> MetaEvent | None:
         """``node`` starts (``incarnation``: this process of it). A new process of a member

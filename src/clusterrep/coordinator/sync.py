@@ -77,6 +77,7 @@ class SyncRunner:
             self._save()
         self._request: tuple[str, str, str] | None = None  # (sync id, reason, mode)
         self._ended: set[str] = set()  # syncs over (answers still in flight may name them)
+        self._files: dict[str, list[list[Any]]] = {}  # the files of a queued "files" sync
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -103,9 +104,13 @@ class SyncRunner:
         log.warning("the replica asks for a synchronisation (%s)", reason)
         self._wake.set()
 
-    def start_now(self, reason: str, mode: str = "sync") -> str:
-        """An operator's sync (``mode``: sync, verify or repair): returns its id."""
+    def start_now(self, reason: str, mode: str = "sync", files: list[list[Any]] | None = None) -> str:
+        """An operator's sync (``mode``: sync, verify, repair; files: only ``files``, as
+        ``[ino, path]``): returns its id."""
         sync_id = secrets.token_hex(8)
+        if files is not None:
+            with self._lock:
+                self._files[sync_id] = files
         self.request(sync_id, reason, mode)
         return sync_id
 
@@ -130,11 +135,12 @@ class SyncRunner:
                         self.service.record_end(self.current["sync_id"], "aborted")
                         log.warning("synchronisation %s replaced by %s", self.current["sync_id"], request[0])
                     self.current = {"sync_id": request[0], "gseq": 0, "reason": request[1],
-                                    "mode": request[2]}
+                                    "mode": request[2], "files": self._files.pop(request[0], None)}
                     self._save()  # (a restart before the mark is recorded records it then)
                 if self.current is not None and not self.current["gseq"]:
                     self.current["gseq"] = self.service.begin_sync(
-                        self.current["sync_id"], self.current["reason"], self.current.get("mode", "sync"))
+                        self.current["sync_id"], self.current["reason"], self.current.get("mode", "sync"),
+                        self.current.get("files"))
                     self._save()
                 if self.current is not None:
                     outcome = self._carry_out(self.current)

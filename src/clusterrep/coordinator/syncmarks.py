@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
 
+from ..errors import ClusterrepError
 from ..events import Attr, SyncBlocks, SyncEnd, SyncEntries, SyncStart
-from ..snapshot import walk
+from ..snapshot import Entry, Kind, order_key, read_entry, walk
 from ..syncwire import MAX_BATCH_BYTES, encode_entries
 from ..timing import pause
 from .namespace import UNKNOWN
@@ -40,7 +42,8 @@ class SyncMarks:
     gseq: int
     _barrier: bool
 
-    def begin_sync(self, sync_id: str, reason: str, mode: str = "sync") -> int:
+    def begin_sync(self, sync_id: str, reason: str, mode: str = "sync",
+                   files: list[list[Any]] | None = None) -> int:
         """Recall every write token, then record mark S and the structure; returns S."""
         self.wait_for_grace()  # type: ignore[attr-defined]
         with self.lock:
@@ -50,7 +53,7 @@ class SyncMarks:
                 with self.lock:
                     busy = [(ino, h) for ino, h in self.holders.items() if h != SYNC_HOLDER]
                     if not busy:
-                        start = self._record_start(sync_id, reason, mode)
+                        start = self._record_start(sync_id, reason, mode, files)
                         break
                 for ino, holder in busy:
                     self._recall(holder, ino)  # type: ignore[attr-defined]
@@ -60,14 +63,16 @@ class SyncMarks:
         self._durable()  # type: ignore[attr-defined]
         return start
 
-    def _record_start(self, sync_id: str, reason: str, mode: str = "sync") -> int:
-        """Record S and the structure (lock held)."""
+    def _record_start(self, sync_id: str, reason: str, mode: str = "sync",
+                      files: list[list[Any]] | None = None) -> int:
+        """Record S and the structure (lock held); mode "files": only ``files`` ([ino, path])."""
         ev = self._record(SyncStart, SYNC_HOLDER, f"sync-{sync_id}", sync_id=sync_id,  # type: ignore[attr-defined]
                           reason=reason[:4000], stream="volume", members=tuple(sorted(self.members)),
                           mode=mode)
         batch: list[Any] = []
         size = entries = 0
-        for entry in walk(self.volume_path):  # type: ignore[attr-defined]
+        for entry in (walk(self.volume_path) if mode != "files"  # type: ignore[attr-defined]
+                      else self._file_entries(files or [])):
             batch.append(entry)
             size += 64 + len(entry.path) + sum(len(v) + len(n) for n, v in entry.xattrs)
             entries += 1
@@ -80,6 +85,27 @@ class SyncMarks:
         log.info("synchronisation %s: mark g%d, structure of %d entries recorded (%s)", sync_id,
                  ev.gseq, entries, reason)
         return ev.gseq
+
+    def _file_entries(self, files: list[list[Any]]) -> Iterator[Entry]:
+        """The entries of those of ``files`` that still have a name (lock held), in walk order."""
+        found: dict[str, Entry] = {}
+        for ino, hint in files:
+            path = self._resolve(int(ino), str(hint))  # type: ignore[attr-defined]
+            if path is UNKNOWN:
+                path = self._search(int(ino))  # type: ignore[attr-defined]
+            if not isinstance(path, str) or path in found:
+                continue
+            try:
+                fd = self.vol.inode(path)  # type: ignore[attr-defined]
+            except (OSError, ClusterrepError):
+                continue
+            try:
+                entry = read_entry(path, fd)
+            finally:
+                os.close(fd)
+            if entry.kind is Kind.FILE and entry.inode[1] == int(ino):
+                found[path] = entry
+        yield from (found[p] for p in sorted(found, key=order_key))
 
     @contextlib.contextmanager
     def hold_token(self, ino: int, hint: str) -> Iterator[str | None]:

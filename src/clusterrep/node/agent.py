@@ -31,6 +31,7 @@ from typing import Any
 
 from .. import wire
 from ..confined import fallocate
+from ..errors import ClusterrepError
 from ..events import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -180,6 +181,8 @@ class NodeAgent(NodeLocking):
                 reply = self.client.call("join", op_id=self._op_id(), incarnation=self._op_prefix)
                 break
             except OSError as exc:
+                if exc.errno == errno.EPERM and "evicted" in str(exc):
+                    raise ClusterrepError(str(exc).removeprefix("[Errno 1] ")) from None
                 if time.monotonic() > deadline:
                     raise
                 log.info("waiting for the coordinator: %s", exc)

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..errors import ConflictingCopies, InvalidEvent, StampViolation
-from ..events import DataEvent, Event, Join, Leave, MetaEvent, describe
+from ..events import DataEvent, Event, Evict, Join, Leave, MetaEvent, describe
 from .position import Position
 
 COORDINATOR = "coordinator"
@@ -45,6 +45,10 @@ class Merger:
         self._known: dict[str, int] = dict(self.position.afters)
         self._cursor: dict[str, int] = dict(self.position.cursors)
         self._floating: set[str] = set(self.position.floating)
+        # nodes whose eviction is received and not yet emitted: the merge waits for their
+        # streams no more (they are dead: what they shipped is placed by its stamps, the rest is
+        # put right from the volume after the eviction)
+        self._evicting: set[str] = set()
         self.received = 0
         self.duplicates = 0
 
@@ -64,6 +68,8 @@ class Merger:
                     old = meta.get(g)
                     if old is None:
                         meta[g] = ev
+                        if type(ev) is Evict:
+                            self._evicting.add(ev.origin)
                     elif old is not ev and old.payload() != ev.payload():
                         raise ConflictingCopies(
                             f"two different events claim gseq {g}: {describe(old)} / {describe(ev)}"
@@ -114,13 +120,21 @@ class Merger:
             if nxt is None:
                 break
             known = self._known
-            if any(known.get(n, 0) <= g for n in pos.members):
+            # (an evicted node's stream ends where it ends: the merge does not wait for it)
+            evicting = self._evicting
+            if any(known.get(n, 0) <= g for n in pos.members if n not in evicting):
                 break
+            gone = nxt.origin if type(nxt) is Evict else None
             del meta[g + 1]
             out.append(nxt)
             pos.advance(nxt)
             if isinstance(nxt, Join) and nxt.origin == self.coordinator:
                 raise InvalidEvent("the coordinator cannot join as a node")
+            if gone is not None:
+                evicting.discard(gone)
+                dropped = self._buf.pop(gone, None)
+                if dropped:
+                    self.duplicates += len(dropped)  # placed after its eviction: not applied
             if isinstance(nxt, Leave):
                 early = [s for s, item in (self._buf.get(nxt.origin) or {}).items()
                          if type(item) is not int and item.after < nxt.gseq]
@@ -194,7 +208,7 @@ class Merger:
             return []
         reasons = []
         for node in sorted(self.position.members):
-            if self._known.get(node, 0) > g:
+            if self._known.get(node, 0) > g or node in self._evicting:
                 continue
             c = self._cursor.get(node, 1)
             buf = self._buf.get(node) or {}

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CheckpointError
-from ..events import DataEvent, Event, Join, Leave, MetaEvent
+from ..events import DataEvent, Event, Evict, Join, Leave, MetaEvent
 
 POSITION_VERSION = 1
 
@@ -49,7 +49,7 @@ class Position:
             self.gseq = event.gseq
             if isinstance(event, Join):
                 self.members.add(event.origin)
-            elif isinstance(event, Leave):
+            elif isinstance(event, (Leave, Evict)):
                 self.members.discard(event.origin)
         elif isinstance(event, DataEvent):
             self.cursors[event.source] = event.seq + 1

@@ -53,8 +53,14 @@ class ReplicaServer:
         if not isinstance(hello, dict) or hello.get("t") != "hello" or hello.get("source") != source:
             conn.send({"t": "error", "message": "expected hello for the authenticated source"})
             return
+        try:
+            welcome = self.service.welcome(source, max(1, _int(hello.get("first", 1))))
+        except BatchRefused as exc:
+            log.warning("refused %s (%s): %s", source, conn.peer_addr, exc)
+            conn.send({"t": "error", "message": str(exc)})
+            return
         self.service.report(source, 0, tls=conn.tls)
-        conn.send(self.service.welcome(source, max(1, _int(hello.get("first", 1)))))
+        conn.send(welcome)
         log.info("%s %s connected from %s", conn.peer_role, source, conn.peer_addr)
         try:
             while True:

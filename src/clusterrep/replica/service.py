@@ -28,7 +28,7 @@ from typing import Any
 
 from ..durable import atomic_write
 from ..errors import ApplyError, ClusterrepError, InvalidEvent
-from ..events import Event, MetaEvent, SyncStart, decode
+from ..events import Event, Evict, MetaEvent, SyncStart, decode
 from ..journal import Journal
 from .applier import CHECKPOINT, Applier
 from .merger import COORDINATOR, Merger
@@ -91,6 +91,10 @@ class ReplicaService:
             self.sync.need(why)
         # sources whose stream (re)started after a gap while awaiting a sync: their first seq
         self._starts: dict[str, int] = {}
+        # nodes evicted from the cluster (node -> gseq): their streams are refused
+        self.evicted: dict[str, int] = {}
+        if (self.state / "evicted.json").exists():
+            self.evicted = json.loads((self.state / "evicted.json").read_text())
         self.merger = Merger(self.applier.position)
         self.sources: dict[str, SourceState] = {}
         self.checkpoint_idle = checkpoint_idle
@@ -164,6 +168,11 @@ class ReplicaService:
             return self.sources.setdefault(source, SourceState()).received + 1
 
     def welcome(self, source: str, first: int) -> dict[str, Any]:
+        if source in self.evicted:
+            raise BatchRefused(_evicted(source, self.evicted[source]), 0)
+        return self._welcome(source, first)
+
+    def _welcome(self, source: str, first: int) -> dict[str, Any]:
         """The answer to ``source``'s hello; ``first``: the oldest seq its journal still holds.
 
         A stream that starts after what this replica needs lost those events for good (they
@@ -218,6 +227,8 @@ class ReplicaService:
         fsync (the sender's ``received`` acknowledgement level)."""
         if not isinstance(raw_events, list):
             raise BatchRefused("batch events must be a list", self.next_seq(source))
+        if source in self.evicted:
+            raise BatchRefused(_evicted(source, self.evicted[source]), self.next_seq(source))
         events: list[Event] = []
         size = 0
         for raw in raw_events:
@@ -232,6 +243,8 @@ class ReplicaService:
                                    self.next_seq(source))
             if source == COORDINATOR and not isinstance(ev, MetaEvent):
                 raise BatchRefused("the coordinator sent a data event", self.next_seq(source))
+            if type(ev) is Evict and ev.origin not in self.evicted:
+                self._evict(ev)  # its stream is refused from now on, before this is acknowledged
             events.append(ev)
             size += len(raw)
         with self._lock:
@@ -337,6 +350,12 @@ class ReplicaService:
             except ClusterrepError as exc:
                 self.error = str(exc)
                 log.critical("replica stopped applying: %s", exc)
+
+    def _evict(self, ev: Evict) -> None:
+        self.evicted[ev.origin] = ev.gseq
+        atomic_write(self.state / "evicted.json", json.dumps(self.evicted).encode())
+        log.warning("node %s was evicted at gseq %d: its stream is refused from now on", ev.origin,
+                    ev.gseq)
 
     def _find_start(self) -> SyncStart | None:
         """The sync this replica awaits, if its start is journaled already (after a restart)."""
@@ -481,6 +500,7 @@ class ReplicaService:
             "error": self.error,
             "stalled": self.stalled,
             "sync": self.sync.status(),
+            "evicted": dict(self.evicted),
             "last_sync": self.sync.last,
             "idle": self._idle.is_set() and self._queue.empty(),
             "sources": sources,
@@ -507,6 +527,11 @@ def _needed_after_restart(keep: _Keep, pos: Position) -> bool:
     if source == COORDINATOR:
         return False
     return seq >= pos.cursors.get(source, 1)
+
+
+def _evicted(source: str, gseq: int) -> str:
+    return (f"node {source} was evicted from the cluster at gseq {gseq}: its stream is refused "
+            "(to bring the host back: stop it, remove its state directory and start it with a new --id)")
 
 
 def _holds_files(target: str | Path) -> bool:

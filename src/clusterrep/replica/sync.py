@@ -155,7 +155,10 @@ class ReplicaSync:
                 f.write(_REC.pack(ev.gseq, len(ev.entries)) + ev.entries)
             self._spooled = ev.gseq
         if ev.final:
-            self._plan()
+            if self.mode == "files":
+                self._plan_files()
+            else:
+                self._plan()
 
     def _spooled_entries(self) -> Iterator[Entry]:
         with open(self._spool, "rb") as f:
@@ -219,6 +222,33 @@ class ReplicaSync:
         log.info("synchronisation %s (%s): structure %s (%s); %d file(s) to compare",
                  self.current["sync_id"], mode, "compared" if mode == "verify" else "applied",
                  applier.stats.summary(), total)
+
+    def _plan_files(self) -> None:
+        """Mode "files": the entries are regular files whose content is to be compared (and put
+        right); the target's names are exact here (this is the merged order), so each is where
+        the volume has it."""
+        assert self.current is not None
+        self._db.execute("DELETE FROM files")
+        self._db.execute("DELETE FROM windows")
+        self._volume_bytes = 0
+        pending: list[tuple[Entry, bool]] = []
+        for entry in self._spooled_entries():
+            try:
+                st = self.target.lstat(entry.path)
+            except (OSError, ApplyError):
+                st = None
+            if st is None or not stat.S_ISREG(st.st_mode):
+                self._differ(entry.path, "missing", "not a regular file in the replica")
+                continue
+            pending.append((entry, False))
+            self._volume_bytes += entry.size
+        self._note(pending)
+        total = self._db.execute("SELECT count(*) FROM files").fetchone()[0]
+        with self._lock:
+            self.current.update(phase="content", files=total, volume_bytes=self._volume_bytes)
+            self._save()
+        log.info("synchronisation %s: %d file(s) to compare with the volume (%s)",
+                 self.current["sync_id"], total, self.current["reason"])
 
     def _report_action(self, action: Any) -> None:
         """A structure difference found by a verify or repair."""
