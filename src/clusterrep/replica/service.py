@@ -30,7 +30,7 @@ from ..durable import atomic_write
 from ..errors import ApplyError, ClusterrepError, InvalidEvent
 from ..events import Event, Evict, MetaEvent, SyncStart, decode
 from ..journal import Journal
-from .applier import CHECKPOINT, Applier
+from .applier import Applier
 from .merger import COORDINATOR, Merger
 from .position import Position
 from .sync import ReplicaSync
@@ -72,7 +72,8 @@ class ReplicaService:
     def __init__(self, target: str | Path, state: str | Path, *, checkpoint_idle: float = 0.5,
                  checkpoint_interval: float = 30.0, adopt_target: bool = False) -> None:
         self.state = Path(state)
-        fresh = not (self.state / "apply" / CHECKPOINT).exists()
+        # a replica that never ran here (one killed before its first checkpoint has a journal)
+        fresh = not (self.state / "apply").exists() and not (self.state / "journal").exists()
         if fresh and not adopt_target and _holds_files(target):
             raise TargetNotEmpty(
                 f"target {target} already holds files and this replica has no state for it",
