@@ -270,7 +270,8 @@ class SyncRunner:
                 if held + len(payload) > EVENT_BYTES and groups[-1][1]:
                     groups.append((index, []))
                     held = 0
-                groups[-1][1].append(Block(index, int(codec), payload, hash_block(data)))
+                digest = hash_block(data)  # (what was read now: the manifest's may be older)
+                groups[-1][1].append(Block(index, int(codec), payload, digest))
                 held += len(payload)
                 self.progress["bytes_sent"] += len(payload)
                 self.progress["blocks_sent"] += 1
@@ -280,7 +281,8 @@ class SyncRunner:
                 self.service.record_blocks(
                     f"sync-{sync_id}-{self.service.incarnation}-b{self._ops}", ino, path,
                     {"size": size, "first": start, "count": stop - start, "blocks": encode_blocks(group),
-                     "final": int(end >= total and n == len(groups) - 1)})
+                     "final": int(end >= total and n == len(groups) - 1)},
+                    durable=n == len(groups) - 1)
             return end, total
         finally:
             os.close(fd)

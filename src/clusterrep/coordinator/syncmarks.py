@@ -147,8 +147,10 @@ class SyncMarks:
                     return
             pause(0.005)
 
-    def record_blocks(self, op_id: str, ino: int, hint: str, fields: dict[str, Any]) -> int:
-        """Record one `SyncBlocks` of file ``ino`` (its token held) at its current path."""
+    def record_blocks(self, op_id: str, ino: int, hint: str, fields: dict[str, Any], *,
+                      durable: bool = True) -> int:
+        """Record one `SyncBlocks` of file ``ino`` (its token held) at its current path;
+        ``durable``: fsync the stream now (else the caller does, after the chunk's last)."""
         with self.lock:
             path = self._resolve(ino, hint)  # type: ignore[attr-defined]
             if not isinstance(path, str):
@@ -157,7 +159,8 @@ class SyncMarks:
             attrs: tuple[Attr, ...] = (attr,) if attr is not None else ()
             ev = self._record(SyncBlocks, SYNC_HOLDER, op_id, path=path, ino=ino,  # type: ignore[attr-defined]
                               attrs=attrs, **fields)
-        self._durable()  # type: ignore[attr-defined]
+        if durable:
+            self._durable()  # type: ignore[attr-defined]
         return int(ev.gseq)
 
     def record_end(self, sync_id: str, outcome: str) -> int:

@@ -75,6 +75,11 @@ class ReplicaSync:
         self.last: dict[str, Any] | None = saved.get("last")
         self.stream: str | None = _load_json(state / "stream.json").get("stream")
         self._db = sqlite3.connect(state / "sync.db", check_same_thread=False, isolation_level=None)
+        # no fsync per update: the progress noted here may be lost in a power cut (then chunks
+        # are sent again), and may be ahead of the target's data (then the journal, which keeps
+        # every event after the applier's checkpoint, applies them again after the restart)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=OFF")
         self._db.executescript(
             "CREATE TABLE IF NOT EXISTS files (ino INTEGER PRIMARY KEY, path BLOB, size INTEGER,"
             " fresh INTEGER, done INTEGER DEFAULT 0, upto INTEGER DEFAULT 0);"
