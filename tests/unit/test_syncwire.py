@@ -68,7 +68,8 @@ def test_random_bytes_never_decode_to_anything_but_a_refusal(raw: bytes) -> None
 
 
 @given(st.recursive(st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1)
-                    | st.binary(max_size=40) | st.text(max_size=10), lambda inner: st.lists(inner, max_size=14), max_leaves=60))
+                    | st.binary(max_size=40) | st.text(max_size=10),
+                    lambda inner: st.lists(inner, max_size=14), max_leaves=60))
 def test_random_structures_are_refused_cleanly(value: object) -> None:
     raw = msgpack.packb([value], use_bin_type=True)
     for decode in (decode_entries, decode_blocks):
