@@ -330,20 +330,22 @@ class ReplicaSync:
                         windows += [(ino, m.first, m.count, m.holes, m.digests) for m in cached.windows()]
                 rows.append((ino, os.fsencode(entry.path), size, int(fresh)))
             if opened:
+                # each window goes to the database as it comes (memory: a window, whatever the
+                # file's size), and a whole file's windows to the cache from there
                 hashed_at = time.time_ns()
-                by_ino: dict[int, list[Manifest]] = {}
                 with Hasher() as hasher:
                     for result in hasher.manifests((ino, fd, os.fstat(fd).st_size)
                                                    for ino, fd in opened.items()):
                         if result.error is not None:
                             raise ApplyError(f"cannot read the target's file (inode {result.key}) to"
                                              f" compare it: {result.error}")
-                        assert result.manifest is not None
-                        by_ino.setdefault(result.key, []).append(result.manifest)
-                for ino, fd in opened.items():
-                    ms = by_ino.get(ino, [])
-                    windows += [(ino, m.first, m.count, m.holes, m.digests) for m in ms]
-                    cache.store(os.fstat(fd), hashed_at, ms)
+                        m = result.manifest
+                        assert m is not None
+                        self._db.execute("INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?)",
+                                         (result.key, m.first, m.count, m.holes, m.digests))
+                        if result.last:
+                            cache.store(os.fstat(opened[result.key]), hashed_at,
+                                        self._windows_of(result.key, m.size))
         finally:
             cache.close()
             for fd in opened.values():
@@ -353,6 +355,11 @@ class ReplicaSync:
                              rows)
         self._db.executemany("INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?)", windows)
         self._db.execute("COMMIT")
+
+    def _windows_of(self, ino: int, size: int) -> Iterator[Manifest]:
+        for row in self._db.execute("SELECT first, count, holes, digests FROM windows WHERE ino = ?"
+                                    " ORDER BY first", (ino,)):  # (one window at a time)
+            yield Manifest(size, *row)
 
     def _blocks(self, ev: SyncBlocks) -> None:
         blocks = decode_blocks(ev.blocks)
