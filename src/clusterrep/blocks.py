@@ -227,6 +227,12 @@ class Manifest:
         return Manifest(self.size, self.first + lo, hi - lo, inside.to_bytes(-(-(hi - lo) // 8), "little"),
                         self.digests[data_before * DIGEST_SIZE:(data_before + n_data) * DIGEST_SIZE])
 
+    def fingerprint(self) -> bytes:
+        """16 bytes that differ when the listed blocks (or the file's size) differ: what a
+        receiver checks to know that a sender compared against its very copy."""
+        head = f"{self.size}:{self.count}:".encode()
+        return blake3.blake3(head + self.holes + self.digests).digest(16)
+
     @classmethod
     def holes_only(cls, size: int, first: int, count: int) -> Manifest:
         """``count`` blocks from ``first``, every one a hole."""

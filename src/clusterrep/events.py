@@ -707,7 +707,10 @@ class SyncBlocks(MetaEvent):
     mark: its ``size``, the blocks of ``first .. first + count - 1`` that differ from the
     replica's (`clusterrep.syncwire.encode_blocks`; those of the range not listed are equal),
     and its ``attrs`` (modification time included); ``final`` on the file's last one. One
-    read under the token may be recorded as several of these, over consecutive ranges."""
+    read under the token may be recorded as several of these, over consecutive ranges.
+    ``base``: the `clusterrep.blocks.Manifest.fingerprint` of the replica's blocks of that
+    range the coordinator compared with (b"": none): a replica whose own differ (it replays a
+    sync made against another copy of the target) cannot trust the unlisted blocks."""
 
     path: str
     ino: int
@@ -717,10 +720,11 @@ class SyncBlocks(MetaEvent):
     blocks: bytes
     final: int = 0
     attrs: tuple[Attr, ...] = ()
+    base: bytes = b""
     KIND: ClassVar[int] = 32
     SPEC: ClassVar[tuple[tuple[str, str], ...]] = (
         (PATH, PATH), ("ino", INT), ("size", INT), ("first", INT), ("count", INT),
-        ("blocks", DATA), ("final", FLAG), ("attrs", ATTRS))
+        ("blocks", DATA), ("final", FLAG), ("attrs", ATTRS), ("base", XVALUE))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

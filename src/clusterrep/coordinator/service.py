@@ -173,15 +173,17 @@ class CoordinatorService(SyncMarks, FileLocking, Namespace):
             self._record(SetAttr, COORDINATOR, f"coordinator-root-{self.incarnation}", path="",
                          attrs=(root,))
             self.journal.sync()
-        # the sync recorded at first start (id, mark), for `SyncRunner` to carry out
-        self.first_sync: tuple[str, int] | None = None
         if held_data:
-            sync_id = secrets.token_hex(8)
+            # the volume held files: a synchronisation is recorded before any operation. It is
+            # noted in sync.json first, so that a crash while its structure is recorded leaves
+            # a sync that `SyncRunner` records again (the journal is no longer empty then)
+            reason = "the volume held files when the coordinator first started on it"
+            note = {"sync_id": secrets.token_hex(8), "gseq": 0, "reason": reason, "mode": "sync"}
+            atomic_write(self.state / "sync.json", json.dumps(note).encode())
             with self.lock:
-                mark = self._record_start(sync_id, "the volume held files when the coordinator "
-                                          "first started on it")
+                note["gseq"] = self._record_start(note["sync_id"], reason)
             self.journal.sync()
-            self.first_sync = (sync_id, mark)
+            atomic_write(self.state / "sync.json", json.dumps(note).encode())
 
     # -- intent: an operation between its volume change and its journal record ---------------
 
@@ -439,7 +441,14 @@ class CoordinatorService(SyncMarks, FileLocking, Namespace):
         if left > 0:
             log.warning("evicting node %s: waiting %.1f s for its lease to run out (until then it "
                         "may still be writing)", node, left)
+            deadline = time.monotonic() + left + 1.0
             while self.lease_left(node) > 0:
+                if time.monotonic() > deadline:  # it renewed its lease: it is alive
+                    ago = time.monotonic() - self.seen.get(node, self.started)
+                    raise ClusterrepError(
+                        f"node {node} is alive (heard from {ago:.1f} s ago): not evicted",
+                        hint="stop it first; a node is evicted once its lease "
+                             f"({self.lease:g} s) has run out without a word from it")
                 pause(0.1)
         self.expire(node, "was evicted")
         with self.lock:

@@ -25,6 +25,7 @@ import os
 import secrets
 import threading
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .. import wire
@@ -71,13 +72,10 @@ class SyncRunner:
             self.current: dict[str, Any] | None = json.loads(self._file.read_text()) or None
         except FileNotFoundError:
             self.current = None
-        if self.current is None and service.first_sync is not None:
-            self.current = {"sync_id": service.first_sync[0], "gseq": service.first_sync[1],
-                            "reason": "the volume held files when the coordinator first started on it"}
-            self._save()
-        self._request: tuple[str, str, str] | None = None  # (sync id, reason, mode)
+        self._request: tuple[str, str, str] | None = None  # the replica's: (sync id, reason, mode)
         self._ended: set[str] = set()  # syncs over (answers still in flight may name them)
-        self._files: dict[str, list[list[Any]]] = {}  # the files of a queued "files" sync
+        # operators' syncs, verifies, repairs and evictions' files syncs, in the order asked
+        self._queue: deque[tuple[str, str, str, list[list[Any]] | None]] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -95,25 +93,32 @@ class SyncRunner:
             return
         self.request(need["request"], str(need.get("reason", "the replica asked")))
 
-    def request(self, sync_id: str, reason: str, mode: str = "sync") -> None:
+    def _known(self, sync_id: str) -> bool:
+        """Is ``sync_id`` running, asked for, queued or over? (lock held)"""
+        return (self.current is not None and self.current["sync_id"] == sync_id) or (
+            self._request is not None and self._request[0] == sync_id) or sync_id in self._ended \
+            or any(q[0] == sync_id for q in self._queue)
+
+    def request(self, sync_id: str, reason: str) -> None:
+        """The replica asks for sync ``sync_id``: it no longer follows the running one (it will
+        pass everything placed before the new mark), so that one is replaced at once."""
         with self._lock:
-            if (self.current is not None and self.current["sync_id"] == sync_id) or (
-                    self._request is not None and self._request[0] == sync_id) or sync_id in self._ended:
+            if self._known(sync_id):
                 return
-            self._request = (sync_id, reason, mode)
+            self._request = (sync_id, reason, "sync")
         log.warning("the replica asks for a synchronisation (%s)", reason)
         self._wake.set()
 
     def start_now(self, reason: str, mode: str = "sync", files: list[list[Any]] | None = None) -> str:
         """An operator's sync (``mode``: sync, verify, repair; files: only ``files``, as
-        ``[ino, path]``): returns its id."""
+        ``[ino, path]``), run after those before it (a sync the replica needs is never cut
+        short by one of these): returns its id."""
         sync_id = secrets.token_hex(8)
-        if files is not None:
-            with self._lock:
-                self._files[sync_id] = files
-        self.request(sync_id, reason, mode)
+        with self._lock:
+            self._queue.append((sync_id, reason, mode, files))
+        log.info("%s %s queued (%s)", mode, sync_id, reason)
+        self._wake.set()
         return sync_id
-
     # -- running -----------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -128,6 +133,8 @@ class SyncRunner:
         while not self._stop.is_set():
             with self._lock:
                 request, self._request = self._request, None
+                if request is None and self.current is None and self._queue:
+                    request = self._queue.popleft()
             try:
                 if request is not None:
                     if self.current is not None:
@@ -135,7 +142,7 @@ class SyncRunner:
                         self.service.record_end(self.current["sync_id"], "aborted")
                         log.warning("synchronisation %s replaced by %s", self.current["sync_id"], request[0])
                     self.current = {"sync_id": request[0], "gseq": 0, "reason": request[1],
-                                    "mode": request[2], "files": self._files.pop(request[0], None)}
+                                    "mode": request[2], "files": request[3] if len(request) > 3 else None}
                     self._save()  # (a restart before the mark is recorded records it then)
                 if self.current is not None and not self.current["gseq"]:
                     self.current["gseq"] = self.service.begin_sync(
@@ -245,6 +252,7 @@ class SyncRunner:
             reply = self._ask(conn, {"t": "manifest", "ino": ino, "first": first,
                                      "count": end - first}, "manifest")
             theirs = _their(reply)
+            answered = theirs
             if theirs is None or theirs.count == 0 or theirs.first != first:
                 theirs = Manifest(size, first, 0, b"", b"")  # nothing there: every data block
                 wanted = [i for i, b in ours.items() if b != HOLE] if ours.digests else []
@@ -281,7 +289,8 @@ class SyncRunner:
                 self.service.record_blocks(
                     f"sync-{sync_id}-{self.service.incarnation}-b{self._ops}", ino, path,
                     {"size": size, "first": start, "count": stop - start, "blocks": encode_blocks(group),
-                     "final": int(end >= total and n == len(groups) - 1)},
+                     "final": int(end >= total and n == len(groups) - 1),
+                     "base": b"" if answered is None else answered.slice(start, stop).fingerprint()},
                     durable=n == len(groups) - 1)
             return end, total
         finally:
@@ -294,7 +303,8 @@ class SyncRunner:
         cur, last = self.current, self.last
         if cur is not None and cur["sync_id"] == sync_id:
             state, progress = "running", {**cur, **self.progress}
-        elif self._request is not None and self._request[0] == sync_id:
+        elif (self._request is not None and self._request[0] == sync_id) or any(
+                q[0] == sync_id for q in self._queue):
             state, progress = "queued", {}
         elif last is not None and last["sync_id"] == sync_id:
             state, progress = ("recorded" if last["outcome"] == "done" else "aborted"), last

@@ -378,12 +378,23 @@ class ReplicaService:
         with self._lock:
             received = {s: st.received for s, st in self.sources.items() if s != COORDINATOR}
             starts = dict(self._starts)
+        # where each node's stream is journaled from: past a gap accepted while awaiting (also
+        # one accepted before a restart, which `starts` no longer knows), the first seq after it
+        journaled: dict[str, list[int]] = {}
+        at = self.journal.first_index
+        while at < self.journal.next_index:
+            records = self.journal.read(at, max_bytes=64 << 20)
+            for _, raw in records:
+                ev = decode(raw)
+                if ev.source != COORDINATOR:
+                    journaled.setdefault(ev.source, []).append(ev.seq)
+            at = records[-1][0] + 1
         cursors: dict[str, int] = {}
         for src, got in received.items():
             if src in starts:
                 cursors[src] = starts[src]
             elif got > 0:
-                cursors[src] = old.cursors.get(src, 1)
+                cursors[src] = _resume_at(old.cursors.get(src, 1), sorted(set(journaled.get(src, ()))))
         members = set(start.members)
         pos = Position(gseq=start.gseq - 1, members=members, cursors=cursors, afters={},
                        applied=old.applied, floor=start.gseq,
@@ -528,6 +539,18 @@ def _needed_after_restart(keep: _Keep, pos: Position) -> bool:
     if source == COORDINATOR:
         return False
     return seq >= pos.cursors.get(source, 1)
+
+
+def _resume_at(cursor: int, seqs: list[int]) -> int:
+    """Where a node's stream continues, given the cursor and the seqs journaled (sorted): from
+    the start of their last unbroken run (a gap in the journal is one accepted while awaiting a
+    sync: what came before it was recorded before the sync's mark), never below the cursor."""
+    if not seqs or seqs[-1] < cursor:
+        return cursor
+    i = len(seqs) - 1
+    while i > 0 and seqs[i - 1] + 1 == seqs[i]:
+        i -= 1
+    return max(seqs[i], cursor)
 
 
 def _evicted(source: str, gseq: int) -> str:

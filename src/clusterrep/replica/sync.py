@@ -80,9 +80,18 @@ class ReplicaSync:
         # every event after the applier's checkpoint, applies them again after the restart)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=OFF")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
+        if columns and "rino" not in columns:  # (an older layout: what it holds is transient)
+            self._db.execute("DROP TABLE files")
         self._db.executescript(
             "CREATE TABLE IF NOT EXISTS files (ino INTEGER PRIMARY KEY, path BLOB, size INTEGER,"
-            " fresh INTEGER, done INTEGER DEFAULT 0, upto INTEGER DEFAULT 0);"
+            " fresh INTEGER, done INTEGER DEFAULT 0, upto INTEGER DEFAULT 0, rdev INTEGER,"
+            " rino INTEGER);"
+            # target inodes whose content may be wrong (a sync that did not finish them, or
+            # blocks compared with another copy): the next sync compares their content whatever
+            # their size and time say
+            "CREATE TABLE IF NOT EXISTS unfinished (rdev INTEGER, rino INTEGER, mismatch INTEGER,"
+            " PRIMARY KEY (rdev, rino));"
             "CREATE TABLE IF NOT EXISTS windows (ino INTEGER, first INTEGER, count INTEGER,"
             " holes BLOB, digests BLOB, PRIMARY KEY (ino, first));"
             "CREATE TABLE IF NOT EXISTS diffs (n INTEGER PRIMARY KEY, path BLOB, what TEXT, detail TEXT);")
@@ -135,6 +144,7 @@ class ReplicaSync:
         with self._lock:
             if self.request is not None and ev.sync_id == self.request:
                 self.awaiting = self.request = None
+            self._carry_over()
             self.current = {"sync_id": ev.sync_id, "gseq": ev.gseq, "reason": ev.reason,
                             "mode": ev.mode, "phase": "structure", "wall": ev.wall, "files": 0,
                             "bytes": 0, "differences": 0, "not_compared": 0}
@@ -150,6 +160,25 @@ class ReplicaSync:
         self.started = time.monotonic()
         self.moved_bytes = self.moved_blocks = 0
         log.info("synchronisation %s starts at mark g%d (%s)", ev.sync_id, ev.gseq, ev.reason)
+
+    def _carry_over(self) -> None:
+        """(lock held) Files a sync left unfinished stay to be compared by the next one: their
+        time may already say they are equal (a writer's stamp) while their content is not."""
+        if self.current is not None and self.current.get("mode") != "verify":
+            self._db.execute("INSERT OR IGNORE INTO unfinished SELECT rdev, rino, 0 FROM files"
+                             " WHERE done = 0 AND rino IS NOT NULL")
+
+    def _unfinished(self, ino: int, *, mismatch: bool) -> None:
+        """(lock held) Pending file ``ino``'s content may be wrong: compare it next time."""
+        self._db.execute("INSERT OR REPLACE INTO unfinished SELECT rdev, rino, ? FROM files"
+                         " WHERE ino = ? AND rino IS NOT NULL", (int(mismatch), ino))
+
+    def _forced(self, entries: Iterator[Entry]) -> Iterator[Entry]:
+        """The target's walk, with the time of each unfinished file changed by 1 ns, so that the
+        comparison takes its content for different."""
+        todo = {(d, i) for d, i in self._db.execute("SELECT rdev, rino FROM unfinished")}
+        for e in entries:
+            yield replace(e, mtime_ns=e.mtime_ns ^ 1) if todo and e.inode in todo else e
 
     def _entries(self, ev: SyncEntries) -> None:
         if self.current is None or self.current["phase"] != "structure":
@@ -186,8 +215,8 @@ class ReplicaSync:
         plan_path = self.state / "sync-plan"
         count = 0
         with open(plan_path, "wb") as out:  # the whole plan first: the target is not changed
-            for action in compare(self._spooled_entries(), walk(self.target.root),  # while walked
-                                  content=mode != "sync"):
+            for action in compare(self._spooled_entries(), self._forced(walk(self.target.root)),
+                                  content=mode != "sync"):  # (while walked)
                 pickle.dump(action, out, protocol=pickle.HIGHEST_PROTOCOL)
                 count += 1
         pending: list[tuple[Entry, bool]] = []
@@ -313,6 +342,7 @@ class ReplicaSync:
         try:
             for entry, fresh in pending:
                 ino, size = entry.inode[1], entry.size
+                there = self.target.lstat(entry.path)  # (a fresh one was just created)
                 if not fresh:
                     fd = self.target.inode(entry.path)
                     try:
@@ -328,7 +358,7 @@ class ReplicaSync:
                     else:
                         os.close(rfd)
                         windows += [(ino, m.first, m.count, m.holes, m.digests) for m in cached.windows()]
-                rows.append((ino, os.fsencode(entry.path), size, int(fresh)))
+                rows.append((ino, os.fsencode(entry.path), size, int(fresh), there.st_dev, there.st_ino))
             if opened:
                 # each window goes to the database as it comes (memory: a window, whatever the
                 # file's size), and a whole file's windows to the cache from there
@@ -351,8 +381,8 @@ class ReplicaSync:
             for fd in opened.values():
                 os.close(fd)
         self._db.execute("BEGIN")
-        self._db.executemany("INSERT OR REPLACE INTO files (ino, path, size, fresh) VALUES (?, ?, ?, ?)",
-                             rows)
+        self._db.executemany("INSERT OR REPLACE INTO files (ino, path, size, fresh, rdev, rino)"
+                             " VALUES (?, ?, ?, ?, ?, ?)", rows)
         self._db.executemany("INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?, ?)", windows)
         self._db.execute("COMMIT")
 
@@ -371,6 +401,9 @@ class ReplicaSync:
                 self._db.execute("UPDATE files SET upto = max(upto, ?), done = done OR ? WHERE ino = ?",
                                  (ev.first + ev.count, ev.final, ev.ino))
             return
+        with self._lock:
+            noted = self._their_manifest(ev.ino, ev.first, ev.count) if ev.base else None
+        trusted = noted is None or noted.fingerprint() == ev.base
         applier = SyncApplier(self.target, logger=log)
         applier.apply_blocks(ev.path, ev.size, blocks)
         for attr in ev.attrs:
@@ -378,7 +411,13 @@ class ReplicaSync:
         self.moved_bytes += applier.stats.wire_bytes
         self.moved_blocks += applier.stats.blocks
         with self._lock:
-            self._note_written(ev, blocks)
+            if trusted:
+                self._note_written(ev, blocks)
+            else:  # the blocks listed are right; those not listed were compared with another copy
+                self._unfinished(ev.ino, mismatch=True)
+        if not trusted:
+            self.need(f"{ev.path!r}: the synchronisation's blocks were compared with another copy of "
+                      "the target than this one (a replay onto a new target?)")
 
     def _report_blocks(self, ev: SyncBlocks, blocks: list[Block | Hole]) -> None:
         """Report how the target's file differs from the volume's at this chunk's mark (a verify
@@ -440,6 +479,9 @@ class ReplicaSync:
                                  (new.holes, new.digests, ev.ino, m.first))
         self._db.execute("UPDATE files SET upto = max(upto, ?), done = done OR ? WHERE ino = ?",
                          (ev.first + ev.count, ev.final, ev.ino))
+        if ev.final:
+            self._db.execute("DELETE FROM unfinished WHERE (rdev, rino) IN"
+                             " (SELECT rdev, rino FROM files WHERE ino = ?)", (ev.ino,))
 
     def _end(self, ev: SyncEnd) -> None:
         with self._lock:
@@ -451,6 +493,10 @@ class ReplicaSync:
             self.last = {**self.current, "phase": ev.outcome, "end_gseq": ev.gseq, "listed": listed,
                          "bytes": self.moved_bytes, "blocks": self.moved_blocks,
                          "files_done": done, "seconds": round(time.monotonic() - self.started, 3)}
+            if ev.outcome == "done":
+                self._db.execute("DELETE FROM unfinished WHERE mismatch = 0")  # (inodes gone)
+            else:
+                self._carry_over()
             self.current = None
             self._db.execute("DELETE FROM files")
             self._db.execute("DELETE FROM windows")
@@ -504,22 +550,28 @@ class ReplicaSync:
             cur = self.current
             if cur is None or cur["sync_id"] != sync_id:
                 return {"t": "manifest", "state": "unknown"}
-            row = self._db.execute("SELECT size, fresh FROM files WHERE ino = ?", (ino,)).fetchone()
-            if row is None:
-                return {"t": "manifest", "state": "unknown"}
-            size, fresh = row
-            first = min(first, block_count(size))
-            end = min(first + count, block_count(size))
-            if fresh:
-                m = Manifest.holes_only(size, first, end - first)
-            else:
-                start = first - first % WINDOW_BLOCKS
-                parts = [Manifest(size, *w).slice(first, end) for w in self._db.execute(
-                    "SELECT first, count, holes, digests FROM windows WHERE ino = ? AND first >= ?"
-                    " AND first < ? ORDER BY first", (ino, start, end))]
-                parts = [p for p in parts if p.count]
-                m = Manifest.concat(parts) if parts else Manifest(size, first, 0, b"", b"")
+            m = self._their_manifest(ino, first, count)
+        if m is None:
+            return {"t": "manifest", "state": "unknown"}
         return {"t": "manifest", "state": "ok", "m": [m.size, m.first, m.count, m.holes, m.digests]}
+
+    def _their_manifest(self, ino: int, first: int, count: int) -> Manifest | None:
+        """(lock held) What this replica noted of its copy of pending file ``ino``: blocks
+        ``first .. first + count - 1`` that its file has; None if the file is not pending."""
+        row = self._db.execute("SELECT size, fresh FROM files WHERE ino = ?", (ino,)).fetchone()
+        if row is None:
+            return None
+        size, fresh = row
+        first = min(first, block_count(size))
+        end = min(first + count, block_count(size))
+        if fresh:
+            return Manifest.holes_only(size, first, end - first)
+        start = first - first % WINDOW_BLOCKS
+        parts = [Manifest(size, *w).slice(first, end) for w in self._db.execute(
+            "SELECT first, count, holes, digests FROM windows WHERE ino = ? AND first >= ?"
+            " AND first < ? ORDER BY first", (ino, start, end))]
+        parts = [p for p in parts if p.count]
+        return Manifest.concat(parts) if parts else Manifest(size, first, 0, b"", b"")
 
     def skip(self, sync_id: str, ino: int, why: str | None = None) -> None:
         """Nothing of pending file ``ino``'s content is to come: it has no name on the volume any
