@@ -80,6 +80,8 @@ class SyncRunner:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._ops = 0
+        self._unsynced = self._synced_at = 0  # events recorded since the stream's last fsync
+        self._fresh: Manifest | None = None  # the replica's copy of the file at hand, if fresh
         self.progress: dict[str, Any] = {}
         self.last: dict[str, Any] | None = None
         self._thread = threading.Thread(target=self._run, name="sync", daemon=True)
@@ -186,6 +188,7 @@ class SyncRunner:
             while not self._stop.is_set():
                 if self._request is not None:
                     return None  # a newer request replaces this sync
+                self._sync_stream()  # (the replica must have what it is asked about)
                 plan = self._ask(conn, {"t": "plan", "after": after}, "plan")
                 state = plan.get("state")
                 awaiting = plan.get("awaiting")
@@ -199,7 +202,10 @@ class SyncRunner:
                 files = plan.get("files") or []
                 if not files:
                     return "done"
-                for ino, raw, upto in files:
+                for ino, raw, upto, fresh, size in files:
+                    # a fresh file on the replica is one hole of its size: no need to ask
+                    self._fresh = Manifest.holes_only(int(size), 0, block_count(int(size))) \
+                        if fresh else None
                     try:
                         self._sync_file(conn, sync_id, int(ino), os.fsdecode(raw), int(upto),
                                         cur.get("mode", "sync"))
@@ -213,6 +219,11 @@ class SyncRunner:
             return None
         finally:
             conn.close()
+
+    def _sync_stream(self) -> None:
+        """Make what was recorded durable (and shippable): once per 256 events or 32 MiB."""
+        self.service._durable()
+        self._unsynced, self._synced_at = 0, self.progress.get("bytes_sent", 0)
 
     def _ask(self, conn: wire.Connection, msg: dict[str, Any] | None, kind: str) -> dict[str, Any]:
         if msg is not None:
@@ -249,9 +260,11 @@ class SyncRunner:
             first = min(first, total)  # (it shrank since a chunk was sent)
             end = _past_holes(fd, min(first + self.chunk_blocks, total), total)
             ours = range_manifest(fd, size, first, end, self.limiter)
-            reply = self._ask(conn, {"t": "manifest", "ino": ino, "first": first,
-                                     "count": end - first}, "manifest")
-            theirs = _their(reply)
+            if self._fresh is not None:
+                theirs: Manifest | None = self._fresh.slice(first, end)
+            else:
+                theirs = _their(self._ask(conn, {"t": "manifest", "ino": ino, "first": first,
+                                                 "count": end - first}, "manifest"))
             answered = theirs
             if theirs is None or theirs.count == 0 or theirs.first != first:
                 theirs = Manifest(size, first, 0, b"", b"")  # nothing there: every data block
@@ -291,7 +304,10 @@ class SyncRunner:
                     {"size": size, "first": start, "count": stop - start, "blocks": encode_blocks(group),
                      "final": int(end >= total and n == len(groups) - 1),
                      "base": b"" if answered is None else answered.slice(start, stop).fingerprint()},
-                    durable=n == len(groups) - 1)
+                    durable=False)
+                self._unsynced += 1
+            if self._unsynced >= 256 or self.progress["bytes_sent"] - self._synced_at >= 32 << 20:
+                self._sync_stream()
             return end, total
         finally:
             os.close(fd)

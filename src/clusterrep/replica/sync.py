@@ -539,10 +539,10 @@ class ReplicaSync:
                         "awaiting": self.request if self.awaiting is not None else None}
             if cur["phase"] != "content":
                 return {"t": "plan", "state": "wait"}
-            rows = self._db.execute("SELECT ino, path, upto FROM files WHERE done = 0 AND ino > ?"
-                                    " ORDER BY ino LIMIT ?", (after, limit)).fetchall()
+            rows = self._db.execute("SELECT ino, path, upto, fresh, size FROM files WHERE done = 0"
+                                    " AND ino > ? ORDER BY ino LIMIT ?", (after, limit)).fetchall()
         return {"t": "plan", "state": "files", "applied": self.applied_gseq(),
-                "files": [[ino, path, upto] for ino, path, upto in rows]}
+                "files": [list(row) for row in rows]}
 
     def manifest(self, sync_id: str, ino: int, first: int, count: int) -> dict[str, Any]:
         """The target's blocks ``first .. first + count - 1`` of pending file ``ino``, as noted."""
