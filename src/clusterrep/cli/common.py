@@ -109,8 +109,8 @@ def _amount(text: str, what: str) -> float:
         value = float(num) * _UNITS[unit]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0")
+    if not 0 < value < 1 << 62:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 and a real amount")
     return value
 
 

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     "every file whose size or time differs is compared block by block; only the "
                     "blocks that differ move. Nodes keep writing meanwhile. Exits 0 once the "
                     "replica has applied everything up to the sync's end mark, 1 if the sync "
-                    "was replaced by another or the time ran out, 2 on bad usage.")
+                    "was replaced by another or the time ran out, 2 on bad usage, 3 if some "
+                    "file could not be read on the volume.")
     p.add_argument("--coordinator", required=True, type=peer_address, metavar="HOST:PORT",
                    help="the coordinator")
     add_auth(p)
@@ -119,6 +120,10 @@ def main(args: argparse.Namespace) -> int:
     last = (report.get("replica") or {}).get("last_sync") or {}
     if args.json:
         print(json.dumps({"sync_id": sync_id, **report}, indent=2))
+    if report["state"] == "recorded" and last.get("phase") == "done" and last.get("not_compared"):
+        print(f"clusterrep sync: {last['not_compared']} file(s) could not be read on the volume and "
+              "were not synchronised (see the coordinator's log)", file=sys.stderr)
+        return 3
     if report["state"] == "recorded" and last.get("phase") == "done":
         if not args.json:
             print(f"synchronisation {sync_id} done: {last.get('files_done', 0)} files compared, "

@@ -75,6 +75,9 @@ def main(args: argparse.Namespace) -> int:
 def online(args: argparse.Namespace) -> int:
     if not args.coordinator or not args.token_file:
         raise ClusterrepError("--online needs --coordinator HOST:PORT and --token-file FILE")
+    if args.volume or args.target:
+        raise ClusterrepError("--online compares the live cluster through the coordinator: "
+                              "--volume and --target are for an offline comparison")
     mode = "repair" if args.repair else "verify"
     sync_id, report = follow(args.coordinator, auth(args), mode, args.timeout, show=not args.json)
     last = (report.get("replica") or {}).get("last_sync") or {}

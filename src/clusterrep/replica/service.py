@@ -564,3 +564,6 @@ def _holds_files(target: str | Path) -> bool:
             return any(True for _ in it)
     except FileNotFoundError:
         return False
+    except NotADirectoryError:
+        raise ClusterrepError(f"target {target} is not a directory",
+                              hint="--target names the directory that holds the replica") from None
