@@ -44,6 +44,8 @@ def pending(st: dict[str, Any], since: float) -> list[str]:
     elif sync:
         out.append(f"synchronisation {sync.get('sync_id')} not finished ({sync.get('phase')}: "
                    f"{sync.get('files_done', 0)} of {sync.get('files', 0)} files compared)")
+    if "coordinator" not in st["sources"]:
+        out.append("coordinator: not heard from yet, so what the cluster did is unknown")
     members = set(st.get("members") or [])
     evicted = st.get("evicted") or {}
     for name, s in st["sources"].items():
