@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
+from typing import Any
+
+from .errors import ClusterrepError
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -48,3 +52,16 @@ def syncfs(fd: int) -> None:
     if _libc.syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"syncfs failed: {os.strerror(err)}")
+
+
+def load_json_map(path: str | os.PathLike[str], *, hint: str) -> dict[str, Any]:
+    """The JSON object kept in ``path`` by `atomic_write` ({} if there is none); a damaged one
+    raises `ClusterrepError` with ``hint`` (what the operator can do)."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        raise ClusterrepError(f"{os.fspath(path)} is damaged", hint=hint) from None
+    return data if isinstance(data, dict) else {}

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..confined import Target
-from ..durable import atomic_write
+from ..durable import atomic_write, load_json_map
 from ..errors import ApplyError, ClusterrepError, InvalidEvent, OpFailed
 from ..events import (
     EVENT_TYPES,
@@ -73,16 +73,7 @@ log = logging.getLogger("clusterrep.coordinator")
 
 
 MAX_ORPHANS = 65536
-
-
-def _load_json_map(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text(errors="surrogateescape"))
-    except FileNotFoundError:
-        return {}
-    except ValueError:
-        raise ClusterrepError(f"{path} is damaged", hint="restore it from a copy") from None
-    return raw if isinstance(raw, dict) else {}
+_RESTORE = "restore it from a copy of the coordinator's state directory"
 
 
 def _load_epochs(path: Path) -> dict[str, int]:
@@ -158,8 +149,9 @@ class CoordinatorService(SyncMarks, FileLocking, Namespace):
         # nodes removed for good (node -> gseq of its Evict), and per node the files whose write
         # tokens were taken from it when its lease ran out ([ino, path]): what it wrote there
         # and never shipped is compared with the volume if it is evicted
-        self.evicted: dict[str, int] = _load_json_map(self.state / "evicted.json")
-        self.lost_tokens: dict[str, list[list[Any]]] = _load_json_map(self.state / "lost-tokens.json")
+        self.evicted: dict[str, int] = load_json_map(self.state / "evicted.json", hint=_RESTORE)
+        self.lost_tokens: dict[str, list[list[Any]]] = load_json_map(self.state / "lost-tokens.json",
+                                                                     hint=_RESTORE)
         self.reclaimed: set[str] = set()
         self.expired = 0  # files whose token was taken from a node that went silent
         self.on_record: Callable[[], None] | None = None  # wakes the shipper

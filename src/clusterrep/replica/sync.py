@@ -44,7 +44,7 @@ from typing import Any
 from ..blockread import Hasher
 from ..blocks import BLOCK_SIZE, HOLE, WINDOW_BLOCKS, Manifest, block_count, block_length, hash_block
 from ..confined import Target
-from ..durable import atomic_write
+from ..durable import atomic_write, load_json_map
 from ..errors import ApplyError
 from ..events import Attr, MetaEvent, SyncBlocks, SyncEnd, SyncEntries, SyncStart
 from ..hashcache import HashCache
@@ -56,6 +56,7 @@ from .syncapply import Block, Hole, SyncApplier
 
 log = logging.getLogger("clusterrep.replica.sync")
 _REC = struct.Struct("<QI")  # spool record: gseq, length
+_REMOVE_IT = "remove it: the replica then synchronises again"
 MAX_REPORTED = 1000  # differences a verify or repair lists (all are counted)
 
 
@@ -68,12 +69,12 @@ class ReplicaSync:
         self._file = state / "sync.json"
         self._spool = state / "sync-entries"
         self._lock = threading.Lock()
-        saved = _load_json(self._file)
+        saved = load_json_map(self._file, hint=_REMOVE_IT)
         self.awaiting: str | None = saved.get("awaiting")
         self.request: str | None = saved.get("request")
         self.current: dict[str, Any] | None = saved.get("current")
         self.last: dict[str, Any] | None = saved.get("last")
-        self.stream: str | None = _load_json(state / "stream.json").get("stream")
+        self.stream: str | None = load_json_map(state / "stream.json", hint=_REMOVE_IT).get("stream")
         self._db = sqlite3.connect(state / "sync.db", check_same_thread=False, isolation_level=None)
         # no fsync per update: the progress noted here may be lost in a power cut (then chunks
         # are sent again), and may be ahead of the target's data (then the journal, which keeps
@@ -610,14 +611,3 @@ class ReplicaSync:
 
     def close(self) -> None:
         self._db.close()
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except ValueError:
-        raise ApplyError(f"{path} is damaged", hint="remove it: the replica then synchronises again"
-                         ) from None
-    return data if isinstance(data, dict) else {}
