@@ -125,13 +125,11 @@ class ReplicaSync:
                 self.awaiting = self.request = None
                 self._save()
 
-    @property
-    def running(self) -> bool:
-        return self.current is not None
-
     # -- applying (the apply thread) ---------------------------------------------------------
 
     def apply(self, ev: MetaEvent, replaying: bool) -> None:
+        """Apply one sync event in the merged order (every step is replay-safe: ``replaying``
+        changes nothing here)."""
         if isinstance(ev, SyncStart):
             self._start(ev)
         elif isinstance(ev, SyncEntries):
@@ -403,7 +401,9 @@ class ReplicaSync:
                                  (ev.first + ev.count, ev.final, ev.ino))
             return
         with self._lock:
-            noted = self._their_manifest(ev.ino, ev.first, ev.count) if ev.base else None
+            row = self._db.execute("SELECT upto FROM files WHERE ino = ?", (ev.ino,)).fetchone()
+            again = row is not None and row[0] >= ev.first + ev.count  # (a replay after a crash)
+            noted = self._their_manifest(ev.ino, ev.first, ev.count) if ev.base and not again else None
         trusted = noted is None or noted.fingerprint() == ev.base
         applier = SyncApplier(self.target, logger=log)
         applier.apply_blocks(ev.path, ev.size, blocks)
@@ -465,6 +465,15 @@ class ReplicaSync:
         row = self._db.execute("SELECT size, fresh, upto FROM files WHERE ino = ?", (ev.ino,)).fetchone()
         if row is None:
             return
+        self._db.execute("BEGIN")  # (the manifest and the progress change together)
+        try:
+            self._note_chunk(ev, blocks, row)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _note_chunk(self, ev: SyncBlocks, blocks: list[Block | Hole], row: tuple[int, int, int]) -> None:
         size, fresh, _upto = row
         if blocks and not fresh:
             changed = {b.index: (HOLE if isinstance(b, Hole) else b.digest or HOLE) for b in blocks}
