@@ -37,6 +37,7 @@ def test_a_sync_running_or_awaited_is_shown_and_waited_for() -> None:
                                  "files": 10, "files_done": 4, "bytes": 2 << 20, "seconds": 2.0,
                                  "volume_bytes": 8 << 20, "reason": "the replica lost its state"}}
     assert "SYNC ab from mark g3: content, 4 of 10 files compared" in format_status(st)
+    assert "about 3 s left" in format_status(st)  # (4 files in 2 s: 6 more in about 3 s)
     assert any("synchronisation ab not finished" in why for why in pending(st, 1.0))
     st["sync"] = {"state": "awaiting", "reason": "its state was lost"}
     assert "SYNC: waiting for a synchronisation to start" in format_status(st)

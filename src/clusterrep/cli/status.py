@@ -65,12 +65,14 @@ def _sync_lines(st: dict[str, Any]) -> list[str]:
         return [f"SYNC: waiting for a synchronisation to start: {sync.get('reason')}"]
     if sync:
         total = sync.get("volume_bytes") or 0
-        rate = sync.get("bytes", 0) / max(sync.get("seconds", 0), 1e-3)
+        seconds = sync.get("seconds", 0)
+        rate = sync.get("bytes", 0) / max(seconds, 1e-3)
+        done, files = sync.get("files_done", 0), sync.get("files", 0)
+        left = f", about {seconds * (files - done) / done:.0f} s left" if done and files > done else ""
         return [f"SYNC {sync.get('sync_id')} from mark g{sync.get('gseq')}: {sync.get('phase')}, "
-                f"{sync.get('files_done', 0)} of {sync.get('files', 0)} files compared "
-                f"({total / 2**20:.1f} MiB), {sync.get('bytes', 0) / 2**20:.1f} MiB moved at "
-                f"{rate / 2**20:.1f} MiB/s, {sync.get('seconds', 0):.0f} s so far; "
-                f"why: {sync.get('reason')}"]
+                f"{done} of {files} files compared ({total / 2**20:.1f} MiB), "
+                f"{sync.get('bytes', 0) / 2**20:.1f} MiB moved at {rate / 2**20:.1f} MiB/s, "
+                f"{seconds:.0f} s so far{left}; why: {sync.get('reason')}"]
     if last:
         return [f"last sync {last.get('sync_id')}: {last.get('phase')} at mark g{last.get('end_gseq')}, "
                 f"{last.get('files_done', 0)} files compared, {last.get('bytes', 0) / 2**20:.1f} MiB "
