@@ -153,7 +153,9 @@ class Applier:
         position = self.position
         cursors, afters = position.cursors, position.afters
         write = self.target.write
-        floor = position.floor
+        # (only until the merged order has passed the mark: nothing placed before it comes
+        # after it, so the apply loop checks nothing once a sync's re-start is behind it)
+        floor = position.floor if position.floor > position.gseq else 0
         for ev in events:
             if floor and position.below_floor(ev):
                 position.advance(ev)  # a synchronisation since holds its effect

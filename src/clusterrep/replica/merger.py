@@ -85,7 +85,7 @@ class Merger:
                 item = ev
             else:  # pragma: no cover - Event itself is abstract
                 raise InvalidEvent(f"not a known event type: {ev!r}")
-            if src in self._floating:  # its stream starts here (what came before was trimmed)
+            if self._floating and src in self._floating:  # its stream starts here (trimmed before)
                 self._floating.discard(src)
                 self._cursor[src] = ev.seq
             if ev.seq < self._cursor.get(src, 1):
