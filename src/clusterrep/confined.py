@@ -19,7 +19,7 @@ from .errors import ApplyError, TargetEscape
 from .events import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, Attr
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_FILE_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 MAX_OPEN_FILES = 256
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -170,6 +170,18 @@ class Target:
 
     def truncate(self, path: str, size: int) -> None:
         os.ftruncate(self._file(path), size)
+
+    def file_fd(self, path: str) -> int:
+        """The cached read-write descriptor of regular file ``path`` (the target owns it; it
+        stays valid until the next change to the namespace)."""
+        fd = self._files.get(path)
+        return fd if fd is not None else self._file(path)
+
+    def link_out(self, path: str, dir_fd: int, name: str) -> None:
+        """Give the inode at ``path`` the further name ``name`` in directory ``dir_fd`` (outside
+        the target, on the same file system), never following a symlink."""
+        parent, own = self.parent(path)
+        os.link(own, name, src_dir_fd=parent, dst_dir_fd=dir_fd, follow_symlinks=False)
 
     def create(self, path: str, mode: int, *, exist_ok: bool, as_given: bool = False) -> None:
         """Create an empty regular file; with ``exist_ok``, empty an existing one (replay).

@@ -200,3 +200,17 @@ class VolumeNotEmpty(ClusterrepError):
     """The volume holds files but the replica was never synchronised with it."""
 
     exit_code = 2
+
+
+class HistoryError(ClusterrepError):
+    """The replica's history (restore points) cannot do what was asked, or is damaged."""
+
+    hint = ("the live target is unaffected; `clusterrep marks` lists the restore points there are, "
+            "and the replica's log says what happened to the history")
+
+
+class MarkNotRestorable(HistoryError):
+    """A restore point that is not in the replica's history window (or a pin that is unknown)."""
+
+    exit_code = 1
+    hint = "pick a mark inside the window `clusterrep marks` lists"

@@ -77,3 +77,15 @@ def test_duplicated_and_retransmitted_streams_change_nothing(cfg: SimConfig) -> 
             if dup:
                 assert report.duplicates > 0
     assert trees[0] == trees[1]
+
+
+@settings(max_examples=100)
+@given(configs)
+def test_restore_at_random_marks_equals_the_volume_at_that_mark(cfg: SimConfig) -> None:
+    """With history kept (and pruned at random points, and the replica crashing), restoring
+    random marks of the window gives the tree the target held right after each, which `run`
+    checked to be the volume at that mark's consistent cut."""
+    with tempfile.TemporaryDirectory() as work:
+        report = run(cfg, work, check_marks=True, history=True)
+    assert report.identical
+    assert report.restores_checked > 0

@@ -46,6 +46,7 @@ from ..durable import atomic_write
 from ..errors import ApplyError, CheckpointError
 from ..events import (
     Create,
+    DataEvent,
     Event,
     Exchange,
     Fallocate,
@@ -69,6 +70,7 @@ from ..events import (
     Write,
     describe,
 )
+from ..history.recorder import HISTORY_FAULTS, Recorder
 from .position import Position
 
 log = logging.getLogger("clusterrep.replica")
@@ -117,6 +119,8 @@ class Applier:
         self.checkpoints = 0
         self.emulated = 0  # fallocate modes the target's file system refused, done by hand
         self.sync: SyncHandler | None = None  # applies SyncStart/SyncEntries/SyncBlocks/SyncEnd
+        self.history: Recorder | None = None  # keeps restore points (`clusterrep.history`)
+        self._staged: list[DataEvent] = []
 
     def _load(self) -> tuple[Position, bool]:
         try:
@@ -150,6 +154,9 @@ class Applier:
     # -- applying ----------------------------------------------------------------------------
 
     def apply(self, events: Iterable[Event]) -> None:
+        if self.history is not None:
+            self._apply_recorded(events, self.history)
+            return
         position = self.position
         cursors, afters = position.cursors, position.afters
         write = self.target.write
@@ -201,6 +208,100 @@ class Applier:
                 # a crash can only have applied events up to the first barrier after the
                 # checkpoint we started from: from here on, nothing is a replay
                 self.replaying = False
+
+    def _apply_recorded(self, events: Iterable[Event], history: Recorder) -> None:
+        """`apply` while keeping history: data events go in staged groups whose undo is made
+        durable before any of them touches the target; metadata events one at a time, between
+        what the history keeps before and records after them (`clusterrep.history.recorder`)."""
+        position = self.position
+        try:
+            for ev in events:
+                if position.floor > position.gseq and position.below_floor(ev):
+                    position.advance(ev)
+                    self.skipped += 1
+                    continue
+                if position.already_applied(ev):
+                    self.skipped += 1
+                    continue
+                if isinstance(ev, DataEvent):
+                    if not self._stage(ev, history):
+                        self._apply_staged(history)
+                        self._stage(ev, history)
+                    self._staged.append(ev)
+                    continue
+                self._apply_staged(history)
+                self._apply_meta(ev, history)
+        finally:
+            self._apply_staged(history)
+
+    def _stage(self, ev: DataEvent, history: Recorder) -> bool:
+        if not history.active:
+            return True
+        try:
+            return history.stage(ev, self.replaying)
+        except HISTORY_FAULTS as exc:
+            history.broken(exc)
+            return True
+
+    def _apply_staged(self, history: Recorder) -> None:
+        staged, self._staged = self._staged, []
+        if not staged:
+            return
+        position = self.position
+        with history.lock:
+            if history.active:
+                try:
+                    history.commit_staged(position)
+                except HISTORY_FAULTS as exc:
+                    history.broken(exc)
+            for ev in staged:
+                if self.fault is not None:
+                    self.fault(ev)
+                try:
+                    self._apply_one(ev)
+                except OSError as exc:
+                    raise ApplyError(f"applying {describe(ev)} failed: {exc}",
+                                     errno=exc.errno or 5) from None
+                position.advance(ev)
+                if history.active:
+                    try:
+                        history.after_data(ev, position)
+                    except HISTORY_FAULTS as exc:
+                        history.broken(exc)
+                self._since += 1
+                if type(ev) is Write:
+                    self._bytes += len(ev.data)
+            if self._since >= self.checkpoint_every or self._bytes >= self.checkpoint_bytes:
+                self.checkpoint()
+
+    def _apply_meta(self, ev: Event, history: Recorder) -> None:
+        assert isinstance(ev, MetaEvent)
+        position = self.position
+        barrier = isinstance(ev, _BARRIERS) or (type(ev) is SyncEntries and ev.final)
+        if barrier and self._since:
+            self.checkpoint()
+        if self.fault is not None:
+            self.fault(ev)
+        with history.lock:
+            try:
+                history.before_meta(ev, position, self.replaying)
+            except HISTORY_FAULTS as exc:
+                history.broken(exc)
+            try:
+                self._apply_one(ev)
+            except OSError as exc:
+                raise ApplyError(f"applying {describe(ev)} failed: {exc}",
+                                 errno=exc.errno or 5) from None
+            position.advance(ev)
+            try:
+                history.after_meta(ev, position, self.replaying)
+            except HISTORY_FAULTS as exc:
+                history.broken(exc)
+        self._since += 1
+        if barrier or self._since >= self.checkpoint_every:
+            self.checkpoint()
+        if barrier:
+            self.replaying = False
 
     def _apply_one(self, ev: Event) -> None:
         t = self.target
@@ -281,6 +382,12 @@ class Applier:
         if self.sync is not None:
             self.sync.flush()
         self.target.sync()
+        if self.history is not None:
+            with self.history.lock:
+                try:
+                    self.history.checkpoint(self.position)
+                except HISTORY_FAULTS as exc:
+                    self.history.broken(exc)
         marker = self.state_dir / "target"
         if not marker.exists():
             atomic_write(marker, os.path.realpath(self.target.root).encode())

@@ -9,6 +9,10 @@ restarts it from its checkpoint, and checks:
   at a mark whose origin held the file's write token (acquire, create, truncate), that the file
   is exactly as it was on the volume when the mark executed;
 * at the end, that the merger has nothing left and the target equals the volume byte for byte.
+
+With ``history=True`` the applier also keeps a history (`clusterrep.history`), pruned at random
+points; `run` restores random marks of its window into fresh directories, during the run and at
+the end, and checks each equals the volume at that mark (the target's state checked there).
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from pathlib import Path
 
 from ..errors import SimulatedCrash
 from ..events import Event, MetaEvent, Write
+from ..history.recorder import Recorder
+from ..history.restore import write_tree
+from ..history.store import Store
+from ..history.view import MarkView
 from ..replica.applier import Applier
 from ..replica.merger import Merger
 from .cluster import Cluster, EventKey, event_key
@@ -47,6 +55,8 @@ class RunReport:
     order: list[EventKey] = field(default_factory=list)
     seconds: float = 0.0
     identical: bool = False
+    restores_checked: int = 0
+    prunes: int = 0
 
     def summary(self) -> str:
         c = self.config
@@ -67,8 +77,11 @@ class RunReport:
 class _Replica:
     """A merger and an applier that can crash and restart from the checkpoint."""
 
-    def __init__(self, target: Path, state: Path, crash_rate: float, rng: random.Random) -> None:
+    def __init__(self, target: Path, state: Path, crash_rate: float, rng: random.Random,
+                 history: bool = False) -> None:
         self.target, self.state = target, state
+        self.history = history
+        self.recorder: Recorder | None = None
         self.crash_rate, self.rng = crash_rate, rng
         self.received: list[list[Event]] = []
         self.crashes = 0
@@ -82,6 +95,10 @@ class _Replica:
     def start(self) -> None:
         self.applier = Applier(self.target, self.state, checkpoint_every=self.rng.randint(1, 40),
                                fault=self._fault)
+        if self.history:
+            self.recorder = Recorder(Store(self.state / "history"), self.applier.target)
+            self.recorder.ready = True
+            self.applier.history = self.recorder
         self.merger = Merger(self.applier.position)
         for chunk in self.received:  # the journal: everything received so far
             self.merger.add(chunk)
@@ -95,11 +112,13 @@ class _Replica:
         self.crashes += 1
         self.duplicates = self.network_duplicates
         self.applier.target.close()  # no checkpoint: the process died
+        if self.recorder is not None:
+            self.recorder.store.close()  # (what was not committed is lost)
         self.start()
 
 
 def run(cfg: SimConfig, workdir: str | Path, *, check_marks: bool = True,
-        cluster: Cluster | None = None) -> RunReport:
+        cluster: Cluster | None = None, history: bool = False) -> RunReport:
     started = time.perf_counter()
     cluster = cluster or generate(cfg)
     rng = random.Random(cfg.seed * 7919 + 1)
@@ -111,7 +130,8 @@ def run(cfg: SimConfig, workdir: str | Path, *, check_marks: bool = True,
     for d in (target, state):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
-    replica = _Replica(target, state, cfg.crash_rate, random.Random(cfg.seed * 31 + 7))
+    replica = _Replica(target, state, cfg.crash_rate, random.Random(cfg.seed * 31 + 7), history)
+    states: dict[int, dict] = {}  # mark -> the target's tree right after it (checked against the cut)
     all_events = [ev for evs in cluster.streams.values() for ev in evs]
     report = RunReport(
         config=cfg, hosts=len(cluster.hosts), events=len(all_events),
@@ -134,8 +154,10 @@ def run(cfg: SimConfig, workdir: str | Path, *, check_marks: bool = True,
                         report.order.append(key)
                     done = replica.applier.position.applied
                     if check_marks and isinstance(ev, MetaEvent) and done > high_water:
-                        _check_mark(cluster, applied, target, ev)
+                        states[ev.gseq] = _check_mark(cluster, applied, target, ev)
                         report.marks_checked += 1
+                if history and rng.random() < 0.2:
+                    _history_step(replica, states, rng, workdir, report)
                 return
             except SimulatedCrash:
                 high_water = max(high_water, replica.applier.position.applied)
@@ -152,6 +174,11 @@ def run(cfg: SimConfig, workdir: str | Path, *, check_marks: bool = True,
         raise SimFailure(f"merge did not finish: {merger.pending} events pending; waiting for "
                          f"{merger.waiting_for()}")
     replica.applier.close()
+    if history:
+        for _ in range(4):
+            _history_step(replica, states, rng, workdir, report, prune=False)
+        assert replica.recorder is not None
+        replica.recorder.store.close()
     report.duplicates = replica.network_duplicates
     report.crashes = replica.crashes
     expected, actual = cluster.volume.snapshot(), read_tree(target)
@@ -162,7 +189,39 @@ def run(cfg: SimConfig, workdir: str | Path, *, check_marks: bool = True,
     return report
 
 
-def _check_mark(cluster: Cluster, applied: set[EventKey], target: Path, mark: MetaEvent) -> None:
+def _history_step(replica: _Replica, states: dict[int, dict], rng: random.Random, workdir: Path,
+                  report: RunReport, *, prune: bool = True) -> None:
+    """Maybe prune the history, then restore a random listed mark and compare it with the
+    target's state recorded at that mark."""
+    rec = replica.recorder
+    assert rec is not None
+    if not rec.active:
+        return
+    with rec.lock:
+        low, high = max(rec.window, rec.base or 0), rec.durable
+    marks = sorted(g for g in states if low <= g <= high)
+    if not marks:
+        return
+    if prune and rng.random() < 0.3:
+        with rec.lock:
+            rec._prune(rng.choice(marks))  # as the retention would
+        report.prunes += 1
+        marks = [g for g in marks if g >= rec.window]
+    gseq = rng.choice(marks)
+    view = MarkView(rec, gseq)
+    dest = workdir / f"restore-{report.restores_checked}"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir()
+    write_tree(dest, view.entries(), lambda e: view.blocks(e.inode[1]))
+    got = read_tree(dest)
+    shutil.rmtree(dest)
+    if got != states[gseq]:
+        raise SimFailure(f"restore at mark g{gseq} is not the volume at that mark:\n  "
+                         + "\n  ".join(diff(states[gseq], got)))
+    report.restores_checked += 1
+
+
+def _check_mark(cluster: Cluster, applied: set[EventKey], target: Path, mark: MetaEvent) -> dict:
     problem = cluster.consistent_cut(applied)
     if problem:
         raise SimFailure(f"at mark gseq {mark.gseq}: not a consistent cut: {problem}")
@@ -175,3 +234,4 @@ def _check_mark(cluster: Cluster, applied: set[EventKey], target: Path, mark: Me
     if expected != actual:
         raise SimFailure(f"at mark gseq {mark.gseq} ({type(mark).__name__}): target is not the "
                          "state of its cut:\n  " + "\n  ".join(diff(expected, actual)))
+    return actual

@@ -1,0 +1,794 @@
+"""Recording the history while the applier applies the merged order.
+
+The applier (`clusterrep.replica.applier.Applier`) calls, for every event it applies:
+
+* data events (``Write``, ``Fallocate``, ``Stamp``, ``Tick``) are *staged*: `Recorder.stage`
+  reads the bytes the event will overwrite, from the target as it is before any staged event is
+  applied, and returns False when the event depends on one staged before it (an overlapping
+  range of the same file): the applier then applies the staged group first.
+  `Recorder.commit_staged` writes the group's undo bytes, ``fdatasync``s them, commits their
+  rows, and only then does the applier write the group to the target (write-ahead: whatever a
+  crash or power loss leaves of the target, the old bytes of every change in it are on disk);
+* metadata events go one at a time: `Recorder.before_meta` keeps the bytes a ``Truncate`` or a
+  synchronisation's blocks will replace, and the inode of a file losing its last name
+  (``objects/<fid>``, a hard link: no copy), and commits; after the event, `Recorder.after_meta`
+  versions the names and attributes it changed and records the mark.
+
+Replay after a crash: names and attributes are committed together with the position they
+reach, so an event the database already holds is not recorded twice; undo rows name their
+event, so an event re-applied after a crash keeps the rows captured the first time (the bytes
+before it), whatever the target holds now.
+
+A history starts (``base``) at a mark: the target's structure is walked and recorded right
+after a metadata event was applied (nothing after that mark is in the target yet). It restarts
+after a synchronisation this replica needed (its earlier state is not trusted) and after a fault
+of its own (an error, a full disk that pruning cannot relieve): the live target is never held
+back by the history; the gap is logged, kept in ``gaps`` and shown in the status.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import os
+import re
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from ..blockread import data_extents
+from ..blocks import BLOCK_SIZE
+from ..confined import Target
+from ..errors import ApplyError, HistoryError
+from ..events import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    Attr,
+    Create,
+    DataEvent,
+    Event,
+    Exchange,
+    Fallocate,
+    Link,
+    MetaEvent,
+    Mkdir,
+    Mknod,
+    RemoveXattr,
+    Rename,
+    Rmdir,
+    SetAttr,
+    SetXattr,
+    Stamp,
+    Symlink,
+    SyncBlocks,
+    SyncEnd,
+    SyncStart,
+    Truncate,
+    Unlink,
+    Write,
+)
+from ..replica.position import Position
+from ..snapshot import Entry, Kind, read_entry, walk
+from .store import ALIVE, Store
+
+log = logging.getLogger("clusterrep.history")
+
+MAX_ROW = 1 << 20  # bytes of one undo row's data (zero rows may be longer)
+GROUP_BYTES = 64 << 20  # undo bytes one staged group holds at most
+GROUP_EVENTS = 8192
+HISTORY_FAULTS = (OSError, sqlite3.Error, HistoryError, msgpack.PackException)
+_CREATES = (Create, Mkdir, Symlink, Mknod)
+
+
+def key_of(ev: Event) -> int:
+    """The key of ``ev`` in the merged order: a metadata event's gseq; ``after + 1`` for a
+    data event (it lies between mark ``after`` and the next one)."""
+    if isinstance(ev, MetaEvent):
+        return ev.gseq
+    assert isinstance(ev, DataEvent)
+    return ev.after + 1
+
+
+def mark_kind(ev: MetaEvent) -> str:
+    """``SyncStart`` -> ``sync_start``: how `clusterrep marks` names an event's kind."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(ev).__name__).lower()
+
+
+def pack_xattrs(xattrs: tuple[tuple[str, bytes], ...] | list[tuple[str, bytes]] | None) -> bytes:
+    items = sorted((os.fsencode(n), v) for n, v in (xattrs or ()))
+    return msgpack.packb(items, use_bin_type=True)
+
+
+def unpack_xattrs(blob: bytes | None) -> tuple[tuple[str, bytes], ...]:
+    if not blob:
+        return ()
+    return tuple((os.fsdecode(n), bytes(v)) for n, v in msgpack.unpackb(blob, raw=True))
+
+
+class _Touched:
+    """One file's changes staged in the current group: its size after them, the ranges written."""
+
+    __slots__ = ("ends", "size", "starts")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def overlaps(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self.starts, start)
+        if i and self.ends[i - 1] > start:
+            return True
+        return i < len(self.starts) and self.starts[i] < end
+
+    def add(self, start: int, end: int) -> None:
+        i = bisect.bisect_right(self.starts, start)
+        if i and self.ends[i - 1] == start:  # (the common case: a sequential write)
+            self.ends[i - 1] = end
+            return
+        self.starts.insert(i, start)
+        self.ends.insert(i, end)
+
+
+class Recorder:
+    """Keeps ``store`` (the history) in step with ``target`` as events are applied.
+
+    ``lock`` is held while a group or a metadata event is captured and applied, so a reader
+    (`clusterrep.history.view.MarkView`) holding it sees the database and the target agree.
+    ``retain`` (seconds) and ``retain_size`` (bytes) bound the window (None: unbounded).
+    """
+
+    def __init__(self, store: Store, target: Target, *, retain: float | None = None,
+                 retain_size: int | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.db = store.db
+        self.target = target
+        self.retain = retain
+        self.retain_size = retain_size
+        self.clock = clock
+        self.lock = threading.RLock()
+        self.base: int | None = store.get("base")
+        self.root: int | None = store.get("root")
+        pos = store.get("position")
+        self.db_position = Position.from_json(pos) if pos else Position()
+        self.syncing = bool(store.get("syncing", False))  # inside a sync this replica needed
+        self.in_sync: int | None = store.get("in_sync")  # gseq of an open sync the history spans
+        self._current = 0  # key of the metadata event being applied
+        self.gaps: list[dict[str, Any]] = store.get("gaps", [])
+        self.alarm: str | None = store.get("alarm")
+        self.durable = int(store.get("durable", 0))
+        self.window = int(store.get("window", 0))
+        self.last_received = float(store.get("last_received", 0.0))
+        self._received: dict[int, float] = {}
+        self._received_lock = threading.Lock()
+        self._fids: dict[str, int] = {}
+        self._rows: list[list[Any]] = []
+        self._blob = bytearray()
+        self._touched: dict[str, _Touched] = {}
+        self._staged_max_k = 0
+        self._usage_at = 0.0
+        self.usage = 0
+        self.ready = False  # reads are refused until the applier has replayed what it had
+
+    @property
+    def active(self) -> bool:
+        return self.base is not None
+
+    # -- inputs from the service -------------------------------------------------------------
+
+    def note_received(self, gseqs: list[int], when: float) -> None:
+        """The coordinator's marks ``gseqs`` arrived at wall time ``when`` (the replica's clock)."""
+        with self._received_lock:
+            for g in gseqs:
+                self._received.setdefault(g, when)
+
+    def _received_at(self, gseq: int) -> float:
+        with self._received_lock:
+            t = self._received.pop(gseq, None)
+        t = self.clock() if t is None else t
+        self.last_received = max(self.last_received, t)
+        return self.last_received
+
+    # -- data events: staged groups ----------------------------------------------------------
+
+    def stage(self, ev: DataEvent, replaying: bool) -> bool:
+        """Capture what ``ev`` will overwrite; False if it depends on an event staged before it
+        (apply the staged group first, then stage it again)."""
+        cls = type(ev)
+        if not self.active or (cls is not Write and cls is not Fallocate):
+            return True
+        if cls is Write:
+            start, end = ev.offset, ev.offset + len(ev.data)  # type: ignore[attr-defined]
+            grows, keeps = True, True
+        else:
+            mode = ev.mode  # type: ignore[attr-defined]
+            start, end = ev.offset, ev.offset + ev.length  # type: ignore[attr-defined]
+            grows = not mode & FALLOC_FL_KEEP_SIZE
+            keeps = bool(mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE))
+            if not grows and not keeps:
+                return True  # allocation only: content and size stay
+        if len(self._rows) >= GROUP_EVENTS or len(self._blob) >= GROUP_BYTES:
+            return False
+        path = ev.path  # type: ignore[attr-defined]
+        touched = self._touched.get(path)
+        if touched is not None and touched.overlaps(start, end):
+            return False
+        try:
+            fd = self.target.file_fd(path)
+        except ApplyError as exc:
+            raise HistoryError(f"cannot read {path!r} before {cls.__name__}: {exc}") from None
+        if touched is None:
+            touched = self._touched[path] = _Touched(os.fstat(fd).st_size)
+        before = touched.size
+        fid = self._fid_or_none(path)
+        if fid is None and self.in_sync is None:
+            raise HistoryError(f"the history does not know {path!r} (it went out of step with the target)")
+        if fid is not None and not (replaying and self._captured(ev.source, ev.seq)):
+            k = ev.after + 1
+            self._staged_max_k = max(self._staged_max_k, k)
+            stop = min(end, before)
+            if keeps and start < stop:
+                self._stage_bytes(fid, k, ev.source, ev.seq, fd, start, stop, before)
+            else:
+                self._rows.append([fid, k, ev.source, ev.seq, start, 0, before, -1])
+        if end > start:
+            touched.add(start, end)
+        if grows:
+            touched.size = max(before, end)
+        return True
+
+    def _stage_bytes(self, fid: int, k: int, src: str, seq: int, fd: int, start: int, stop: int,
+                     before: int) -> None:
+        while start < stop:
+            n = min(stop - start, MAX_ROW)
+            data = os.pread(fd, n, start)
+            if len(data) < n:  # past the end on disk: zeros up to the size staged before
+                data += bytes(n - len(data))
+            if data.count(0) == n:
+                self._rows.append([fid, k, src, seq, start, n, before, -1])
+            else:
+                self._rows.append([fid, k, src, seq, start, n, before, len(self._blob)])
+                self._blob += data
+            start += n
+
+    def commit_staged(self, position: Position) -> None:
+        """Make the staged group's undo durable (before the caller applies the group)."""
+        self._touched.clear()
+        if not self._rows:
+            return
+        rows, blob, max_k = self._rows, self._blob, self._staged_max_k
+        self._rows, self._blob, self._staged_max_k = [], bytearray(), 0
+        self._write_rows(rows, blob, max_k, position)
+
+    def discard_staged(self) -> None:
+        self._touched.clear()
+        self._rows, self._blob, self._staged_max_k = [], bytearray(), 0
+
+    def _write_rows(self, rows: list[list[Any]], blob: bytearray, max_k: int, position: Position) -> None:
+        seg = 0
+        if blob:
+            seg, base = self._append(blob, max_k)
+            for r in rows:
+                if r[7] >= 0:
+                    r[7] += base
+        self.db.executemany(
+            "INSERT INTO undo(fid, k, src, seq, off, len, size_before, pos, seg) "
+            "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)", ([*r, seg] for r in rows))
+        self._commit(position)
+
+    def _append(self, blob: bytearray, max_k: int) -> tuple[int, int]:
+        """Append undo bytes; on a full disk, prune the oldest history and try again."""
+        while True:
+            try:
+                return self.store.append(blob, max_k)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                if not self._prune_oldest():
+                    raise
+                self._raise_alarm(f"history disk full: the oldest restore points were pruned early "
+                                  f"({exc.strerror})")
+
+    def after_data(self, ev: DataEvent, position: Position) -> None:
+        """Record what an applied data event changed in the attributes (a ``Stamp``'s time)."""
+        if type(ev) is not Stamp or not self.active:
+            return
+        if self._in_db(ev, position):
+            return
+        self._set_attrs(self.fid_of(ev.path), ev.after + 1, mtime_ns=ev.mtime_ns)
+
+    def _in_db(self, ev: Event, position: Position) -> bool:
+        """Did the database record ``ev`` before a crash (so re-applying it records nothing)?
+        ``position`` is the applier's, past ``ev``."""
+        db = self.db_position
+        return position.applied <= db.applied and db.already_applied(ev)
+
+    def _captured(self, src: str, seq: int) -> bool:
+        return self.db.execute("SELECT 1 FROM undo WHERE src=? AND seq=? LIMIT 1",
+                               (src, seq)).fetchone() is not None
+
+    # -- metadata events ---------------------------------------------------------------------
+
+    def before_meta(self, ev: MetaEvent, position: Position, replaying: bool) -> None:
+        """Keep what ``ev`` is about to destroy (bytes cut, files losing their last name)."""
+        if isinstance(ev, SyncStart) and ev.gseq == position.floor:
+            self._restart_for_sync(ev)
+            return
+        if not self.active:
+            return
+        cls = type(ev)
+        k, src = ev.gseq, ""
+        self._current = k
+        if cls is SyncStart:
+            self.in_sync = k
+            self.store.put("in_sync", k)
+        if replaying and self._captured(src, k):
+            return
+        rows: list[list[Any]] = []
+        blob = bytearray()
+        if cls is Truncate or cls is SyncBlocks:
+            path = ev.path  # type: ignore[attr-defined]
+            fid = self._fid_or_none(path) if cls is SyncBlocks else self.fid_of(path)
+            if fid is None:  # a file this synchronisation made: no restore point before it has it
+                self._commit(position)
+                return
+            fd = self.target.file_fd(path)
+            before = os.fstat(fd).st_size
+            new = ev.size  # type: ignore[attr-defined]
+            if cls is SyncBlocks:
+                first = ev.first * BLOCK_SIZE  # type: ignore[attr-defined]
+                stop = min(before, (ev.first + ev.count) * BLOCK_SIZE)  # type: ignore[attr-defined]
+                _capture(rows, blob, fid, k, fd, first, stop, before)
+            _capture(rows, blob, fid, k, fd, new, before, before)
+            if not rows:
+                rows.append([fid, k, src, k, 0, 0, before, -1])
+        elif cls is Unlink:
+            self._keep_if_last(ev.path)  # type: ignore[attr-defined]
+        elif cls is Rename:
+            dst = ev.dst  # type: ignore[attr-defined]
+            if self._fid_or_none(dst) not in (None, self.fid_of(ev.path)):  # type: ignore[attr-defined]
+                self._keep_if_last(dst)
+        for r in rows:
+            r[2], r[3] = src, k
+        if rows:
+            self._write_rows(rows, blob, k, position)
+        else:
+            self._commit(position)
+
+    def after_meta(self, ev: MetaEvent, position: Position, replaying: bool) -> None:
+        """Version the names and attributes ``ev`` changed; record its mark."""
+        if not self.active:
+            if (isinstance(ev, SyncEnd) and self.syncing) or not self.syncing:
+                self._start(ev, position, "synchronisation ended" if self.syncing else "start")
+            return
+        if self._in_db(ev, position):
+            return
+        k = ev.gseq
+        cls = type(ev)
+        if cls in _CREATES:
+            self._created(ev.path, k)  # type: ignore[attr-defined]
+        elif cls is Unlink or cls is Rmdir:
+            self._unname(ev.path, k)  # type: ignore[attr-defined]
+        elif cls is Rename:
+            self._renamed(ev.path, ev.dst, k)  # type: ignore[attr-defined]
+        elif cls is Exchange:
+            self._exchanged(ev.path, ev.dst, k)  # type: ignore[attr-defined]
+        elif cls is Link:
+            self._name(ev.dst, self.fid_of(ev.path), k)  # type: ignore[attr-defined]
+        elif cls is SetAttr:
+            self._set_attrs(self.fid_of(ev.path), k, mode=ev.mode, uid=ev.uid,  # type: ignore[attr-defined]
+                            gid=ev.gid, mtime_ns=ev.mtime_ns)  # type: ignore[attr-defined]
+        elif cls is SetXattr or cls is RemoveXattr:
+            self._xattr(ev, k)
+        elif cls is SyncEnd:
+            self._reconcile(k)
+            self.in_sync = None
+            self.store.put("in_sync", None)
+        for attr in getattr(ev, "attrs", ()):
+            self._apply_attr(attr, k)
+        if self.in_sync is None or cls is SyncStart:
+            self._mark(ev)  # (inside a synchronisation the target is at no mark of the volume)
+
+    def _mark(self, ev: MetaEvent) -> None:
+        self.db.execute("INSERT OR REPLACE INTO marks(gseq, kind, paths, origin, received_at) "
+                        "VALUES(?, ?, ?, ?, ?)", (ev.gseq, mark_kind(ev), _paths_json(list(ev.paths())),
+                                                  ev.origin, self._received_at(ev.gseq)))
+
+    # -- names -------------------------------------------------------------------------------
+
+    def fid_of(self, path: str) -> int:
+        """The file the history knows at ``path`` now (HistoryError if none)."""
+        fid = self._fid_or_none(path)
+        if fid is None:
+            raise HistoryError(f"the history does not know {path!r} (it went out of step with "
+                               "the target)")
+        return fid
+
+    def _fid_or_none(self, path: str) -> int | None:
+        fid = self._fids.get(path)
+        if fid is not None:
+            return fid
+        if path == "":
+            return self.root
+        head, _, name = path.rpartition("/")
+        parent = self._fid_or_none(head)
+        if parent is None:
+            return None
+        row = self.db.execute("SELECT fid FROM names WHERE parent=? AND name=? AND died=?",
+                              (parent, os.fsencode(name), ALIVE)).fetchone()
+        if row is None:
+            return None
+        if len(self._fids) > 65536:
+            self._fids.clear()
+        self._fids[path] = row[0]
+        return row[0]
+
+    def _name(self, path: str, fid: int, k: int) -> None:
+        head, _, name = path.rpartition("/")
+        self.db.execute("INSERT INTO names(parent, name, fid, born, died) VALUES(?, ?, ?, ?, ?)",
+                        (self.fid_of(head), os.fsencode(name), fid, k, ALIVE))
+        self._fids[path] = fid
+
+    def _unname(self, path: str, k: int) -> int:
+        """End name ``path`` at key ``k``; a file left without names dies there. Its fid."""
+        fid = self.fid_of(path)
+        head, _, name = path.rpartition("/")
+        self.db.execute("UPDATE names SET died=? WHERE parent=? AND name=? AND died=?",
+                        (k, self.fid_of(head), os.fsencode(name), ALIVE))
+        self._fids.clear()
+        if self.db.execute("SELECT 1 FROM names WHERE fid=? AND died=? LIMIT 1",
+                           (fid, ALIVE)).fetchone() is None:
+            self.db.execute("UPDATE files SET dead=? WHERE fid=?", (k, fid))
+        return fid
+
+    def _created(self, path: str, k: int) -> None:
+        fd = self.target.inode(path)
+        try:
+            entry = read_entry(path, fd)
+        finally:
+            os.close(fd)
+        fid = self._new_file(entry, k)
+        self._name(path, fid, k)
+
+    def _new_file(self, entry: Entry, k: int) -> int:
+        cur = self.db.execute(
+            "INSERT INTO files(ino, kind, rdev, symlink) VALUES(?, ?, ?, ?)",
+            (entry.inode[1], entry.kind.value, entry.rdev,
+             None if entry.target is None else os.fsencode(entry.target)))
+        fid = cur.lastrowid
+        assert fid is not None
+        self.db.execute("INSERT INTO attrs(fid, born, died, mode, uid, gid, mtime_ns, xattrs) "
+                        "VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                        (fid, k, ALIVE, entry.mode, entry.uid, entry.gid, entry.mtime_ns,
+                         pack_xattrs(entry.xattrs)))
+        return fid
+
+    def _renamed(self, src: str, dst: str, k: int) -> None:
+        fid = self.fid_of(src)
+        old = self._fid_or_none(dst)
+        if old == fid:
+            return  # two names of one inode: rename(2) does nothing
+        if old is not None:
+            self._unname(dst, k)
+        self._name(dst, fid, k)  # (first: the file keeps a name throughout)
+        self._unname(src, k)
+
+    def _exchanged(self, a: str, b: str, k: int) -> None:
+        fa, fb = self.fid_of(a), self.fid_of(b)
+        self._unname(a, k)
+        self._unname(b, k)
+        self.db.execute("UPDATE files SET dead=NULL WHERE fid IN (?, ?)", (fa, fb))
+        self._name(a, fb, k)
+        self._name(b, fa, k)
+
+    def _keep_if_last(self, path: str) -> None:
+        """``path`` is about to lose a name: keep its inode if that is its last name."""
+        fid = self.fid_of(path)
+        kind, kept = self.db.execute("SELECT kind, object FROM files WHERE fid=?", (fid,)).fetchone()
+        if kind != Kind.FILE.value or kept:
+            return
+        names = self.db.execute("SELECT count(*) FROM names WHERE fid=? AND died=?",
+                                (fid, ALIVE)).fetchone()[0]
+        if names > 1:
+            return
+        self._keep(path, fid)
+
+    def _keep(self, path: str, fid: int) -> None:
+        try:
+            self.target.link_out(path, self.store.objects_fd, str(fid))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _copy_sparse(self.target.file_fd(path), self.store.objects_fd, str(fid))
+        self.db.execute("UPDATE files SET object=1 WHERE fid=?", (fid,))
+
+    def before_removal(self, path: str) -> None:
+        """A synchronisation is about to remove name ``path`` from the target (the
+        `clusterrep.replica.syncapply.SyncApplier` hook): keep its inode if it is the last name,
+        and end the name (the rest of what the synchronisation changed is recorded at its end)."""
+        if not self.active:
+            return
+        with self.lock:
+            try:
+                fid = self._fid_or_none(path)
+                if fid is None:
+                    return
+                st = self.target.lstat(path)
+                if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                    self._keep_if_last(path)
+                self._unname(path, self._current)
+                self.store.commit()
+            except HISTORY_FAULTS as exc:
+                self.broken(exc)
+
+    # -- attributes --------------------------------------------------------------------------
+
+    def _set_attrs(self, fid: int, k: int, *, mode: int | None = None, uid: int | None = None,
+                   gid: int | None = None, mtime_ns: int | None = None,
+                   xattrs: bytes | None = None) -> None:
+        row = self.db.execute("SELECT rowid, born, mode, uid, gid, mtime_ns, xattrs FROM attrs "
+                              "WHERE fid=? AND died=?", (fid, ALIVE)).fetchone()
+        if row is None:
+            raise HistoryError(f"the history has no attributes for file #{fid}")
+        rowid, born, *cur = row
+        new = [cur[0] if mode is None else mode, cur[1] if uid is None else uid,
+               cur[2] if gid is None else gid, cur[3] if mtime_ns is None else mtime_ns,
+               cur[4] if xattrs is None else xattrs]
+        if new == cur:
+            return
+        if born == k:
+            self.db.execute("UPDATE attrs SET mode=?, uid=?, gid=?, mtime_ns=?, xattrs=? WHERE rowid=?",
+                            (*new, rowid))
+            return
+        self.db.execute("UPDATE attrs SET died=? WHERE rowid=?", (k, rowid))
+        self.db.execute("INSERT INTO attrs(fid, born, died, mode, uid, gid, mtime_ns, xattrs) "
+                        "VALUES(?, ?, ?, ?, ?, ?, ?, ?)", (fid, k, ALIVE, *new))
+
+    def _apply_attr(self, attr: Attr, k: int) -> None:
+        fid = self._fid_or_none(attr.path)
+        if fid is None:
+            return  # (a name this event removed)
+        self._set_attrs(fid, k, mode=attr.mode, uid=attr.uid, gid=attr.gid, mtime_ns=attr.mtime_ns,
+                        xattrs=None if attr.xattrs is None else pack_xattrs(attr.xattrs))
+
+    def _xattr(self, ev: MetaEvent, k: int) -> None:
+        fid = self.fid_of(ev.path)  # type: ignore[attr-defined]
+        row = self.db.execute("SELECT xattrs FROM attrs WHERE fid=? AND died=?", (fid, ALIVE)).fetchone()
+        xattrs = dict(unpack_xattrs(row[0] if row else None))
+        if isinstance(ev, SetXattr):
+            xattrs[ev.name] = ev.value
+        else:
+            xattrs.pop(ev.name, None)  # type: ignore[attr-defined]
+        self._set_attrs(fid, k, xattrs=pack_xattrs(list(xattrs.items())))
+
+    # -- starting, reconciling, restarting ---------------------------------------------------
+
+    def _start(self, ev: MetaEvent, position: Position, why: str) -> None:
+        """Begin a history at mark ``ev`` (just applied: the target holds the state at it)."""
+        k = ev.gseq
+        self.store.clear()
+        self._fids.clear()
+        self.base, self.root, self.window = k, None, k
+        self._reconcile(k)
+        self.syncing = False
+        self.in_sync = None
+        self.store.put("base", k)
+        self.store.put("syncing", False)
+        self.store.put("in_sync", None)
+        self.store.put("window", k)
+        self._mark(ev)
+        self._commit(position)
+        log.info("history starts at mark g%d (%s)", k, why)
+
+    def _reconcile(self, k: int) -> None:
+        """Make the current names and attributes those of the target (walked), recording every
+        difference at key ``k`` (a synchronisation's changes; all of it for a new history)."""
+        db = self.db
+        by_ino = {ino: fid for fid, ino in db.execute("SELECT fid, ino FROM files WHERE dead IS NULL")}
+        names = {(parent, bytes(name)): fid for parent, name, fid in db.execute(
+            "SELECT parent, name, fid FROM names WHERE died=?", (ALIVE,))}
+        seen_names: set[tuple[int, bytes]] = set()
+        seen: set[int] = set()
+        dirs: dict[str, int] = {}
+        for entry in walk(self.target.root):
+            fid = by_ino.get(entry.inode[1])
+            kind = db.execute("SELECT kind FROM files WHERE fid=?", (fid,)).fetchone() if fid else None
+            if fid is None or kind is None or kind[0] != entry.kind.value:
+                fid = self._new_file(entry, k)
+                by_ino[entry.inode[1]] = fid
+            elif fid not in seen:
+                self._set_attrs(fid, k, mode=entry.mode, uid=entry.uid, gid=entry.gid,
+                                mtime_ns=entry.mtime_ns, xattrs=pack_xattrs(entry.xattrs))
+            seen.add(fid)
+            if entry.kind is Kind.DIR:
+                dirs[entry.path] = fid
+            if entry.path == "":
+                self.root = fid
+                self.store.put("root", fid)
+                continue
+            head, _, name = entry.path.rpartition("/")
+            key = (dirs[head], os.fsencode(name))
+            seen_names.add(key)
+            if names.get(key) != fid:
+                if key in names:
+                    db.execute("UPDATE names SET died=? WHERE parent=? AND name=? AND died=?",
+                               (k, *key, ALIVE))
+                db.execute("INSERT INTO names(parent, name, fid, born, died) VALUES(?, ?, ?, ?, ?)",
+                           (*key, fid, k, ALIVE))
+        for key in names.keys() - seen_names:
+            db.execute("UPDATE names SET died=? WHERE parent=? AND name=? AND died=?", (k, *key, ALIVE))
+        for fid in set(by_ino.values()) - seen:
+            db.execute("UPDATE files SET dead=? WHERE fid=?", (k, fid))
+        self._fids.clear()
+
+    def _restart_for_sync(self, ev: SyncStart) -> None:
+        if self.active:
+            self.gap(f"synchronisation {ev.sync_id} re-started this replica at mark g{ev.gseq}: "
+                     "its earlier state is not trusted, the history restarts when it ends",
+                     ev.gseq, alarm=False)
+        self.syncing = True
+        self.store.put("syncing", True)
+        self.store.commit()
+
+    def gap(self, why: str, at: int, *, alarm: bool = True) -> None:
+        """Drop the whole history (restore points before ``at`` are gone) and say so."""
+        log.error("history: %s", why) if alarm else log.warning("history: %s", why)
+        self.gaps = [*self.gaps[-9:], {"at": at, "why": why, "when": self.clock()}]
+        self.store.clear()
+        self.base, self.root, self._fids = None, None, {}
+        self.discard_staged()
+        self.store.put("gaps", self.gaps)
+        if alarm:
+            self._raise_alarm(why)
+        self.store.commit()
+
+    def broken(self, exc: BaseException) -> None:
+        """A fault of the history's own: drop it (the target goes on), start again later."""
+        at = self.db_position.gseq
+        try:
+            self.db.rollback()
+            self.gap(f"recording failed ({exc}); restore points before this were dropped and a new "
+                     "history starts at the next mark", at)
+        except HISTORY_FAULTS as again:
+            log.critical("history: cannot even drop the history after a fault (%s); it stays "
+                         "off until the replica restarts: %s", exc, again)
+            self.base = None
+            self.syncing = True  # (nothing starts it again in this process)
+
+    def _raise_alarm(self, why: str) -> None:
+        self.alarm = why
+        self.store.put("alarm", why)
+
+    # -- commits, checkpoints, retention -----------------------------------------------------
+
+    def _commit(self, position: Position) -> None:
+        if position.applied < self.db_position.applied:
+            position = self.db_position  # (a replay's checkpoint: the database is further on)
+        self.store.put("position", position.to_json())
+        self.store.put("last_received", self.last_received)
+        self.store.commit()
+        self.db_position = position.copy()
+
+    def checkpoint(self, position: Position) -> None:
+        """The target is durable at ``position``: its marks may be listed; prune what the
+        retention lets go."""
+        self.durable = position.gseq
+        self.store.put("durable", self.durable)
+        self._commit(position)
+        if self.active:
+            self._retain()
+
+    def _retain(self) -> None:
+        db = self.db
+        newest = db.execute("SELECT max(gseq) FROM marks WHERE gseq <= ?", (self.durable,)).fetchone()[0]
+        if newest is None:
+            return
+        window = self.window
+        if self.retain is not None:
+            cutoff = self.clock() - self.retain
+            first = db.execute("SELECT min(gseq) FROM marks WHERE received_at >= ? AND gseq >= ?",
+                               (cutoff, window)).fetchone()[0]
+            window = max(window, min(newest, first if first is not None else newest))
+            pinned = db.execute("SELECT min(gseq) FROM pins").fetchone()[0]
+            if pinned is not None:
+                window = max(self.window, min(window, pinned))
+        if window > self.window:
+            self._prune(window)
+        if self.retain_size is not None:
+            now = time.monotonic()
+            if now - self._usage_at > 5.0 or self.usage > self.retain_size:
+                self.usage = self.store.usage()
+                self._usage_at = now
+            while self.usage > self.retain_size and self._prune_oldest(limit=newest):
+                self.usage = self.store.usage()
+
+    def _prune(self, window: int) -> None:
+        freed = self.store.prune(window)
+        dropped = self.db.execute("DELETE FROM pins WHERE gseq < ?", (window,)).rowcount
+        if dropped:
+            self._raise_alarm(f"{dropped} pinned restore point(s) before g{window} were pruned to "
+                              "keep the history within --retain-size")
+        self.store.commit()
+        self.window = window
+        log.info("history: restore points before g%d pruned (%d undo bytes freed)", window, freed)
+
+    def _prune_oldest(self, limit: int | None = None) -> bool:
+        """Move the window past the oldest undo segment or kept file; False if nothing is left."""
+        row = self.db.execute(
+            "SELECT min(k) FROM (SELECT min(max_k) AS k FROM segments WHERE max_k > ? UNION ALL "
+            "SELECT min(dead) FROM files WHERE dead > ? AND object=1)", (self.window, self.window)
+        ).fetchone()
+        nxt = row[0] if row else None
+        if nxt is None or (limit is not None and nxt > limit):
+            return False
+        self._prune(nxt)
+        return True
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            first = last = first_at = last_at = None
+            count = 0
+            if self.active:
+                row = self.db.execute("SELECT min(gseq), max(gseq), count(*) FROM marks WHERE gseq >= ? "
+                                      "AND gseq <= ?", (self.window, self.durable)).fetchone()
+                first, last, count = row
+            if first is not None:
+                at = "SELECT received_at FROM marks WHERE gseq=?"
+                first_at = self.db.execute(at, (first,)).fetchone()[0]
+                last_at = self.db.execute(at, (last,)).fetchone()[0]
+            return {"recording": self.active, "base": self.base, "oldest": first, "newest": last,
+                    "oldest_at": first_at, "newest_at": last_at, "restore_points": count,
+                    "retain_s": self.retain, "retain_size": self.retain_size, "bytes": self.usage,
+                    "alarm": self.alarm, "gaps": self.gaps, "syncing": self.syncing}
+
+def _capture(rows: list[list[Any]], blob: bytearray, fid: int, k: int, fd: int, start: int, stop: int,
+             before: int) -> None:
+    """Undo rows for bytes ``[start, stop)`` of ``fd`` (holes as zero rows)."""
+    pos = start
+    for a, b in data_extents(fd, stop, start):
+        if a > pos:
+            rows.append([fid, k, "", k, pos, a - pos, before, -1])
+        while a < b:
+            n = min(b - a, MAX_ROW)
+            data = os.pread(fd, n, a)
+            if len(data) < n:
+                data += bytes(n - len(data))
+            rows.append([fid, k, "", k, a, n, before, len(blob)])
+            blob += data
+            a += n
+        pos = b
+    if stop > pos:
+        rows.append([fid, k, "", k, pos, stop - pos, before, -1])
+
+
+def _copy_sparse(src: int, dir_fd: int, name: str) -> None:
+    size = os.fstat(src).st_size
+    out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        for a, b in data_extents(src, size):
+            while a < b:
+                data = os.pread(src, min(b - a, MAX_ROW), a)
+                if not data:
+                    break
+                os.pwrite(out, data, a)
+                a += len(data)
+        os.ftruncate(out, size)
+        os.fdatasync(out)
+    finally:
+        os.close(out)
+
+
+def _paths_json(paths: list[str]) -> str:
+    import json
+    return json.dumps([os.fsencode(p).decode("utf-8", "backslashreplace") for p in paths])
