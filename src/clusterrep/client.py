@@ -61,6 +61,10 @@ def pending(st: dict[str, Any], since: float) -> list[str]:
         elif s.get("unsettled"):
             out.append(f"{name}: {s['unsettled']} file(s) still being written (their modification "
                        "times are recorded once their writers are quiet)")
+    history = st.get("history")
+    if history and history.get("recording") and history.get("durable", 0) < st["gseq"]:
+        out.append(f"restore points after g{history.get('durable', 0)} are not durable yet (the next "
+                   "checkpoint lists them)")
     if st["pending_events"] or st["queued_batches"]:
         out.append(f"{st['pending_events']} events received but not yet applied")
     out.extend(f"merge waits for {w}" for w in st.get("waiting_for") or [])

@@ -125,3 +125,20 @@ def parse_size(text: str) -> int:
 def byte_rate(text: str) -> float:
     """A rate in bytes per second: "200M", "1.5G/s", "50MB/s"."""
     return _amount(text, "a rate (say e.g. 200M for 200 MiB/s)")
+
+
+_TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``24h``, ``30d``, ``2w`` as seconds (argparse type)."""
+    t = text.strip().lower()
+    unit = _TIME_UNITS.get(t[-1:]) if t else None
+    number = t[:-1] if unit else t
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (say 90s, 15m, 24h or 30d)") from None
+    if not 0 < value < 100 * 365 * 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 and less than 100 years")
+    return value

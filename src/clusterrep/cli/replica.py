@@ -9,8 +9,17 @@ import stat
 from pathlib import Path
 
 from ..replica.server import ReplicaServer
-from ..replica.service import ReplicaService
-from .common import add_auth, add_verbose, auth, serve_until_signalled, setup_logging, state_dir
+from ..replica.service import HistoryOptions, ReplicaService
+from .common import (
+    add_auth,
+    add_verbose,
+    auth,
+    parse_duration,
+    parse_size,
+    serve_until_signalled,
+    setup_logging,
+    state_dir,
+)
 
 log = logging.getLogger("clusterrep.replica")
 
@@ -37,6 +46,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "synchronisation compare them with the volume, so that only what differs "
                         "moves; every file it deletes is logged. Without it a replica without "
                         "state refuses a target that is not empty")
+    p.add_argument("--retain", type=parse_duration, metavar="DURATION",
+                   help="keep history: every mark of the last DURATION (90s, 15m, 24h, 30d) can be "
+                        "restored (`clusterrep marks`, `clusterrep restore`); the history lives in "
+                        "--state/history, and files removed from the volume are kept there by a "
+                        "hard link while needed, so keep --state on --target's file system")
+    p.add_argument("--retain-size", type=parse_size, metavar="SIZE",
+                   help="the history never takes more than SIZE (512M, 20G) on disk: the oldest "
+                        "restore points go first, pinned ones too (with an alarm in the status). "
+                        "Alone, it keeps as many restore points as fit")
     add_auth(p)
     add_verbose(p)
     p.set_defaults(func=main)
@@ -51,7 +69,12 @@ def main(args: argparse.Namespace) -> int:
         target.mkdir(mode=0o700)
         os.chmod(target, 0o700)  # (whatever the umask)
     warn_if_exposed(target)
-    service = ReplicaService(target, state, adopt_target=args.adopt_target)
+    history = None
+    if args.retain is not None or args.retain_size is not None:
+        history = HistoryOptions(retain=args.retain, retain_size=args.retain_size)
+        log.info("keeping history: %s of restore points%s", _duration(args.retain),
+                 "" if args.retain_size is None else f", at most {args.retain_size / 2**20:.0f} MiB")
+    service = ReplicaService(target, state, adopt_target=args.adopt_target, history=history)
     server = ReplicaServer(service, args.listen, creds)
     return serve_until_signalled(server.start, server.stop, f"replica on {args.listen}")
 
@@ -70,3 +93,12 @@ def warn_if_exposed(target: Path) -> None:
                     "the replica's set-user-ID files and device nodes could be used by them; "
                     "keep the target inside a directory of mode 0700 on a file system mounted "
                     "nodev,nosuid (docs/operations.md)", target, parent, stat.S_IMODE(st.st_mode))
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "as much as --retain-size allows"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{seconds:g}s"

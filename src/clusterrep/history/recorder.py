@@ -174,6 +174,7 @@ class Recorder:
         self._touched: dict[str, _Touched] = {}
         self._staged_max_k = 0
         self._usage_at = 0.0
+        self._maintained = 0.0
         self.usage = 0
         self.ready = False  # reads are refused until the applier has replayed what it had
 
@@ -192,7 +193,7 @@ class Recorder:
     def _received_at(self, gseq: int) -> float:
         with self._received_lock:
             t = self._received.pop(gseq, None)
-        t = self.clock() if t is None else t
+        t = round(self.clock() if t is None else t, 6)
         self.last_received = max(self.last_received, t)
         return self.last_received
 
@@ -687,6 +688,19 @@ class Recorder:
         if self.active:
             self._retain()
 
+    def maintain(self) -> None:
+        """Apply the retention now (the apply thread calls it when idle, at most every 5 s)."""
+        now = time.monotonic()
+        if now - self._maintained < 5.0:
+            return
+        self._maintained = now
+        with self.lock:
+            try:
+                if self.active:
+                    self._retain()
+            except HISTORY_FAULTS as exc:
+                self.broken(exc)
+
     def _retain(self) -> None:
         db = self.db
         newest = db.execute("SELECT max(gseq) FROM marks WHERE gseq <= ?", (self.durable,)).fetchone()[0]
@@ -750,7 +764,8 @@ class Recorder:
             return {"recording": self.active, "base": self.base, "oldest": first, "newest": last,
                     "oldest_at": first_at, "newest_at": last_at, "restore_points": count,
                     "retain_s": self.retain, "retain_size": self.retain_size, "bytes": self.usage,
-                    "alarm": self.alarm, "gaps": self.gaps, "syncing": self.syncing}
+                    "alarm": self.alarm, "gaps": self.gaps, "syncing": self.syncing,
+                    "durable": self.durable, "window": self.window}
 
 def _capture(rows: list[list[Any]], blob: bytearray, fid: int, k: int, fd: int, start: int, stop: int,
              before: int) -> None:

@@ -25,7 +25,7 @@ from ..blocks import Codec
 from ..confined import Target
 from ..replica.syncapply import Block, SyncApplier
 from ..snapshot import Entry, walk
-from ..treediff import Content, Create, compare
+from ..treediff import Content, compare
 
 BlocksOf = Callable[[Entry], Iterable[tuple[int, bytes]]]
 
@@ -33,8 +33,8 @@ BlocksOf = Callable[[Entry], Iterable[tuple[int, bytes]]]
 def write_tree(dest: str | os.PathLike[str], entries: list[Entry], blocks_of: BlocksOf, *,
                whole: bool = True, progress: Callable[[int], None] | None = None) -> dict[str, int]:
     """Make ``dest`` hold ``entries``; counts of what was done. ``whole``: the entries are the
-    whole volume (its root's attributes go to ``dest``); ``progress(n)`` is called with the
-    bytes of each file written."""
+    whole volume (its root's attributes go to ``dest``); ``progress(n)``: ``n`` more bytes of
+    regular files are done (holes included)."""
     dest = Path(dest)
     here = list(walk(dest))
     if not whole:
@@ -53,16 +53,16 @@ def write_tree(dest: str | os.PathLike[str], entries: list[Entry], blocks_of: Bl
                     nonlocal written
                     for index, data in blocks_of(entry):
                         written += len(data)
+                        if progress is not None:
+                            progress(len(data))
                         yield Block(index, Codec.RAW, data, None)
 
                 applier.apply(action, payload())
                 files += 1
                 if progress is not None:
-                    progress(written)
+                    progress(entry.size - written)  # (its holes)
             else:
                 applier.apply(action)
-                if progress is not None and isinstance(action, Create) and not action.entry.size:
-                    progress(0)
         target.sync()
     finally:
         target.close()

@@ -134,7 +134,7 @@ class Marks:
             low, high = self._bounds()
             row = self.rec.db.execute(
                 "SELECT max(gseq) FROM marks WHERE gseq >= ? AND gseq <= ? AND received_at <= ?",
-                (low, high, when)).fetchone()
+                (low, high, when + 5e-7)).fetchone()  # (times are shown to the microsecond)
         if row[0] is None:
             raise MarkNotRestorable(f"no restore point was received at or before {iso(when)}: "
                                     f"{self.describe_window()}")
@@ -302,7 +302,13 @@ class MarkView:
             fd = self._open_now(fid)
         try:
             now = os.fstat(fd).st_size
-            for w in range(0, size, WINDOW):
+            spans = list(data_extents(fd, min(now, size)))
+            with self.rec.lock:
+                spans += [(off, off + n) for off, n in self.db.execute(
+                    "SELECT off, len FROM undo WHERE fid=? AND k > ? AND pos >= 0 AND off < ?",
+                    (fid, self.mark, size))]
+            windows = sorted({w for a, b in spans for w in range(a - a % WINDOW, min(b, size), WINDOW)})
+            for w in windows:  # (elsewhere the file was a hole at the mark: see the module doc)
                 n = min(WINDOW, size - w)
                 buf = bytearray(n)
                 for a, b in data_extents(fd, min(now, w + n), w):

@@ -1,7 +1,8 @@
 """The replica's network face: authenticated connections in, `ReplicaService` calls out.
 
 Roles: ``node`` and ``coordinator`` peers ship their streams (see `clusterrep.shipper` for the
-protocol); ``client`` peers ask for ``{"t": "status"}``. A peer's authenticated name is its
+protocol); ``client`` peers ask for ``{"t": "status"}`` and for the history's restore points and their
+contents (`clusterrep.history.requests`). A peer's authenticated name is its
 source name: a node cannot ship events in another source's name.
 """
 
@@ -11,6 +12,7 @@ import logging
 from typing import Any
 
 from .. import serve, wire
+from ..history import requests
 from .merger import COORDINATOR
 from .service import BatchRefused, ReplicaService
 
@@ -115,10 +117,13 @@ class ReplicaServer:
                 return
 
     def _client(self, conn: wire.Connection) -> None:
+        history = requests.session(self.service.history)
         while True:
             msg = conn.recv()
             if isinstance(msg, dict) and msg.get("t") == "status":
                 conn.send({"t": "status", "status": self.service.status()})
+            elif isinstance(msg, dict) and msg.get("t") in requests.KINDS:
+                history.answer(conn, msg)
             else:
                 conn.send({"t": "error", "message": "unknown request"})
 

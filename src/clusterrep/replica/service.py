@@ -29,6 +29,8 @@ from typing import Any
 from ..durable import atomic_write
 from ..errors import ApplyError, ClusterrepError, InvalidEvent
 from ..events import Event, Evict, MetaEvent, SyncStart, decode
+from ..history.recorder import Recorder
+from ..history.store import Store
 from ..journal import Journal
 from .applier import Applier
 from .merger import COORDINATOR, Merger
@@ -68,9 +70,19 @@ class TargetNotEmpty(ClusterrepError):
     exit_code = 2
 
 
+@dataclass(frozen=True)
+class HistoryOptions:
+    """How much history the replica keeps: ``retain`` seconds of restore points, at most
+    ``retain_size`` bytes of history on disk (None: no bound of that kind)."""
+
+    retain: float | None = None
+    retain_size: int | None = None
+
+
 class ReplicaService:
     def __init__(self, target: str | Path, state: str | Path, *, checkpoint_idle: float = 0.5,
-                 checkpoint_interval: float = 30.0, adopt_target: bool = False) -> None:
+                 checkpoint_interval: float = 30.0, adopt_target: bool = False,
+                 history: HistoryOptions | None = None) -> None:
         self.state = Path(state)
         # a replica that never ran here (one killed before its first checkpoint has a journal)
         fresh = not (self.state / "apply").exists() and not (self.state / "journal").exists()
@@ -85,6 +97,12 @@ class ReplicaService:
         self.applier = Applier(target, self.state / "apply")
         self.sync = ReplicaSync(self.state, self.applier.target)
         self.applier.sync = self.sync
+        self.history: Recorder | None = None
+        if history is not None:
+            self.history = Recorder(Store(self.state / "history"), self.applier.target,
+                                    retain=history.retain, retain_size=history.retain_size)
+            self.applier.history = self.history
+            self.sync.before_removal = self.history.before_removal
         self.sync.applied_gseq = lambda: int(self._merge_view.get("gseq", 0))
         if fresh and adopt_target and _holds_files(target):
             self.sync.need(f"adopting target {target}, which already holds files")
@@ -159,6 +177,9 @@ class ReplicaService:
                 self._checkpoint()
         finally:
             self.sync.close()
+            if self.history is not None:
+                with self.history.lock:
+                    self.history.store.close()
             self.applier.target.close()
             self.journal.close()
 
@@ -232,6 +253,7 @@ class ReplicaService:
             raise BatchRefused(_evicted(source, self.evicted[source]), self.next_seq(source))
         events: list[Event] = []
         size = 0
+        history, marks = self.history, []
         for raw in raw_events:
             if not isinstance(raw, bytes):
                 raise BatchRefused("every event must be bytes", self.next_seq(source))
@@ -244,6 +266,8 @@ class ReplicaService:
                                    self.next_seq(source))
             if source == COORDINATOR and not isinstance(ev, MetaEvent):
                 raise BatchRefused("the coordinator sent a data event", self.next_seq(source))
+            if history is not None and isinstance(ev, MetaEvent) and source == COORDINATOR:
+                marks.append(ev.gseq)
             if type(ev) is Evict and ev.origin not in self.evicted:
                 self._evict(ev)  # its stream is refused from now on, before this is acknowledged
             events.append(ev)
@@ -275,6 +299,8 @@ class ReplicaService:
             on_received(fresh[-1][0].seq if fresh else st.received)
         # fsync outside the lock so other sources' batches share the same fsync
         self.journal.sync()
+        if marks and history is not None:
+            history.note_received(marks, time.time())  # (the replica's clock: `clusterrep marks`)
         with self._lock:
             if fresh:
                 st.received = max(st.received, fresh[-1][0].seq)
@@ -300,6 +326,8 @@ class ReplicaService:
         except ClusterrepError as exc:
             self.error = str(exc)
             log.critical("replica stopped applying: %s", exc)
+        if self.history is not None:
+            self.history.ready = True  # (what a crash may have left half-applied is re-applied)
         while not self._stop.is_set():
             try:
                 batch = self._queue.get(timeout=self.checkpoint_idle)
@@ -307,6 +335,8 @@ class ReplicaService:
                 batch = []
             if batch is None:
                 break
+            if not batch and self.history is not None:
+                self.history.maintain()  # (retention moves with the clock, even on a quiet volume)
             if self.error is not None:
                 continue  # keep receiving (journaled, durable), apply nothing until fixed
             try:
@@ -514,6 +544,7 @@ class ReplicaService:
             "sync": self.sync.status(),
             "evicted": dict(self.evicted),
             "last_sync": self.sync.last,
+            "history": None if self.history is None else self.history.status(),
             "idle": self._idle.is_set() and self._queue.empty(),
             "sources": sources,
         }

@@ -66,6 +66,7 @@ class ReplicaSync:
     def __init__(self, state: Path, target: Target) -> None:
         self.state = state
         self.target = target
+        self.before_removal: Callable[[str], None] | None = None  # (the history's hook)
         self._file = state / "sync.json"
         self._spool = state / "sync-entries"
         self._lock = threading.Lock()
@@ -208,7 +209,7 @@ class ReplicaSync:
         change nothing); note the files whose content is to be compared."""
         assert self.current is not None
         mode = self.mode
-        applier = SyncApplier(self.target, logger=log)
+        applier = SyncApplier(self.target, logger=log, before_removal=self.before_removal)
         self._db.execute("DELETE FROM files")
         self._db.execute("DELETE FROM windows")
         plan_path = self.state / "sync-plan"
@@ -405,7 +406,7 @@ class ReplicaSync:
             again = row is not None and row[0] >= ev.first + ev.count  # (a replay after a crash)
             noted = self._their_manifest(ev.ino, ev.first, ev.count) if ev.base and not again else None
         trusted = noted is None or noted.fingerprint() == ev.base
-        applier = SyncApplier(self.target, logger=log)
+        applier = SyncApplier(self.target, logger=log, before_removal=self.before_removal)
         applier.apply_blocks(ev.path, ev.size, blocks)
         for attr in ev.attrs:
             self.target.apply_attr(attr)

@@ -69,7 +69,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -202,10 +202,14 @@ class SyncApplier:
     replay and errors). The caller owns ``target`` (and closes it); ``stats`` counts what was done.
     """
 
-    def __init__(self, target: Target, *, logger: logging.Logger | None = None) -> None:
+    def __init__(self, target: Target, *, logger: logging.Logger | None = None,
+                 before_removal: Callable[[str], None] | None = None) -> None:
         self.target = target
         self.log = logger if logger is not None else log
         self.stats = SyncStats()
+        # called with a path just before its name is removed from the target (the history keeps
+        # the inode of a file losing its last name: `clusterrep.history.recorder`)
+        self.before_removal = before_removal
 
     # -- the entry point -----------------------------------------------------------------------
 
@@ -286,6 +290,8 @@ class SyncApplier:
                               "restart); left for the plan's Create", kind, path)
                 return
             self.log.info("sync removes directory %r", path)
+            if self.before_removal is not None:
+                self.before_removal(path)
             self.target.rmdir(path, missing_ok=False)
         else:
             if found is not kind:
@@ -293,11 +299,15 @@ class SyncApplier:
                               found, path, kind)
             else:
                 self.log.info("sync removes %s %r", kind, path)
+            if self.before_removal is not None:
+                self.before_removal(path)
             self.target.unlink(path, missing_ok=False)
         self.stats.removed += 1
 
     def _replace(self, path: str, found: Kind | None, why: str) -> None:
         self.log.info("sync replaces %s %r (%s)", found, path, why)
+        if self.before_removal is not None and found is not None:
+            self.before_removal(path)
         self.target.unlink(path, missing_ok=True)
         self.stats.replaced += 1
 

@@ -1,0 +1,227 @@
+"""Going back in time with real processes (issue 11): restore points, restore, pins.
+
+The replica runs with ``--retain``; two hosts write through their FUSE mounts; at quiet points a
+marker file is created and the volume's state copied aside (``rsync -aHAX``). Each restore of
+a marker's mark must equal that copy as ``rsync -aHAXn --numeric-ids`` judges it (bytes, names,
+owners, modes, xattrs, hard links, symlinks, holes, times), while the hosts keep writing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_sync import MIB, populate, rsync_differences, settled
+
+from clusterrep.capture.check import check_fuse
+from clusterrep.localcluster import LocalCluster
+from clusterrep.verify import compare_trees
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    check_fuse()
+    return tmp_path
+
+
+@pytest.fixture
+def clusters() -> Iterator[list[LocalCluster]]:
+    made: list[LocalCluster] = []
+    yield made
+    for c in made:
+        c.stop()
+
+
+def cli(c: LocalCluster, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([sys.executable, "-m", "clusterrep", *args, "--replica", c.replica_addr,
+                        "--token-file", str(c.token_file)], capture_output=True, text=True, timeout=300)
+    if check:
+        assert r.returncode == 0, f"clusterrep {' '.join(args)}: {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def same(ref: Path, out: Path) -> None:
+    """``out`` is ``ref``: rsync's judgement (names, owners, modes, xattrs, links, times) and
+    every byte (rsync's quick check looks at sizes and times only)."""
+    assert rsync_differences(ref, out) == ""
+    diffs = list(compare_trees(ref, out))
+    assert not diffs, "\n".join(map(str, diffs[:20]))
+
+
+def marks(c: LocalCluster, *args: str) -> list[dict]:
+    return json.loads(cli(c, "marks", "--json", *args).stdout)
+
+
+def mark_of(c: LocalCluster, marker: str) -> dict:
+    found = [m for m in marks(c, "--path", marker) if m["kind"] == "create"]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def work(mnt: Path, rnd: random.Random, round_: int) -> None:
+    """One round of changes through a mount: overwrites, appends, truncates, renames, unlinks,
+    hard links, attributes."""
+    img = mnt / "images" / "vm0.img"
+    with open(img, "r+b") as f:
+        for _ in range(20):
+            f.seek(rnd.randrange(8 * MIB - 4096))
+            f.write(rnd.randbytes(4096))
+    with open(mnt / "images" / "vm1.img", "ab") as f:
+        f.write(rnd.randbytes(300_000))
+    os.truncate(mnt / "tree" / "d0" / f"f{round_}.txt", rnd.randrange(100))
+    os.rename(mnt / "tree" / "d1" / f"f{round_}.txt", mnt / "tree" / f"moved-{round_}.txt")
+    os.unlink(mnt / "tree" / "d2" / f"f{round_}.txt")
+    os.link(mnt / "tree" / f"moved-{round_}.txt", mnt / "tree" / f"link-{round_}.txt")
+    (mnt / "tree" / f"new-{round_}.bin").write_bytes(rnd.randbytes(rnd.randrange(70_000)))
+    os.chmod(mnt / "tree" / "d0" / "f5.txt", 0o600 + round_)
+    os.setxattr(mnt / "images" / "vm0.img", "user.round", str(round_).encode())
+    os.makedirs(mnt / "tree" / f"dir-{round_}" / "sub")
+
+
+def quiet_point(c: LocalCluster, name: str, refs: Path) -> dict:
+    """Everyone is quiet: create a marker, let the replica catch up, copy the volume aside."""
+    settled(c)
+    (c.mount("h1") / "markers" / name).write_text("")
+    settled(c)
+    ref = refs / name
+    refs.mkdir(exist_ok=True)
+    # (cp: it skips holes, where rsync would read the 1 TiB sparse file's zeros)
+    subprocess.run(["cp", "-a", "--sparse=always", f"{c.volume}/.", f"{ref}/"], check=True)
+    return mark_of(c, f"markers/{name}")
+
+
+def test_restore_at_each_quiet_point_equals_the_volume_then(
+        workdir: Path, clusters: list[LocalCluster]) -> None:
+    c = LocalCluster(workdir / "c", replica_args=["--retain", "1h"])
+    clusters.append(c)
+    populate(c.volume, images=2)
+    (c.volume / "markers").mkdir()
+    c.start()
+    refs = workdir / "refs"
+    rnd = random.Random(7)
+    points = {"m0": quiet_point(c, "m0", refs)}
+    for round_ in (1, 2, 3):
+        host = c.mount("h1" if round_ % 2 else "h2")
+        work(host, rnd, round_)
+        points[f"m{round_}"] = quiet_point(c, f"m{round_}", refs)
+
+    listed = marks(c)
+    gseqs = [m["gseq"] for m in listed]
+    assert gseqs == sorted(gseqs) and len(set(gseqs)) == len(gseqs)
+    times = [m["received_at"] for m in listed]
+    assert times == sorted(times) and all(t.endswith("Z") and "." in t for t in times)
+    assert {"gseq", "kind", "paths", "origin", "received_at"} <= set(listed[0])
+
+    # the hosts keep writing while every restore runs
+    stop = threading.Event()
+
+    def keep_writing() -> None:
+        r = random.Random(99)
+        while not stop.is_set():
+            with open(c.mount("h2") / "images" / "vm1.img", "r+b") as f:
+                f.seek(r.randrange(8 * MIB))
+                f.write(r.randbytes(65536))
+            (c.mount("h1") / "tree" / "d0" / "f6.txt").write_bytes(r.randbytes(5000))
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    try:
+        for name, mark in points.items():
+            out = workdir / f"restored-{name}"
+            r = cli(c, "restore", "--mark", str(mark["gseq"]), "--to", str(out), "--quiet")
+            assert f"restored g{mark['gseq']}" in r.stdout
+            same(refs / name, out)
+            sparse = os.stat(out / "images" / "sparse.img")
+            assert sparse.st_size == 1 << 40 and sparse.st_blocks * 512 < 64 * MIB
+        # by time: the newest mark received at or before the marker's arrival
+        out = workdir / "by-time"
+        cli(c, "restore", "--time", points["m2"]["received_at"], "--to", str(out), "--quiet")
+        same(refs / "m2", out)
+        # one path, as it was then
+        out = workdir / "one-path"
+        cli(c, "restore", "--mark", str(points["m1"]["gseq"]), "--path", "images/vm0.img",
+            "--path", "tree/d1", "--to", str(out), "--quiet")
+        assert (out / "images" / "vm0.img").read_bytes() == (refs / "m1" / "images" / "vm0.img").read_bytes()
+        same(refs / "m1" / "tree" / "d1", out / "tree" / "d1")
+        assert sorted(p.name for p in out.iterdir()) == ["images", "tree"]
+        assert sorted(p.name for p in (out / "tree").iterdir()) == ["d1"]
+    finally:
+        stop.set()
+        writer.join()
+    settled(c)
+
+
+def test_restore_refuses_what_it_cannot_do_and_changes_nothing(
+        workdir: Path, clusters: list[LocalCluster]) -> None:
+    c = LocalCluster(workdir / "c", replica_args=["--retain", "1h"])
+    clusters.append(c)
+    c.start()
+    (c.mount("h1") / "a.txt").write_text("a")
+    settled(c)
+    newest = marks(c)[-1]["gseq"]
+    busy = workdir / "busy"
+    busy.mkdir()
+    (busy / "keep").write_text("mine")
+    r = cli(c, "restore", "--latest", "--to", str(busy), check=False)
+    assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
+    assert [p.name for p in busy.iterdir()] == ["keep"]
+    out = workdir / "out"
+    r = cli(c, "restore", "--mark", str(newest + 1000), "--to", str(out), check=False)
+    assert r.returncode == 1 and "window" in r.stderr and not out.exists()
+    r = cli(c, "restore", "--mark", str(newest), "--path", "no/such/file", "--to", str(out), check=False)
+    assert r.returncode == 1 and "did not exist" in r.stderr and not out.exists()
+    r = cli(c, "restore", "--time", "yesterday", "--to", str(out), check=False)
+    assert r.returncode == 1 and "ISO 8601" in r.stderr and not out.exists()
+    r = cli(c, "restore", "--name", "nope", "--to", str(out), check=False)
+    assert r.returncode == 1 and "pinned" in r.stderr and not out.exists()
+    cli(c, "marks", "--pin", str(newest), "--name", "before-upgrade")
+    assert [m.get("pin") for m in marks(c) if m["gseq"] == newest] == ["before-upgrade"]
+    cli(c, "restore", "--name", "before-upgrade", "--to", str(out), "--quiet")
+    assert (out / "a.txt").read_text() == "a"
+    cli(c, "marks", "--unpin", "before-upgrade")
+    r = cli(c, "marks", "--unpin", "before-upgrade", check=False)
+    assert r.returncode == 1 and "pinned" in r.stderr
+
+
+def test_a_replica_killed_during_a_restore_loses_no_restore_point(
+        workdir: Path, clusters: list[LocalCluster]) -> None:
+    c = LocalCluster(workdir / "c", replica_args=["--retain", "1h"])
+    clusters.append(c)
+    c.start()
+    mnt = c.mount("h1")
+    (mnt / "big.img").write_bytes(os.urandom(64 * MIB))
+    (mnt / "markers").mkdir()
+    refs = workdir / "refs"
+    point = quiet_point(c, "m0", refs)
+    with open(mnt / "big.img", "r+b") as f:  # rewrite a quarter of it after the mark
+        for i in range(0, 64 * MIB, 4 * MIB):
+            f.seek(i)
+            f.write(os.urandom(MIB))
+    settled(c)
+    before = [m["gseq"] for m in marks(c)]
+    out = workdir / "interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "clusterrep", "restore", "--mark", str(point["gseq"]),
+                             "--to", str(out), "--quiet", "--replica", c.replica_addr,
+                             "--token-file", str(c.token_file)], stderr=subprocess.PIPE, text=True)
+    while not (out / "big.img").exists() and proc.poll() is None:
+        threading.Event().wait(0.01)
+    c.stop_process("replica", signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err
+    c.start_replica()
+    settled(c)
+    after = [m["gseq"] for m in marks(c)]
+    assert after[:len(before)] == before  # every listed restore point is still there
+    out = workdir / "again"
+    cli(c, "restore", "--mark", str(point["gseq"]), "--to", str(out), "--quiet")
+    same(refs / "m0", out)
+    shutil.rmtree(workdir / "interrupted")
