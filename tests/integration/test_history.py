@@ -225,3 +225,73 @@ def test_a_replica_killed_during_a_restore_loses_no_restore_point(
     cli(c, "restore", "--mark", str(point["gseq"]), "--to", str(out), "--quiet")
     same(refs / "m0", out)
     shutil.rmtree(workdir / "interrupted")
+
+
+def _verify_online(c: LocalCluster, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "clusterrep", "verify", "--online", "--coordinator",
+                           c.coordinator_addr, "--token-file", str(c.token_file), *extra],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_restore_before_and_after_a_repair_gives_the_volume_then(
+        workdir: Path, clusters: list[LocalCluster]) -> None:
+    """Damage on the replica is put right by `verify --repair`; the repair corrects the past
+    too (what it replaces was never the volume's): both marks restore to the volume."""
+    c = LocalCluster(workdir / "c", replica_args=["--retain", "1h"])
+    clusters.append(c)
+    c.start()
+    mnt = c.mount("h1")
+    (mnt / "markers").mkdir()
+    (mnt / "disk.img").write_bytes(os.urandom(8 * MIB))
+    (mnt / "notes.txt").write_text("first\n")
+    refs = workdir / "refs"
+    before = quiet_point(c, "m0", refs)
+    with open(c.target / "disk.img", "r+b") as f:  # bit rot on the replica, outside any event
+        f.seek(3 * MIB)
+        f.write(b"\xde\xad" * 2048)
+    assert _verify_online(c).returncode == 1
+    r = _verify_online(c, "--repair")
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(mnt / "notes.txt", "a") as f:
+        f.write("second\n")
+    after = quiet_point(c, "m1", refs)
+    for name, mark in (("m0", before), ("m1", after)):
+        out = workdir / f"restored-{name}"
+        cli(c, "restore", "--mark", str(mark["gseq"]), "--to", str(out), "--quiet")
+        same(refs / name, out)
+
+
+def test_retention_by_size_prunes_the_oldest_and_a_replica_killed_meanwhile_restores_what_it_lists(
+        workdir: Path, clusters: list[LocalCluster]) -> None:
+    c = LocalCluster(workdir / "c", replica_args=["--retain-size", "24M"])
+    clusters.append(c)
+    c.start()
+    mnt = c.mount("h1")
+    (mnt / "markers").mkdir()
+    (mnt / "disk.img").write_bytes(os.urandom(16 * MIB))
+    refs = workdir / "refs"
+    points = {}
+    rnd = random.Random(3)
+    for i in range(8):  # each round overwrites 4 MiB: the undo outgrows 24 MiB
+        with open(mnt / "disk.img", "r+b") as f:
+            f.seek(rnd.randrange(12) * MIB)
+            f.write(os.urandom(4 * MIB))
+        points[f"m{i}"] = quiet_point(c, f"m{i}", refs)
+        if i == 5:
+            c.stop_process("replica", signal.SIGKILL)  # (pruning runs at its checkpoints)
+            c.start_replica()
+            settled(c)
+    listed = {m["gseq"] for m in marks(c)}
+    kept = [name for name, m in points.items() if m["gseq"] in listed]
+    assert "m0" not in kept and "m7" in kept, kept  # the oldest went first
+    status = json.loads(subprocess.run(
+        [sys.executable, "-m", "clusterrep", "status", "--json", "--replica", c.replica_addr,
+         "--token-file", str(c.token_file)], capture_output=True, text=True, check=True).stdout)
+    assert status["history"]["bytes"] <= 24 * MIB
+    for name in kept:
+        out = workdir / f"restored-{name}"
+        cli(c, "restore", "--mark", str(points[name]["gseq"]), "--to", str(out), "--quiet")
+        same(refs / name, out)
+    gone = points["m0"]["gseq"]
+    r = cli(c, "restore", "--mark", str(gone), "--to", str(workdir / "gone"), check=False)
+    assert r.returncode == 1 and "window" in r.stderr

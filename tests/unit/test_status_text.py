@@ -42,3 +42,19 @@ def test_a_sync_running_or_awaited_is_shown_and_waited_for() -> None:
     st["sync"] = {"state": "awaiting", "reason": "its state was lost"}
     assert "SYNC: waiting for a synchronisation to start" in format_status(st)
     assert any("waiting for a synchronisation" in why for why in pending(st, 1.0))
+
+
+def test_the_history_window_alarms_and_gaps_are_shown_and_undurable_marks_waited_for() -> None:
+    history = {"recording": True, "base": 2, "oldest": 5, "newest": 90, "oldest_at": 1.7e9,
+               "newest_at": 1.7e9 + 60, "restore_points": 40, "bytes": 3 << 20, "retain_s": 86400.0,
+               "retain_size": None, "durable": 7, "window": 5, "syncing": False,
+               "alarm": "history disk full", "gaps": [{"at": 3, "why": "recording failed"}]}
+    text = format_status({**_status(0), "history": history})
+    assert "HISTORY: 40 restore points, g5 (2023-11-14T22:13:20Z) .. g90" in text
+    assert "keeping 24 h" in text
+    assert "ALARM (history): history disk full" in text and "history gap at g3" in text
+    assert pending({**_status(0), "history": history}, 1.0) == []
+    behind = {**history, "durable": 6}  # (the replica applied g7, its checkpoint is at g6)
+    assert any("not durable yet" in why for why in pending({**_status(0), "history": behind}, 1.0))
+    idle = {**history, "recording": False, "syncing": True}
+    assert "synchronisation this replica needed" in format_status({**_status(0), "history": idle})

@@ -8,9 +8,24 @@ import sys
 
 from .. import __version__
 from ..errors import ClusterrepError
-from . import certs, coordinator, demo, evict, marks, node, replica, restore, sim, status, sync, verify
+from . import (
+    certs,
+    coordinator,
+    demo,
+    evict,
+    marks,
+    mountmark,
+    node,
+    replica,
+    restore,
+    sim,
+    status,
+    sync,
+    verify,
+)
 
-COMMANDS = (replica, coordinator, node, status, sync, verify, evict, marks, restore, demo, certs, sim)
+COMMANDS = (replica, coordinator, node, status, sync, verify, evict, marks, restore, mountmark, demo, certs,
+            sim)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from ..client import fetch_status, wait_for
@@ -56,7 +57,35 @@ def format_status(st: dict[str, Any]) -> str:
     for reason in st.get("waiting_for") or []:
         lines.append(f"waiting for: {reason}")
     lines.extend(_sync_lines(st))
+    lines.extend(_history_lines(st.get("history")))
     return "\n".join(lines)
+
+
+def _history_lines(h: dict[str, Any] | None) -> list[str]:
+    if not h:
+        return []
+    keep = " / ".join(x for x in (
+        None if h.get("retain_s") is None else f"{h['retain_s'] / 3600:g} h",
+        None if h.get("retain_size") is None else f"at most {h['retain_size'] / 2**30:g} GiB") if x)
+    if not h.get("recording"):
+        why = ("a synchronisation this replica needed is running" if h.get("syncing")
+               else "it starts at the next mark")
+        lines = [f"HISTORY: no restore points yet ({why}); keeping {keep}"]
+    elif h.get("oldest") is None:
+        lines = [f"HISTORY: recording since g{h.get('base')}, no restore point durable yet; keeping {keep}"]
+    else:
+        lines = [f"HISTORY: {h['restore_points']} restore points, g{h['oldest']} ({_iso(h['oldest_at'])}) "
+                 f".. g{h['newest']} ({_iso(h['newest_at'])}), {h.get('bytes', 0) / 2**20:.1f} MiB; "
+                 f"keeping {keep}"]
+    if h.get("alarm"):
+        lines.append(f"ALARM (history): {h['alarm']}")
+    for gap in (h.get("gaps") or [])[-3:]:
+        lines.append(f"history gap at g{gap.get('at')}: {gap.get('why')}")
+    return lines
+
+
+def _iso(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def _sync_lines(st: dict[str, Any]) -> list[str]:

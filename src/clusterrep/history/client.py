@@ -87,3 +87,8 @@ class HistoryClient:
                 yield index, decompress(codec, payload, length)
             if reply.get("final"):
                 return
+
+    def read(self, gseq: int, fid: int, offset: int, length: int) -> bytes:
+        """At most 4 MiB of file ``fid`` at mark ``gseq`` from ``offset`` (shorter at its end)."""
+        return bytes(self.ask({"t": "read", "gseq": gseq, "fid": fid, "offset": offset,
+                               "length": length}, "data")["data"])

@@ -76,6 +76,7 @@ from ..events import (
 )
 from ..replica.position import Position
 from ..snapshot import Entry, Kind, read_entry, walk
+from ..syncwire import decode_blocks
 from .store import ALIVE, Store
 
 log = logging.getLogger("clusterrep.history")
@@ -160,6 +161,7 @@ class Recorder:
         self.db_position = Position.from_json(pos) if pos else Position()
         self.syncing = bool(store.get("syncing", False))  # inside a sync this replica needed
         self.in_sync: int | None = store.get("in_sync")  # gseq of an open sync the history spans
+        self.sync_mode: str | None = store.get("sync_mode")  # its mode (sync, verify, repair, files)
         self._current = 0  # key of the metadata event being applied
         self.gaps: list[dict[str, Any]] = store.get("gaps", [])
         self.alarm: str | None = store.get("alarm")
@@ -175,6 +177,10 @@ class Recorder:
         self._staged_max_k = 0
         self._usage_at = 0.0
         self._maintained = 0.0
+        # per event source, the highest seq an undo row names (a crash may have left rows of
+        # events the applier re-applies: only those can have rows already)
+        self._captured_upto: dict[str, int] = dict(
+            self.db.execute("SELECT src, max(seq) FROM undo GROUP BY src"))
         self.usage = 0
         self.ready = False  # reads are refused until the applier has replayed what it had
 
@@ -312,6 +318,8 @@ class Recorder:
         return position.applied <= db.applied and db.already_applied(ev)
 
     def _captured(self, src: str, seq: int) -> bool:
+        if seq > self._captured_upto.get(src, 0):
+            return False
         return self.db.execute("SELECT 1 FROM undo WHERE src=? AND seq=? LIMIT 1",
                                (src, seq)).fetchone() is not None
 
@@ -328,8 +336,9 @@ class Recorder:
         k, src = ev.gseq, ""
         self._current = k
         if cls is SyncStart:
-            self.in_sync = k
+            self.in_sync, self.sync_mode = k, ev.mode  # type: ignore[attr-defined]
             self.store.put("in_sync", k)
+            self.store.put("sync_mode", self.sync_mode)
         if replaying and self._captured(src, k):
             return
         rows: list[list[Any]] = []
@@ -337,16 +346,18 @@ class Recorder:
         if cls is Truncate or cls is SyncBlocks:
             path = ev.path  # type: ignore[attr-defined]
             fid = self._fid_or_none(path) if cls is SyncBlocks else self.fid_of(path)
-            if fid is None:  # a file this synchronisation made: no restore point before it has it
+            if fid is None or (cls is SyncBlocks and self.sync_mode in ("verify", "repair")):
+                # a file this synchronisation made (no restore point before it has it); a
+                # verify changes nothing; what a repair replaces was damage, never the volume's
                 self._commit(position)
                 return
             fd = self.target.file_fd(path)
             before = os.fstat(fd).st_size
             new = ev.size  # type: ignore[attr-defined]
-            if cls is SyncBlocks:
-                first = ev.first * BLOCK_SIZE  # type: ignore[attr-defined]
-                stop = min(before, (ev.first + ev.count) * BLOCK_SIZE)  # type: ignore[attr-defined]
-                _capture(rows, blob, fid, k, fd, first, stop, before)
+            if cls is SyncBlocks:  # (the blocks it lists: the others of its range stay)
+                for block in decode_blocks(ev.blocks):  # type: ignore[attr-defined]
+                    start = block.index * BLOCK_SIZE
+                    _capture(rows, blob, fid, k, fd, start, min(before, start + BLOCK_SIZE), before)
             _capture(rows, blob, fid, k, fd, new, before, before)
             if not rows:
                 rows.append([fid, k, src, k, 0, 0, before, -1])

@@ -12,7 +12,9 @@ Each request is one msgpack map on an authenticated ``client`` connection (see d
 * ``{"t": "entries", "gseq", "paths"}`` -> ``{"t": "entries", "blob", "final"}`` ... : the
   entries at the mark (`clusterrep.syncwire.encode_entries`, at most 4096 per message);
 * ``{"t": "content", "gseq", "fid"}`` -> ``{"t": "blocks", "blocks": [[index, codec, payload],
-  ...], "final"}`` ...: a file's non-zero 64 KiB blocks at the mark, about 4 MiB per message.
+  ...], "final"}`` ...: a file's non-zero 64 KiB blocks at the mark, about 4 MiB per message;
+* ``{"t": "read", "gseq", "fid", "offset", "length"}`` -> ``{"t": "data", "data"}``: at most
+  4 MiB of a file at the mark (shorter at its end; `clusterrep mount-mark` reads this way).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from .view import Marks, MarkView, iso, parse_time
 
 ENTRIES_PER_MESSAGE = 4096
 BLOCK_BYTES_PER_MESSAGE = 4 << 20
-KINDS = ("marks", "pin", "unpin", "resolve", "entries", "content")
+KINDS = ("marks", "pin", "unpin", "resolve", "entries", "content", "read")
+MAX_READ = 4 << 20
 
 
 class _Session:
@@ -107,6 +110,13 @@ class _Session:
                 conn.send({"t": "blocks", "blocks": batch, "final": False})
                 batch, size = [], 0
         conn.send({"t": "blocks", "blocks": batch, "final": True})
+
+
+    def _read(self, conn: wire.Connection, msg: dict[str, Any]) -> None:
+        view = self._view(msg.get("gseq"))
+        length = min(_int(msg.get("length"), "length"), MAX_READ)
+        data = view.read(_int(msg.get("fid"), "fid"), _int(msg.get("offset"), "offset"), length)
+        conn.send({"t": "data", "data": data})
 
 
 def session(recorder: Recorder | None) -> _Session:

@@ -86,8 +86,9 @@ class Store:
     """The history directory (see the module docstring). Not thread-safe: the owner (a
     `clusterrep.history.recorder.Recorder`) serialises access with its lock."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, segment_bytes: int = SEGMENT_BYTES) -> None:
         self.root = Path(root)
+        self.segment_bytes = segment_bytes  # a segment is pruned whole: small bounds want small ones
         self.undo_dir = self.root / "undo"
         self.objects_dir = self.root / "objects"
         for d in (self.root, self.undo_dir, self.objects_dir):
@@ -96,6 +97,7 @@ class Store:
             self.db = sqlite3.connect(self.root / "history.db", check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA journal_size_limit=4194304")  # (the WAL shrinks back)
             self.db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise HistoryError(f"cannot open the history database in {self.root}: {exc}",
@@ -150,7 +152,7 @@ class Store:
     def append(self, data: bytes | bytearray, max_k: int) -> tuple[int, int]:
         """Write ``data`` to the current segment and make it durable; ``(seg, pos)`` of its first
         byte. The segment's committed size moves only with the caller's next commit."""
-        if self._seg_fd is not None and self._seg_bytes and self._seg_bytes + len(data) > SEGMENT_BYTES:
+        if self._seg_fd is not None and self._seg_bytes and self._seg_bytes + len(data) > self.segment_bytes:
             os.close(self._seg_fd)
             self._seg_fd = None
             self._seg += 1

@@ -322,6 +322,23 @@ class MarkView:
         finally:
             os.close(fd)
 
+    def read(self, fid: int, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset+length)`` of file ``fid`` at the mark (shorter at its end)."""
+        size = self.size(fid)
+        n = max(0, min(length, size - offset))
+        if n == 0:
+            return b""
+        with self.rec.lock:
+            fd = self._open_now(fid)
+        try:
+            buf = bytearray(n)
+            data = os.pread(fd, n, offset)
+            buf[:len(data)] = data
+        finally:
+            os.close(fd)
+        self._overlay(fid, offset, buf)
+        return bytes(buf)
+
     def _overlay(self, fid: int, w: int, buf: bytearray) -> None:
         """Put back into ``buf`` (bytes ``[w, w+len)`` read now) what changes after the mark
         replaced: the first change's undo row wins for each byte."""

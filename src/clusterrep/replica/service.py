@@ -30,7 +30,7 @@ from ..durable import atomic_write
 from ..errors import ApplyError, ClusterrepError, InvalidEvent
 from ..events import Event, Evict, MetaEvent, SyncStart, decode
 from ..history.recorder import Recorder
-from ..history.store import Store
+from ..history.store import SEGMENT_BYTES, Store
 from ..journal import Journal
 from .applier import Applier
 from .merger import COORDINATOR, Merger
@@ -99,7 +99,9 @@ class ReplicaService:
         self.applier.sync = self.sync
         self.history: Recorder | None = None
         if history is not None:
-            self.history = Recorder(Store(self.state / "history"), self.applier.target,
+            segment = SEGMENT_BYTES if history.retain_size is None else \
+                max(1 << 20, min(SEGMENT_BYTES, history.retain_size // 16))
+            self.history = Recorder(Store(self.state / "history", segment_bytes=segment), self.applier.target,
                                     retain=history.retain, retain_size=history.retain_size)
             self.applier.history = self.history
             self.sync.before_removal = self.history.before_removal
