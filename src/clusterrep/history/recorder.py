@@ -50,7 +50,6 @@ from ..events import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
-    Attr,
     Create,
     DataEvent,
     Event,
@@ -75,9 +74,10 @@ from ..events import (
     Write,
 )
 from ..replica.position import Position
-from ..snapshot import Entry, Kind, read_entry, walk
+from ..snapshot import Kind
 from ..syncwire import decode_blocks
 from .store import ALIVE, Store
+from .versions import Versions
 
 log = logging.getLogger("clusterrep.history")
 
@@ -100,17 +100,6 @@ def key_of(ev: Event) -> int:
 def mark_kind(ev: MetaEvent) -> str:
     """``SyncStart`` -> ``sync_start``: how `clusterrep marks` names an event's kind."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(ev).__name__).lower()
-
-
-def pack_xattrs(xattrs: tuple[tuple[str, bytes], ...] | list[tuple[str, bytes]] | None) -> bytes:
-    items = sorted((os.fsencode(n), v) for n, v in (xattrs or ()))
-    return msgpack.packb(items, use_bin_type=True)
-
-
-def unpack_xattrs(blob: bytes | None) -> tuple[tuple[str, bytes], ...]:
-    if not blob:
-        return ()
-    return tuple((os.fsdecode(n), bytes(v)) for n, v in msgpack.unpackb(blob, raw=True))
 
 
 class _Touched:
@@ -156,7 +145,7 @@ class Recorder:
         self.clock = clock
         self.lock = threading.RLock()
         self.base: int | None = store.get("base")
-        self.root: int | None = store.get("root")
+        self.v = Versions(store, target)  # names and attributes
         pos = store.get("position")
         self.db_position = Position.from_json(pos) if pos else Position()
         self.syncing = bool(store.get("syncing", False))  # inside a sync this replica needed
@@ -170,7 +159,6 @@ class Recorder:
         self.last_received = float(store.get("last_received", 0.0))
         self._received: dict[int, float] = {}
         self._received_lock = threading.Lock()
-        self._fids: dict[str, int] = {}
         self._rows: list[list[Any]] = []
         self._blob = bytearray()
         self._touched: dict[str, _Touched] = {}
@@ -183,6 +171,11 @@ class Recorder:
             self.db.execute("SELECT src, max(seq) FROM undo GROUP BY src"))
         self.usage = 0
         self.ready = False  # reads are refused until the applier has replayed what it had
+
+    @property
+    def root(self) -> int | None:
+        """The fid of the volume's root directory."""
+        return self.v.root
 
     @property
     def active(self) -> bool:
@@ -234,7 +227,7 @@ class Recorder:
         if touched is None:
             touched = self._touched[path] = _Touched(os.fstat(fd).st_size)
         before = touched.size
-        fid = self._fid_or_none(path)
+        fid = self.v.fid_or_none(path)
         if fid is None and self.in_sync is None:
             raise HistoryError(f"the history does not know {path!r} (it went out of step with the target)")
         if fid is not None and not (replaying and self._captured(ev.source, ev.seq)):
@@ -309,7 +302,7 @@ class Recorder:
             return
         if self._in_db(ev, position):
             return
-        self._set_attrs(self.fid_of(ev.path), ev.after + 1, mtime_ns=ev.mtime_ns)
+        self.v.set_attrs(self.v.fid_of(ev.path), ev.after + 1, mtime_ns=ev.mtime_ns)
 
     def _in_db(self, ev: Event, position: Position) -> bool:
         """Did the database record ``ev`` before a crash (so re-applying it records nothing)?
@@ -345,7 +338,7 @@ class Recorder:
         blob = bytearray()
         if cls is Truncate or cls is SyncBlocks:
             path = ev.path  # type: ignore[attr-defined]
-            fid = self._fid_or_none(path) if cls is SyncBlocks else self.fid_of(path)
+            fid = self.v.fid_or_none(path) if cls is SyncBlocks else self.v.fid_of(path)
             if fid is None or (cls is SyncBlocks and self.sync_mode in ("verify", "repair")):
                 # a file this synchronisation made (no restore point before it has it); a
                 # verify changes nothing; what a repair replaces was damage, never the volume's
@@ -365,7 +358,7 @@ class Recorder:
             self._keep_if_last(ev.path)  # type: ignore[attr-defined]
         elif cls is Rename:
             dst = ev.dst  # type: ignore[attr-defined]
-            if self._fid_or_none(dst) not in (None, self.fid_of(ev.path)):  # type: ignore[attr-defined]
+            if self.v.fid_or_none(dst) not in (None, self.v.fid_of(ev.path)):  # type: ignore[attr-defined]
                 self._keep_if_last(dst)
         for r in rows:
             r[2], r[3] = src, k
@@ -385,26 +378,26 @@ class Recorder:
         k = ev.gseq
         cls = type(ev)
         if cls in _CREATES:
-            self._created(ev.path, k)  # type: ignore[attr-defined]
+            self.v.created(ev.path, k)  # type: ignore[attr-defined]
         elif cls is Unlink or cls is Rmdir:
-            self._unname(ev.path, k)  # type: ignore[attr-defined]
+            self.v.unname(ev.path, k)  # type: ignore[attr-defined]
         elif cls is Rename:
-            self._renamed(ev.path, ev.dst, k)  # type: ignore[attr-defined]
+            self.v.renamed(ev.path, ev.dst, k)  # type: ignore[attr-defined]
         elif cls is Exchange:
-            self._exchanged(ev.path, ev.dst, k)  # type: ignore[attr-defined]
+            self.v.exchanged(ev.path, ev.dst, k)  # type: ignore[attr-defined]
         elif cls is Link:
-            self._name(ev.dst, self.fid_of(ev.path), k)  # type: ignore[attr-defined]
+            self.v.name(ev.dst, self.v.fid_of(ev.path), k)  # type: ignore[attr-defined]
         elif cls is SetAttr:
-            self._set_attrs(self.fid_of(ev.path), k, mode=ev.mode, uid=ev.uid,  # type: ignore[attr-defined]
+            self.v.set_attrs(self.v.fid_of(ev.path), k, mode=ev.mode, uid=ev.uid,  # type: ignore[attr-defined]
                             gid=ev.gid, mtime_ns=ev.mtime_ns)  # type: ignore[attr-defined]
         elif cls is SetXattr or cls is RemoveXattr:
-            self._xattr(ev, k)
+            self.v.xattr(ev, k)
         elif cls is SyncEnd:
-            self._reconcile(k)
+            self.v.reconcile(k)
             self.in_sync = None
             self.store.put("in_sync", None)
         for attr in getattr(ev, "attrs", ()):
-            self._apply_attr(attr, k)
+            self.v.apply_attr(attr, k)
         if self.in_sync is None or cls is SyncStart:
             self._mark(ev)  # (inside a synchronisation the target is at no mark of the volume)
 
@@ -413,96 +406,9 @@ class Recorder:
                         "VALUES(?, ?, ?, ?, ?)", (ev.gseq, mark_kind(ev), _paths_json(list(ev.paths())),
                                                   ev.origin, self._received_at(ev.gseq)))
 
-    # -- names -------------------------------------------------------------------------------
-
-    def fid_of(self, path: str) -> int:
-        """The file the history knows at ``path`` now (HistoryError if none)."""
-        fid = self._fid_or_none(path)
-        if fid is None:
-            raise HistoryError(f"the history does not know {path!r} (it went out of step with "
-                               "the target)")
-        return fid
-
-    def _fid_or_none(self, path: str) -> int | None:
-        fid = self._fids.get(path)
-        if fid is not None:
-            return fid
-        if path == "":
-            return self.root
-        head, _, name = path.rpartition("/")
-        parent = self._fid_or_none(head)
-        if parent is None:
-            return None
-        row = self.db.execute("SELECT fid FROM names WHERE parent=? AND name=? AND died=?",
-                              (parent, os.fsencode(name), ALIVE)).fetchone()
-        if row is None:
-            return None
-        if len(self._fids) > 65536:
-            self._fids.clear()
-        self._fids[path] = row[0]
-        return row[0]
-
-    def _name(self, path: str, fid: int, k: int) -> None:
-        head, _, name = path.rpartition("/")
-        self.db.execute("INSERT INTO names(parent, name, fid, born, died) VALUES(?, ?, ?, ?, ?)",
-                        (self.fid_of(head), os.fsencode(name), fid, k, ALIVE))
-        self._fids[path] = fid
-
-    def _unname(self, path: str, k: int) -> int:
-        """End name ``path`` at key ``k``; a file left without names dies there. Its fid."""
-        fid = self.fid_of(path)
-        head, _, name = path.rpartition("/")
-        self.db.execute("UPDATE names SET died=? WHERE parent=? AND name=? AND died=?",
-                        (k, self.fid_of(head), os.fsencode(name), ALIVE))
-        self._fids.clear()
-        if self.db.execute("SELECT 1 FROM names WHERE fid=? AND died=? LIMIT 1",
-                           (fid, ALIVE)).fetchone() is None:
-            self.db.execute("UPDATE files SET dead=? WHERE fid=?", (k, fid))
-        return fid
-
-    def _created(self, path: str, k: int) -> None:
-        fd = self.target.inode(path)
-        try:
-            entry = read_entry(path, fd)
-        finally:
-            os.close(fd)
-        fid = self._new_file(entry, k)
-        self._name(path, fid, k)
-
-    def _new_file(self, entry: Entry, k: int) -> int:
-        cur = self.db.execute(
-            "INSERT INTO files(ino, kind, rdev, symlink) VALUES(?, ?, ?, ?)",
-            (entry.inode[1], entry.kind.value, entry.rdev,
-             None if entry.target is None else os.fsencode(entry.target)))
-        fid = cur.lastrowid
-        assert fid is not None
-        self.db.execute("INSERT INTO attrs(fid, born, died, mode, uid, gid, mtime_ns, xattrs) "
-                        "VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
-                        (fid, k, ALIVE, entry.mode, entry.uid, entry.gid, entry.mtime_ns,
-                         pack_xattrs(entry.xattrs)))
-        return fid
-
-    def _renamed(self, src: str, dst: str, k: int) -> None:
-        fid = self.fid_of(src)
-        old = self._fid_or_none(dst)
-        if old == fid:
-            return  # two names of one inode: rename(2) does nothing
-        if old is not None:
-            self._unname(dst, k)
-        self._name(dst, fid, k)  # (first: the file keeps a name throughout)
-        self._unname(src, k)
-
-    def _exchanged(self, a: str, b: str, k: int) -> None:
-        fa, fb = self.fid_of(a), self.fid_of(b)
-        self._unname(a, k)
-        self._unname(b, k)
-        self.db.execute("UPDATE files SET dead=NULL WHERE fid IN (?, ?)", (fa, fb))
-        self._name(a, fb, k)
-        self._name(b, fa, k)
-
     def _keep_if_last(self, path: str) -> None:
         """``path`` is about to lose a name: keep its inode if that is its last name."""
-        fid = self.fid_of(path)
+        fid = self.v.fid_of(path)
         kind, kept = self.db.execute("SELECT kind, object FROM files WHERE fid=?", (fid,)).fetchone()
         if kind != Kind.FILE.value or kept:
             return
@@ -531,66 +437,24 @@ class Recorder:
             return
         with self.lock:
             try:
-                fid = self._fid_or_none(path)
+                fid = self.v.fid_or_none(path)
                 if fid is None:
                     return
                 st = self.target.lstat(path)
                 if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
                     self._keep_if_last(path)
-                self._unname(path, self._current)
+                self.v.unname(path, self._current)
                 self.store.commit()
             except HISTORY_FAULTS as exc:
                 self.broken(exc)
-
-    # -- attributes --------------------------------------------------------------------------
-
-    def _set_attrs(self, fid: int, k: int, *, mode: int | None = None, uid: int | None = None,
-                   gid: int | None = None, mtime_ns: int | None = None,
-                   xattrs: bytes | None = None) -> None:
-        row = self.db.execute("SELECT rowid, born, mode, uid, gid, mtime_ns, xattrs FROM attrs "
-                              "WHERE fid=? AND died=?", (fid, ALIVE)).fetchone()
-        if row is None:
-            raise HistoryError(f"the history has no attributes for file #{fid}")
-        rowid, born, *cur = row
-        new = [cur[0] if mode is None else mode, cur[1] if uid is None else uid,
-               cur[2] if gid is None else gid, cur[3] if mtime_ns is None else mtime_ns,
-               cur[4] if xattrs is None else xattrs]
-        if new == cur:
-            return
-        if born == k:
-            self.db.execute("UPDATE attrs SET mode=?, uid=?, gid=?, mtime_ns=?, xattrs=? WHERE rowid=?",
-                            (*new, rowid))
-            return
-        self.db.execute("UPDATE attrs SET died=? WHERE rowid=?", (k, rowid))
-        self.db.execute("INSERT INTO attrs(fid, born, died, mode, uid, gid, mtime_ns, xattrs) "
-                        "VALUES(?, ?, ?, ?, ?, ?, ?, ?)", (fid, k, ALIVE, *new))
-
-    def _apply_attr(self, attr: Attr, k: int) -> None:
-        fid = self._fid_or_none(attr.path)
-        if fid is None:
-            return  # (a name this event removed)
-        self._set_attrs(fid, k, mode=attr.mode, uid=attr.uid, gid=attr.gid, mtime_ns=attr.mtime_ns,
-                        xattrs=None if attr.xattrs is None else pack_xattrs(attr.xattrs))
-
-    def _xattr(self, ev: MetaEvent, k: int) -> None:
-        fid = self.fid_of(ev.path)  # type: ignore[attr-defined]
-        row = self.db.execute("SELECT xattrs FROM attrs WHERE fid=? AND died=?", (fid, ALIVE)).fetchone()
-        xattrs = dict(unpack_xattrs(row[0] if row else None))
-        if isinstance(ev, SetXattr):
-            xattrs[ev.name] = ev.value
-        else:
-            xattrs.pop(ev.name, None)  # type: ignore[attr-defined]
-        self._set_attrs(fid, k, xattrs=pack_xattrs(list(xattrs.items())))
-
-    # -- starting, reconciling, restarting ---------------------------------------------------
 
     def _start(self, ev: MetaEvent, position: Position, why: str) -> None:
         """Begin a history at mark ``ev`` (just applied: the target holds the state at it)."""
         k = ev.gseq
         self.store.clear()
-        self._fids.clear()
-        self.base, self.root, self.window = k, None, k
-        self._reconcile(k)
+        self.v.forget()
+        self.base, self.window = k, k
+        self.v.reconcile(k)
         self.syncing = False
         self.in_sync = None
         self.store.put("base", k)
@@ -600,47 +464,6 @@ class Recorder:
         self._mark(ev)
         self._commit(position)
         log.info("history starts at mark g%d (%s)", k, why)
-
-    def _reconcile(self, k: int) -> None:
-        """Make the current names and attributes those of the target (walked), recording every
-        difference at key ``k`` (a synchronisation's changes; all of it for a new history)."""
-        db = self.db
-        by_ino = {ino: fid for fid, ino in db.execute("SELECT fid, ino FROM files WHERE dead IS NULL")}
-        names = {(parent, bytes(name)): fid for parent, name, fid in db.execute(
-            "SELECT parent, name, fid FROM names WHERE died=?", (ALIVE,))}
-        seen_names: set[tuple[int, bytes]] = set()
-        seen: set[int] = set()
-        dirs: dict[str, int] = {}
-        for entry in walk(self.target.root):
-            fid = by_ino.get(entry.inode[1])
-            kind = db.execute("SELECT kind FROM files WHERE fid=?", (fid,)).fetchone() if fid else None
-            if fid is None or kind is None or kind[0] != entry.kind.value:
-                fid = self._new_file(entry, k)
-                by_ino[entry.inode[1]] = fid
-            elif fid not in seen:
-                self._set_attrs(fid, k, mode=entry.mode, uid=entry.uid, gid=entry.gid,
-                                mtime_ns=entry.mtime_ns, xattrs=pack_xattrs(entry.xattrs))
-            seen.add(fid)
-            if entry.kind is Kind.DIR:
-                dirs[entry.path] = fid
-            if entry.path == "":
-                self.root = fid
-                self.store.put("root", fid)
-                continue
-            head, _, name = entry.path.rpartition("/")
-            key = (dirs[head], os.fsencode(name))
-            seen_names.add(key)
-            if names.get(key) != fid:
-                if key in names:
-                    db.execute("UPDATE names SET died=? WHERE parent=? AND name=? AND died=?",
-                               (k, *key, ALIVE))
-                db.execute("INSERT INTO names(parent, name, fid, born, died) VALUES(?, ?, ?, ?, ?)",
-                           (*key, fid, k, ALIVE))
-        for key in names.keys() - seen_names:
-            db.execute("UPDATE names SET died=? WHERE parent=? AND name=? AND died=?", (k, *key, ALIVE))
-        for fid in set(by_ino.values()) - seen:
-            db.execute("UPDATE files SET dead=? WHERE fid=?", (k, fid))
-        self._fids.clear()
 
     def _restart_for_sync(self, ev: SyncStart) -> None:
         if self.active:
@@ -656,7 +479,8 @@ class Recorder:
         log.error("history: %s", why) if alarm else log.warning("history: %s", why)
         self.gaps = [*self.gaps[-9:], {"at": at, "why": why, "when": self.clock()}]
         self.store.clear()
-        self.base, self.root, self._fids = None, None, {}
+        self.base = None
+        self.v.forget()
         self.discard_staged()
         self.store.put("gaps", self.gaps)
         if alarm:

@@ -32,8 +32,9 @@ from ..blockread import data_extents
 from ..blocks import BLOCK_SIZE
 from ..errors import HistoryError, MarkNotRestorable
 from ..snapshot import Entry, Kind, order_key
-from .recorder import MAX_ROW, Recorder, unpack_xattrs
+from .recorder import MAX_ROW, Recorder
 from .store import ALIVE
+from .versions import unpack_xattrs
 
 WINDOW = 64 * BLOCK_SIZE  # bytes composed at a time
 
