@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from ..errors import ClusterrepError
-from ..history.client import HistoryClient
+from ..history.client import PREFETCH_FROM, HistoryClient, prefetched
 from ..history.restore import write_tree
-from ..snapshot import Kind
+from ..snapshot import Entry, Kind
 from .common import add_auth, auth, peer_address
 
 
@@ -79,7 +80,11 @@ def main(args: argparse.Namespace) -> int:
                             TransferSpeedColumn(), TimeRemainingColumn(), disable=args.quiet)
         with progress:
             task = progress.add_task(f"restoring g{gseq}", total=total)
-            stats = write_tree(dest, entries, lambda e: client.blocks(gseq, e.inode[1], e.size),
+            def blocks_of(e: Entry) -> Iterator[tuple[int, bytes]]:
+                it = client.blocks(gseq, e.inode[1], e.size)
+                return prefetched(it) if e.size >= PREFETCH_FROM else it
+
+            stats = write_tree(dest, entries, blocks_of,
                                whole=paths is None,
                                progress=lambda n: progress.advance(task, n))
     took = time.monotonic() - started

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,6 +14,9 @@ from ..blocks import BLOCK_SIZE, decompress
 from ..errors import ClusterrepError
 from ..snapshot import Entry
 from ..syncwire import decode_entries
+
+PREFETCH_FROM = 4 << 20  # files at least this big are received ahead of writing them
+_END = object()
 
 
 class ReplicaRefused(ClusterrepError):
@@ -92,3 +97,27 @@ class HistoryClient:
         """At most 4 MiB of file ``fid`` at mark ``gseq`` from ``offset`` (shorter at its end)."""
         return bytes(self.ask({"t": "read", "gseq": gseq, "fid": fid, "offset": offset,
                                "length": length}, "data")["data"])
+
+
+def prefetched(blocks: Iterator[tuple[int, bytes]], depth: int = 256) -> Iterator[tuple[int, bytes]]:
+    """``blocks``, received by a thread of its own up to ``depth`` blocks ahead, so receiving
+    and decoding overlap with writing them. Read it to the end (the connection is busy until
+    then); an error of the receiving side is raised here."""
+    q: queue.Queue[Any] = queue.Queue(depth)
+
+    def run() -> None:
+        try:
+            for item in blocks:
+                q.put(item)
+        except BaseException as exc:  # (handed to the reader, who raises it)
+            q.put(exc)
+        q.put(_END)
+
+    threading.Thread(target=run, name="restore-receive", daemon=True).start()
+    while True:
+        item = q.get()
+        if item is _END:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item

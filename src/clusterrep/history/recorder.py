@@ -127,6 +127,43 @@ class _Touched:
         self.ends.insert(i, end)
 
 
+class Ranges:
+    """A set of byte ranges, kept merged: what was captured of one file since the last mark."""
+
+    __slots__ = ("ends", "starts")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def covers(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self.starts, start) - 1
+        return i >= 0 and self.ends[i] >= end
+
+    def missing(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of ``[start, end)`` not in the set, in order."""
+        out: list[tuple[int, int]] = []
+        i = bisect.bisect_left(self.ends, start + 1)  # the first range that ends after start
+        at = start
+        while at < end and i < len(self.starts) and self.starts[i] < end:
+            if self.starts[i] > at:
+                out.append((at, self.starts[i]))
+            at = max(at, self.ends[i])
+            i += 1
+        if at < end:
+            out.append((at, end))
+        return out
+
+    def add(self, start: int, end: int) -> None:
+        starts, ends = self.starts, self.ends
+        i = bisect.bisect_left(ends, start)  # the first range that ends at or after start
+        j = bisect.bisect_right(starts, end)  # past the last range that starts at or before end
+        if i < j:
+            start, end = min(start, starts[i]), max(end, ends[j - 1])
+        starts[i:j] = [start]
+        ends[i:j] = [end]
+
+
 class Recorder:
     """Keeps ``store`` (the history) in step with ``target`` as events are applied.
 
@@ -163,6 +200,10 @@ class Recorder:
         self._blob = bytearray()
         self._touched: dict[str, _Touched] = {}
         self._staged_max_k = 0
+        # what was captured since the last mark, per file: a later change of those bytes before
+        # the next mark needs no undo (the first change's row holds the value at the mark)
+        self._era = 0
+        self._era_ranges: dict[int, Ranges] = {}
         self._usage_at = 0.0
         self._maintained = 0.0
         # per event source, the highest seq an undo row names (a crash may have left rows of
@@ -230,14 +271,23 @@ class Recorder:
         fid = self.v.fid_or_none(path)
         if fid is None and self.in_sync is None:
             raise HistoryError(f"the history does not know {path!r} (it went out of step with the target)")
-        if fid is not None and not (replaying and self._captured(ev.source, ev.seq)):
-            k = ev.after + 1
+        k = ev.after + 1
+        if k != self._era:
+            self._era, self._era_ranges = k, {}
+        captured = self._era_ranges.get(fid) if fid is not None else None
+        if fid is not None and not (captured is not None and captured.covers(start, end)) \
+                and not (replaying and self._captured(ev.source, ev.seq)):
             self._staged_max_k = max(self._staged_max_k, k)
             stop = min(end, before)
+            if captured is None:
+                captured = self._era_ranges[fid] = Ranges()
             if keeps and start < stop:
                 self._stage_bytes(fid, k, ev.source, ev.seq, fd, start, stop, before)
+                captured.add(start, max(end, stop))
             else:
                 self._rows.append([fid, k, ev.source, ev.seq, start, 0, before, -1])
+            if end > before:
+                captured.add(before, end)  # (beyond the size at the mark: never read at it)
         if end > start:
             touched.add(start, end)
         if grows:
@@ -453,6 +503,7 @@ class Recorder:
         k = ev.gseq
         self.store.clear()
         self.v.forget()
+        self._era, self._era_ranges = 0, {}
         self.base, self.window = k, k
         self.v.reconcile(k)
         self.syncing = False
@@ -481,6 +532,7 @@ class Recorder:
         self.store.clear()
         self.base = None
         self.v.forget()
+        self._era, self._era_ranges = 0, {}
         self.discard_staged()
         self.store.put("gaps", self.gaps)
         if alarm:

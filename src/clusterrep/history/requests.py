@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import wire
-from ..blocks import compress
+from ..blocks import Codec, compress
 from ..errors import ClusterrepError
 from ..syncwire import encode_entries
 from .recorder import Recorder
@@ -102,8 +102,14 @@ class _Session:
         view = self._view(msg.get("gseq"))
         batch: list[list[Any]] = []
         size = 0
+        tries = 0  # (a file whose first blocks do not compress is sent raw: images rarely do)
         for index, data in view.blocks(_int(msg.get("fid"), "fid")):
-            codec, payload = compress(data)
+            codec, payload = Codec.RAW, data
+            if tries < 8 or tries % 64 == 0:
+                codec, payload = compress(data)
+                tries = 0 if codec == Codec.ZSTD else tries + 1
+            else:
+                tries += 1
             batch.append([index, int(codec), payload])
             size += len(payload)
             if size >= BLOCK_BYTES_PER_MESSAGE:

@@ -32,11 +32,12 @@ from ..blockread import data_extents
 from ..blocks import BLOCK_SIZE
 from ..errors import HistoryError, MarkNotRestorable
 from ..snapshot import Entry, Kind, order_key
-from .recorder import MAX_ROW, Recorder
+from .recorder import MAX_ROW, Ranges, Recorder
 from .store import ALIVE
 from .versions import unpack_xattrs
 
 WINDOW = 64 * BLOCK_SIZE  # bytes composed at a time
+_ZEROS = bytes(64)
 
 
 def iso(t: float) -> str:
@@ -316,9 +317,11 @@ class MarkView:
                     data = os.pread(fd, b - a, a)
                     buf[a - w:a - w + len(data)] = data
                 self._overlay(fid, w, buf)
+                view = memoryview(buf)
                 for i in range(0, n, BLOCK_SIZE):
-                    chunk = bytes(buf[i:i + BLOCK_SIZE])
-                    if chunk.count(0) != len(chunk):
+                    chunk = bytes(view[i:i + BLOCK_SIZE])
+                    # (most blocks of an image start with something other than zeros)
+                    if chunk[:64] != _ZEROS or chunk.count(0) != len(chunk):
                         yield (w + i) // BLOCK_SIZE, chunk
         finally:
             os.close(fd)
@@ -353,39 +356,11 @@ class MarkView:
                 "SELECT id, off, len, seg, pos FROM undo WHERE fid=? AND pos < 0 AND len > 0 AND k > ? "
                 "AND off < ? AND off + len > ?", (fid, m, end, w)).fetchall()
             rows.sort()
-            covered: list[tuple[int, int]] = []
+            covered = Ranges()
             for _, off, length, seg, pos in rows:
-                a, b = max(off, w), min(off + length, end)
-                for x, y in _uncovered(covered, a, b):
+                for x, y in covered.missing(max(off, w), min(off + length, end)):
                     if pos < 0:
                         buf[x - w:y - w] = bytes(y - x)
                     else:
                         buf[x - w:y - w] = self.rec.store.read(seg, pos + x - off, y - x)
-                    _cover(covered, x, y)
-
-
-def _uncovered(covered: list[tuple[int, int]], a: int, b: int) -> list[tuple[int, int]]:
-    out, at = [], a
-    for x, y in covered:
-        if y <= at:
-            continue
-        if x >= b:
-            break
-        if x > at:
-            out.append((at, x))
-        at = max(at, y)
-    if at < b:
-        out.append((at, b))
-    return out
-
-
-def _cover(covered: list[tuple[int, int]], a: int, b: int) -> None:
-    covered.append((a, b))
-    covered.sort()
-    merged: list[tuple[int, int]] = []
-    for x, y in covered:
-        if merged and x <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], y))
-        else:
-            merged.append((x, y))
-    covered[:] = merged
+                    covered.add(x, y)
