@@ -205,9 +205,7 @@ class MarkView:
                 (m, m)) if row[0] in fids}
             files = {row[0]: row[1:] for row in self.db.execute(
                 "SELECT fid, kind, rdev, symlink FROM files") if row[0] in fids}
-            for fid, (kind, _, _) in files.items():
-                if kind == Kind.FILE.value:
-                    self._sizes[fid] = self._size_at(fid)
+            self._sizes_at([fid for fid, (kind, _, _) in files.items() if kind == Kind.FILE.value])
         nlink: dict[int, int] = defaultdict(int)
         for _, fid in chosen:
             nlink[fid] += 1
@@ -251,6 +249,43 @@ class MarkView:
                 chosen[at] = fid
             subtree(at, fid)
         return list(chosen.items())
+
+    def _sizes_at(self, fids: list[int]) -> None:
+        """The sizes at the mark of regular files ``fids`` (lock held): the first undo row after
+        the mark says it; a file no change touched since has it now (one query, one lstat each)."""
+        wanted = set(fids)
+        for fid, size, _ in self.db.execute(
+                "SELECT fid, size_before, min(id) FROM undo WHERE k > ? GROUP BY fid", (self.mark,)):
+            if fid in wanted:
+                self._sizes[fid] = int(size)
+        rest = [fid for fid in fids if fid not in self._sizes]
+        if not rest:
+            return
+        up = {fid: (parent, bytes(name)) for parent, name, fid in self.db.execute(
+            "SELECT parent, name, fid FROM names WHERE died=?", (ALIVE,))}
+        info = {fid: (ino, dead) for fid, ino, dead in self.db.execute("SELECT fid, ino, dead FROM files")}
+        paths: dict[int, str] = {self.rec.root: self.rec.target.root} if self.rec.root else {}
+
+        def path_of(fid: int) -> str:
+            chain = []
+            while fid not in paths:
+                if fid not in up:
+                    raise HistoryError(f"file #{fid} has no current name in the history")
+                chain.append(fid)
+                fid = up[fid][0]
+            for f in reversed(chain):
+                paths[f] = os.path.join(paths[up[f][0]], os.fsdecode(up[f][1]))
+            return paths[chain[0]] if chain else paths[fid]
+
+        for fid in rest:
+            ino, dead = info[fid]
+            if dead is not None:
+                st = os.stat(self.rec.store.object_path(fid), follow_symlinks=False)
+            else:
+                st = os.stat(path_of(fid), follow_symlinks=False)
+                if st.st_ino != ino:
+                    raise HistoryError(f"{path_of(fid)} is not the file the history knows there")
+            self._sizes[fid] = st.st_size
 
     def _size_at(self, fid: int) -> int:
         row = self.db.execute("SELECT size_before FROM undo WHERE fid=? AND k > ? ORDER BY id LIMIT 1",
