@@ -6,6 +6,8 @@ import ctypes
 import ctypes.util
 import json
 import os
+import secrets
+from pathlib import Path
 from typing import Any
 
 from .errors import ClusterrepError
@@ -65,3 +67,22 @@ def load_json_map(path: str | os.PathLike[str], *, hint: str) -> dict[str, Any]:
     except ValueError:
         raise ClusterrepError(f"{os.fspath(path)} is damaged", hint=hint) from None
     return data if isinstance(data, dict) else {}
+
+
+def generation_of(path: str | os.PathLike[str], *, create: bool) -> str | None:
+    """The cluster generation recorded at ``path`` (a short hex id), creating a new one when
+    there is none and ``create`` is set (a coordinator's first start: a new incarnation of the
+    cluster); None when there is none and ``create`` is not set."""
+    try:
+        text = Path(path).read_text().strip()
+    except FileNotFoundError:
+        if not create:
+            return None
+        text = secrets.token_hex(8)
+        atomic_write(path, text.encode())
+    return text
+
+
+def record_generation(path: str | os.PathLike[str], generation: str) -> None:
+    """Remember the generation a node or replica first worked for."""
+    atomic_write(path, generation.encode())

@@ -56,8 +56,10 @@ class Shipper:
                  batch_bytes: int = 4 << 20, beat_interval: float = 0.2,
                  retry_interval: float = 0.5, linger: float = 0.002, window: int = 4,
                  unsettled: Callable[[], int] = lambda: 0,
-                 on_reply: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_reply: Callable[[dict[str, Any]], None] | None = None,
+                 generation: Callable[[], str | None] = lambda: None) -> None:
         self.journal = journal
+        self.generation = generation  # the cluster generation this stream belongs to, if known
         self.on_reply = on_reply
         # files written whose modification time is not recorded yet (`NodeAgent.unsettled`):
         # reported with every batch and beat, so `clusterrep wait` waits for them too
@@ -133,7 +135,8 @@ class Shipper:
     def _session(self) -> None:
         conn = wire.connect(self.replica, self.auth, name=self.name, role=self.role)
         self._conn = conn
-        conn.send({"t": "hello", "source": self.name, "first": self.journal.first_index})
+        conn.send({"t": "hello", "source": self.name, "first": self.journal.first_index,
+                   "generation": self.generation()})
         reply = self._reply(conn)
         nxt = int(reply["next"])
         if nxt < self.journal.first_index and reply.get("gap_ok") is True:

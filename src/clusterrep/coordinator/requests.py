@@ -25,8 +25,14 @@ def answer(svc: CoordinatorService, node: str, msg: Request) -> dict[str, Any]:
     """Answer one request of ``node`` (a map with ``op`` and, but for ping/renew, ``op_id``).
     Every answer says which coordinator process answered (``coord``) and the node's ``epoch``:
     a node that sees either change drops its write tokens (and, for a new epoch, its locks)."""
+    theirs = msg.get("generation")
+    if isinstance(theirs, str) and theirs != svc.generation:
+        raise OpFailed(f"node {node} belongs to cluster generation {theirs}, this coordinator runs "
+                       f"generation {svc.generation} (the volume was failed over or restored): it "
+                       "is refused. To bring this host into this cluster, stop it, remove its state "
+                       "directory (--state) and start it again", errno.EPERM)
     reply = _answer(svc, node, msg)
-    return {**reply, "coord": svc.incarnation, "epoch": svc.epoch(node)}
+    return {**reply, "coord": svc.incarnation, "epoch": svc.epoch(node), "generation": svc.generation}
 
 
 def _answer(svc: CoordinatorService, node: str, msg: Request) -> dict[str, Any]:

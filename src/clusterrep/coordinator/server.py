@@ -58,6 +58,7 @@ class CoordinatorServer:
                                   handler=self._handle)
         self.sync = SyncRunner(service, replica, auth, rate=sync_rate)
         self.shipper = Shipper(service.journal, replica, auth, name="coordinator", role="coordinator",
+                               generation=lambda: service.generation,
                                on_reply=self.sync.on_replica_reply)
         service.recaller = self._recall
         service.on_record = self._recorded

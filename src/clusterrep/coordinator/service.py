@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..confined import Target
-from ..durable import atomic_write, load_json_map
+from ..durable import atomic_write, generation_of, load_json_map
 from ..errors import ApplyError, ClusterrepError, InvalidEvent, OpFailed
 from ..events import (
     EVENT_TYPES,
@@ -145,6 +145,10 @@ class CoordinatorService(SyncMarks, FileLocking, Namespace):
         # each node's epoch: how often its lease ran out here (kept on disk; a node that sees
         # its epoch change knows its tokens and locks were taken)
         self.incarnation = secrets.token_hex(8)
+        # this cluster's incarnation: made at the first start on this state; a volume restored
+        # and started with a new coordinator state is a new generation (failover), and members
+        # of another one are refused (by this coordinator and by the replica)
+        self.generation = generation_of(self.state / "generation", create=True)
         self.epochs: dict[str, int] = _load_epochs(self.state / "epochs.json")
         # nodes removed for good (node -> gseq of its Evict), and per node the files whose write
         # tokens were taken from it when its lease ran out ([ino, path]): what it wrote there

@@ -31,6 +31,7 @@ from typing import Any
 
 from .. import wire
 from ..confined import fallocate
+from ..durable import generation_of, record_generation
 from ..errors import ClusterrepError
 from ..events import (
     FALLOC_FL_KEEP_SIZE,
@@ -114,6 +115,8 @@ class NodeAgent(NodeLocking):
         self.spool_limit = opts.spool_limit
         self.on_spool_full = opts.on_spool_full
         self.spool_full = False
+        # the cluster generation this node's state belongs to (learnt at its first join)
+        self.generation = generation_of(self.state / "generation", create=False)
         self.spool = Journal(self.state / "spool",
                              segment_bytes=max(64 << 10, min(64 << 20, self.spool_limit // 8)))
         self.activity = ActivityLog(self.state / "activity.log")
@@ -132,7 +135,7 @@ class NodeAgent(NodeLocking):
         # a writer waiting for the replica's ack must not wait for a batch to fill
         linger = 0.0 if self.ack in ("received", "replicated") else 0.002
         self.shipper = Shipper(self.spool, replica, auth, name=name, role="node", linger=linger,
-                               unsettled=self.unsettled)
+                               unsettled=self.unsettled, generation=lambda: self.generation)
         # files written since their time was last recorded: ino -> [a descriptor of the file
         # (to read its time when nothing else has it open), monotonic time of the last write]
         self._unstamped: dict[int, list[Any]] = {}
@@ -178,15 +181,19 @@ class NodeAgent(NodeLocking):
         record the `Join` copy first, as a node's stream must begin."""
         while True:
             try:
-                reply = self.client.call("join", op_id=self._op_id(), incarnation=self._op_prefix)
+                reply = self.client.call("join", op_id=self._op_id(), incarnation=self._op_prefix,
+                                         generation=self.generation)
                 break
             except OSError as exc:
-                if exc.errno == errno.EPERM and "evicted" in str(exc):
+                if exc.errno == errno.EPERM and ("evicted" in str(exc) or "generation" in str(exc)):
                     raise ClusterrepError(str(exc).removeprefix("[Errno 1] ")) from None
                 if time.monotonic() > deadline:
                     raise
                 log.info("waiting for the coordinator: %s", exc)
                 pause(0.5)
+        if self.generation is None and isinstance(reply.get("generation"), str):
+            self.generation = reply["generation"]
+            record_generation(self.state / "generation", self.generation)
         if reply.get("event"):
             self._record_copy(reply["event"])
         self.lease = float(reply.get("lease", self.lease))

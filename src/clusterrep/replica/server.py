@@ -56,7 +56,9 @@ class ReplicaServer:
             conn.send({"t": "error", "message": "expected hello for the authenticated source"})
             return
         try:
-            welcome = self.service.welcome(source, max(1, _int(hello.get("first", 1))))
+            generation = hello.get("generation")
+            welcome = self.service.welcome(source, max(1, _int(hello.get("first", 1))),
+                                           generation if isinstance(generation, str) else None)
         except BatchRefused as exc:
             log.warning("refused %s (%s): %s", source, conn.peer_addr, exc)
             conn.send({"t": "error", "message": str(exc)})

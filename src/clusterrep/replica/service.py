@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..durable import atomic_write
+from ..durable import atomic_write, generation_of, record_generation
 from ..errors import ApplyError, ClusterrepError, InvalidEvent
 from ..events import Event, Evict, MetaEvent, SyncStart, decode
 from ..history.recorder import Recorder
@@ -124,6 +124,7 @@ class ReplicaService:
         self.stalled: str | None = None  # applying paused, retried (a full target disk)
         self._retry: list[Event] = []
         self.started = time.time()
+        self.generation = generation_of(self.state / "generation", create=False)
         self._lock = threading.Lock()  # received/journal append order
         self._queue: queue.Queue[list[Event] | None] = queue.Queue()
         # journal index -> what decides if a restart needs the record (not the event itself:
@@ -191,10 +192,28 @@ class ReplicaService:
         with self._lock:
             return self.sources.setdefault(source, SourceState()).received + 1
 
-    def welcome(self, source: str, first: int) -> dict[str, Any]:
+    def welcome(self, source: str, first: int, generation: str | None = None) -> dict[str, Any]:
         if source in self.evicted:
             raise BatchRefused(_evicted(source, self.evicted[source]), 0)
+        self._check_generation(source, generation)
         return self._welcome(source, first)
+
+    def _check_generation(self, source: str, generation: str | None) -> None:
+        """Refuse a stream of another cluster generation than the one this state replicates
+        (the first coordinator to say hello sets it); a stream that does not say is taken."""
+        if not isinstance(generation, str):
+            return
+        with self._lock:
+            if self.generation is None and source == COORDINATOR:
+                record_generation(self.state / "generation", generation)
+                self.generation = generation
+            mine = self.generation
+        if mine is not None and generation != mine:
+            raise BatchRefused(
+                f"{source} belongs to cluster generation {generation}, but this replica's state "
+                f"({self.state}) replicates generation {mine}: a failed-over or restored volume is "
+                "another cluster. Give this replica a new --state for it (with --adopt-target to "
+                "keep the files its target holds, moving only what differs)", 0)
 
     def _welcome(self, source: str, first: int) -> dict[str, Any]:
         """The answer to ``source``'s hello; ``first``: the oldest seq its journal still holds.
