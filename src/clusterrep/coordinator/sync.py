@@ -177,7 +177,7 @@ class SyncRunner:
         sync_id = cur["sync_id"]
         conn = wire.connect(self.replica, self.auth, name="coordinator", role="coordinator")
         try:
-            conn.send({"t": "sync", "sync_id": sync_id})
+            conn.send({"t": "sync", "sync_id": sync_id, "generation": self.service.generation})
             self._ask(conn, None, "ready")
             self.progress = {"files": 0, "bytes_read": 0, "bytes_sent": 0, "blocks_sent": 0,
                              "started": time.time()}

@@ -100,6 +100,12 @@ class ReplicaServer:
         if not isinstance(sync_id, str):
             conn.send({"t": "error", "message": "a sync session needs a sync_id"})
             return
+        generation = hello.get("generation")
+        try:
+            self.service.check_generation(COORDINATOR, generation if isinstance(generation, str) else None)
+        except BatchRefused as exc:
+            conn.send({"t": "error", "message": str(exc)})
+            return
         conn.send({"t": "ready"})
         while True:
             msg = conn.recv()

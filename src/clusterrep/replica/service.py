@@ -195,10 +195,10 @@ class ReplicaService:
     def welcome(self, source: str, first: int, generation: str | None = None) -> dict[str, Any]:
         if source in self.evicted:
             raise BatchRefused(_evicted(source, self.evicted[source]), 0)
-        self._check_generation(source, generation)
+        self.check_generation(source, generation)
         return self._welcome(source, first)
 
-    def _check_generation(self, source: str, generation: str | None) -> None:
+    def check_generation(self, source: str, generation: str | None) -> None:
         """Refuse a stream of another cluster generation than the one this state replicates
         (the first coordinator to say hello sets it); a stream that does not say is taken."""
         if not isinstance(generation, str):
