@@ -28,7 +28,6 @@ back by the history; the gap is logged, kept in ``gaps`` and shown in the status
 
 from __future__ import annotations
 
-import bisect
 import errno
 import logging
 import os
@@ -42,7 +41,6 @@ from typing import Any
 
 import msgpack
 
-from ..blockread import data_extents
 from ..blocks import BLOCK_SIZE
 from ..confined import Target
 from ..errors import ApplyError, HistoryError
@@ -76,12 +74,12 @@ from ..events import (
 from ..replica.position import Position
 from ..snapshot import Kind
 from ..syncwire import decode_blocks
+from .ranges import MAX_ROW, Ranges, Touched, capture, copy_sparse
 from .store import ALIVE, Store
 from .versions import Versions
 
 log = logging.getLogger("clusterrep.history")
 
-MAX_ROW = 1 << 20  # bytes of one undo row's data (zero rows may be longer)
 GROUP_BYTES = 64 << 20  # undo bytes one staged group holds at most
 GROUP_EVENTS = 8192
 HISTORY_FAULTS = (OSError, sqlite3.Error, HistoryError, msgpack.PackException)
@@ -100,68 +98,6 @@ def key_of(ev: Event) -> int:
 def mark_kind(ev: MetaEvent) -> str:
     """``SyncStart`` -> ``sync_start``: how `clusterrep marks` names an event's kind."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(ev).__name__).lower()
-
-
-class _Touched:
-    """One file's changes staged in the current group: its size after them, the ranges written."""
-
-    __slots__ = ("ends", "size", "starts")
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-
-    def overlaps(self, start: int, end: int) -> bool:
-        i = bisect.bisect_right(self.starts, start)
-        if i and self.ends[i - 1] > start:
-            return True
-        return i < len(self.starts) and self.starts[i] < end
-
-    def add(self, start: int, end: int) -> None:
-        i = bisect.bisect_right(self.starts, start)
-        if i and self.ends[i - 1] == start:  # (the common case: a sequential write)
-            self.ends[i - 1] = end
-            return
-        self.starts.insert(i, start)
-        self.ends.insert(i, end)
-
-
-class Ranges:
-    """A set of byte ranges, kept merged: what was captured of one file since the last mark."""
-
-    __slots__ = ("ends", "starts")
-
-    def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-
-    def covers(self, start: int, end: int) -> bool:
-        i = bisect.bisect_right(self.starts, start) - 1
-        return i >= 0 and self.ends[i] >= end
-
-    def missing(self, start: int, end: int) -> list[tuple[int, int]]:
-        """The parts of ``[start, end)`` not in the set, in order."""
-        out: list[tuple[int, int]] = []
-        i = bisect.bisect_left(self.ends, start + 1)  # the first range that ends after start
-        at = start
-        while at < end and i < len(self.starts) and self.starts[i] < end:
-            if self.starts[i] > at:
-                out.append((at, self.starts[i]))
-            at = max(at, self.ends[i])
-            i += 1
-        if at < end:
-            out.append((at, end))
-        return out
-
-    def add(self, start: int, end: int) -> None:
-        starts, ends = self.starts, self.ends
-        i = bisect.bisect_left(ends, start)  # the first range that ends at or after start
-        j = bisect.bisect_right(starts, end)  # past the last range that starts at or before end
-        if i < j:
-            start, end = min(start, starts[i]), max(end, ends[j - 1])
-        starts[i:j] = [start]
-        ends[i:j] = [end]
 
 
 class Recorder:
@@ -198,7 +134,7 @@ class Recorder:
         self._received_lock = threading.Lock()
         self._rows: list[list[Any]] = []
         self._blob = bytearray()
-        self._touched: dict[str, _Touched] = {}
+        self._touched: dict[str, Touched] = {}
         self._staged_max_k = 0
         # what was captured since the last mark, per file: a later change of those bytes before
         # the next mark needs no undo (the first change's row holds the value at the mark)
@@ -266,7 +202,7 @@ class Recorder:
         except ApplyError as exc:
             raise HistoryError(f"cannot read {path!r} before {cls.__name__}: {exc}") from None
         if touched is None:
-            touched = self._touched[path] = _Touched(os.fstat(fd).st_size)
+            touched = self._touched[path] = Touched(os.fstat(fd).st_size)
         before = touched.size
         fid = self.v.fid_or_none(path)
         if fid is None and self.in_sync is None:
@@ -400,8 +336,8 @@ class Recorder:
             if cls is SyncBlocks:  # (the blocks it lists: the others of its range stay)
                 for block in decode_blocks(ev.blocks):  # type: ignore[attr-defined]
                     start = block.index * BLOCK_SIZE
-                    _capture(rows, blob, fid, k, fd, start, min(before, start + BLOCK_SIZE), before)
-            _capture(rows, blob, fid, k, fd, new, before, before)
+                    capture(rows, blob, fid, k, fd, start, min(before, start + BLOCK_SIZE), before)
+            capture(rows, blob, fid, k, fd, new, before, before)
             if not rows:
                 rows.append([fid, k, src, k, 0, 0, before, -1])
         elif cls is Unlink:
@@ -476,7 +412,7 @@ class Recorder:
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-            _copy_sparse(self.target.file_fd(path), self.store.objects_fd, str(fid))
+            copy_sparse(self.target.file_fd(path), self.store.objects_fd, str(fid))
         self.db.execute("UPDATE files SET object=1 WHERE fid=?", (fid,))
 
     def before_removal(self, path: str) -> None:
@@ -653,43 +589,6 @@ class Recorder:
                     "retain_s": self.retain, "retain_size": self.retain_size, "bytes": self.usage,
                     "alarm": self.alarm, "gaps": self.gaps, "syncing": self.syncing,
                     "durable": self.durable, "window": self.window}
-
-def _capture(rows: list[list[Any]], blob: bytearray, fid: int, k: int, fd: int, start: int, stop: int,
-             before: int) -> None:
-    """Undo rows for bytes ``[start, stop)`` of ``fd`` (holes as zero rows)."""
-    pos = start
-    for a, b in data_extents(fd, stop, start):
-        if a > pos:
-            rows.append([fid, k, "", k, pos, a - pos, before, -1])
-        while a < b:
-            n = min(b - a, MAX_ROW)
-            data = os.pread(fd, n, a)
-            if len(data) < n:
-                data += bytes(n - len(data))
-            rows.append([fid, k, "", k, a, n, before, len(blob)])
-            blob += data
-            a += n
-        pos = b
-    if stop > pos:
-        rows.append([fid, k, "", k, pos, stop - pos, before, -1])
-
-
-def _copy_sparse(src: int, dir_fd: int, name: str) -> None:
-    size = os.fstat(src).st_size
-    out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-    try:
-        for a, b in data_extents(src, size):
-            while a < b:
-                data = os.pread(src, min(b - a, MAX_ROW), a)
-                if not data:
-                    break
-                os.pwrite(out, data, a)
-                a += len(data)
-        os.ftruncate(out, size)
-        os.fdatasync(out)
-    finally:
-        os.close(out)
-
 
 def _paths_json(paths: list[str]) -> str:
     import json

@@ -32,7 +32,8 @@ from ..blockread import data_extents
 from ..blocks import BLOCK_SIZE
 from ..errors import HistoryError, MarkNotRestorable
 from ..snapshot import Entry, Kind, order_key
-from .recorder import MAX_ROW, Ranges, Recorder
+from .ranges import MAX_ROW, Ranges
+from .recorder import Recorder
 from .store import ALIVE
 from .versions import unpack_xattrs
 
