@@ -142,7 +142,7 @@ def test_a_mounted_mark_is_the_volume_then_read_only(
     clusters.append(c)
     vol = c.volume
     populate(vol, images=1)
-    os.unlink(vol / "images" / "sparse.img")  # (1 TiB: the mount reads holes as zeros)
+    os.unlink(vol / "images" / "sparse.img")  # (1 TiB: rsync and compare_trees would read it all)
     with open(vol / "images" / "sparse.img", "wb") as f:  # a smaller sparse file instead
         f.truncate(40 * MIB)
         f.seek(17 * MIB + 123)
@@ -192,9 +192,23 @@ def test_a_mounted_mark_is_the_volume_then_read_only(
         assert f.read(100) == (ref / "doomed.bin").read_bytes()[-7:]
         assert f.read(100) == b""
 
+    # holes show: st_blocks, SEEK_DATA/SEEK_HOLE, and cp keeps the image sparse by itself
+    sparse = mnt / "images" / "sparse.img"
+    assert os.stat(sparse).st_blocks * 512 <= 4 * MIB
+    with open(sparse, "rb") as f:
+        data = os.lseek(f.fileno(), 0, os.SEEK_DATA)
+        assert 16 * MIB <= data <= 17 * MIB + 123
+        assert os.lseek(f.fileno(), data, os.SEEK_HOLE) >= 18 * MIB + 123
+        assert os.lseek(f.fileno(), 0, os.SEEK_HOLE) == 0
+        f.seek(17 * MIB + 123)
+        assert f.read(MIB) == (ref / "images" / "sparse.img").read_bytes()[17 * MIB + 123:18 * MIB + 123]
+
     # files copied out as an operator would
     out = workdir / "copied"
     out.mkdir()
+    subprocess.run(["cp", "-a", str(sparse), f"{out}/"], check=True)
+    assert os.stat(out / "sparse.img").st_blocks * 512 <= 4 * MIB
+    assert (out / "sparse.img").read_bytes() == (ref / "images" / "sparse.img").read_bytes()
     subprocess.run(["cp", "-a", str(mnt / "doomed.bin"), str(mnt / "tree"), f"{out}/"], check=True)
     assert (out / "doomed.bin").read_bytes() == (ref / "doomed.bin").read_bytes()
     assert not list(compare_trees(ref / "tree", out / "tree"))

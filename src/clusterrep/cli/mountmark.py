@@ -24,9 +24,8 @@ Copy what you need out of it:
   rsync -aHAX MOUNTPOINT/some/dir/ /somewhere/dir/
 
 Writing, creating, deleting or renaming in it fails with EROFS ("Read-only file
-system"). The mount does not know where files have holes: a sparse file reads its
-holes as zeros (copy it with cp --sparse=always, or use `clusterrep restore --path`
-for large sparse images). Only the user who mounts can use the mount, and that user
+system"). Holes show (st_blocks, SEEK_DATA/SEEK_HOLE), so cp keeps a sparse image
+sparse. Only the user who mounts can use the mount, and that user
 can read every file in it.
 
 It runs in the foreground until Ctrl-C (SIGINT) or SIGTERM, or until unmounted with
@@ -71,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
         raise
     pool = ClientPool(lambda: HistoryClient(args.replica, creds), gseq, first=first)
     try:
-        fs = MarkFS(entries, pool.read)
+        fs = MarkFS(entries, pool.read, pool.extents)
         count = len(entries)
         del entries
 

@@ -93,6 +93,11 @@ class HistoryClient:
             if reply.get("final"):
                 return
 
+    def extents(self, gseq: int, fid: int) -> list[tuple[int, int]]:
+        """The byte ranges of file ``fid`` that may hold data at mark ``gseq`` (holes elsewhere)."""
+        reply = self.ask({"t": "extents", "gseq": gseq, "fid": fid}, "extents")
+        return [(int(a), int(b)) for a, b in reply["extents"]]
+
     def read(self, gseq: int, fid: int, offset: int, length: int) -> bytes:
         """At most 4 MiB of file ``fid`` at mark ``gseq`` from ``offset`` (shorter at its end)."""
         return bytes(self.ask({"t": "read", "gseq": gseq, "fid": fid, "offset": offset,

@@ -17,9 +17,9 @@ Rules:
 * Attributes are the entry's: type bits and permission bits, numeric uid and gid, size (a
   symlink's is its target's length, a directory's 4096), modification time (also shown as the
   access and change times), the link count (a directory's: 2 + its subdirectories), the device
-  number, and ``st_blocks`` estimated as the size in 512-byte units: the mount does not know
-  where a file's holes are, so a sparse file reads its holes as zeros (``cp --sparse=always``
-  keeps a copy sparse).
+  number, and ``st_blocks``: for a file of 1 MiB or more, its data ranges at the mark (asked of
+  the replica once, `HistoryClient.extents`), which also answer SEEK_DATA and SEEK_HOLE, so
+  ``cp`` and other tools that look for holes keep a sparse file sparse; else the size.
 * Every file is as it was at the same mark: a crash-consistent view of the whole volume, also
   of files deleted, renamed or rewritten since. Names, attributes and data never change while
   mounted, so the kernel may cache all of them (a day; negative lookups too).
@@ -49,7 +49,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..capture import kernel as k
 from ..capture.check import mounted_here
@@ -70,7 +70,9 @@ INIT_FLAGS = k.ASYNC_READ | k.PARALLEL_DIROPS | k.MAX_PAGES | CACHE_SYMLINKS
 MOUNT_OPTIONS = "ro,nosuid,nodev,auto_unmount,subtype=clusterrep-mark"
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 
-ReadFn = Callable[[int, int, int], bytes]  # (fid, offset, length) -> at most length bytes
+ReadFn = Callable[[int, int, int], bytes]
+SPARSE_FROM = 1 << 20  # files at least this big show their holes in st_blocks and lseek
+T = TypeVar("T")  # (fid, offset, length) -> at most length bytes
 Handler = Callable[[k.Header, memoryview], Any]
 
 
@@ -143,14 +145,16 @@ def _size(node: Node) -> int:
     return DIR_SIZE if e.kind is Kind.DIR else 0
 
 
-def pack_attr(node: Node) -> bytes:
-    """The ``fuse_attr`` of ``node`` (see the module docstring for each field)."""
+def pack_attr(node: Node, data: int | None = None) -> bytes:
+    """The ``fuse_attr`` of ``node`` (see the module docstring for each field); ``data``: the
+    bytes its data ranges hold, if known (else its size)."""
     e = node.entry
     size = _size(node)
     secs, nsecs = divmod(e.mtime_ns, 10**9)
     nlink = 2 + node.subdirs if e.kind is Kind.DIR else max(e.nlink, 1)
     rdev = _encode_dev(e.rdev) if e.kind in (Kind.CHAR, Kind.BLOCK) else 0
-    return k.ATTR.pack(node.nodeid, size, (size + 511) // 512, secs, secs, secs, nsecs, nsecs,
+    used = size if data is None else data
+    return k.ATTR.pack(node.nodeid, size, (used + 511) // 512, secs, secs, secs, nsecs, nsecs,
                        nsecs, FORMAT[e.kind] | stat.S_IMODE(e.mode), min(nlink, 0xFFFFFFFF),
                        e.uid, e.gid, rdev, BLOCK, 0)
 
@@ -206,10 +210,13 @@ class ChunkCache:
 class MarkFS:
     """The FUSE operations over the tree at one mark, by opcode (`handlers`)."""
 
-    def __init__(self, entries: Iterable[Entry], read: ReadFn) -> None:
+    def __init__(self, entries: Iterable[Entry], read: ReadFn,
+                 extents: Callable[[int], list[tuple[int, int]]] | None = None) -> None:
         self.nodes = build_tree(entries)
         self.cache = ChunkCache(read)
         self._lock = threading.Lock()
+        self._fetch_extents = extents
+        self._extents: dict[int, list[tuple[int, int]]] = {}  # fid -> data ranges at the mark
 
     def handlers(self) -> dict[int, Handler]:
         refused = (k.SETATTR, k.SYMLINK, k.MKNOD, k.MKDIR, k.UNLINK, k.RMDIR, k.RENAME, k.RENAME2,
@@ -222,7 +229,7 @@ class MarkFS:
             k.LOOKUP: self.lookup, k.GETATTR: self.getattr, k.READLINK: self.readlink,
             k.OPEN: self.open, k.READ: self.read, k.OPENDIR: self.opendir, k.READDIR: self.readdir,
             k.GETXATTR: self.getxattr, k.LISTXATTR: self.listxattr, k.STATFS: self.statfs,
-            k.ACCESS: self.access,
+            k.ACCESS: self.access, k.LSEEK: self.lseek,
         }
 
     def node(self, nodeid: int) -> Node:
@@ -241,10 +248,26 @@ class MarkFS:
         child = parent.children.get(name)
         if child is None:  # a negative entry: the kernel remembers that the name is missing
             return k.ENTRY_OUT.pack(0, 0, VALID, 0, 0, 0) + bytes(k.ATTR.size)
-        return k.ENTRY_OUT.pack(child, 0, VALID, VALID, 0, 0) + pack_attr(self.nodes[child])
+        node = self.nodes[child]
+        return k.ENTRY_OUT.pack(child, 0, VALID, VALID, 0, 0) + pack_attr(node, self._data(node))
 
     def getattr(self, hdr: k.Header, body: memoryview) -> bytes:
-        return k.ATTR_OUT.pack(VALID, 0, 0) + pack_attr(self.node(hdr.nodeid))
+        node = self.node(hdr.nodeid)
+        return k.ATTR_OUT.pack(VALID, 0, 0) + pack_attr(node, self._data(node))
+
+    def _data(self, node: Node) -> int | None:
+        """The bytes of a big regular file's data ranges (so ``st_blocks`` shows its holes and
+        copying tools look for them); None for others (their size stands for it)."""
+        if self._fetch_extents is None or node.entry.kind is not Kind.FILE or node.entry.size < SPARSE_FROM:
+            return None
+        return sum(end - start for start, end in self._spans(node))
+
+    def _spans(self, node: Node) -> list[tuple[int, int]]:
+        spans = self._extents.get(node.fid)
+        if spans is None:
+            assert self._fetch_extents is not None
+            spans = self._extents[node.fid] = self._fetch_extents(node.fid)
+        return spans
 
     def readlink(self, hdr: k.Header, body: memoryview) -> bytes:
         e = self.node(hdr.nodeid).entry
@@ -305,6 +328,27 @@ class MarkFS:
                 break  # the replica had less than the size at the mark said: a short read
         return b"".join(parts)
 
+    def lseek(self, hdr: k.Header, body: memoryview) -> bytes:
+        """SEEK_DATA and SEEK_HOLE (the kernel does the other kinds itself): from the file's data
+        ranges at the mark, so `cp --sparse=auto` and others skip its holes."""
+        _fh, offset, whence, _ = k.LSEEK_IN.unpack_from(body)
+        node = self.node(hdr.nodeid)
+        size = node.entry.size
+        if node.entry.kind is not Kind.FILE or whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE of a file")
+        if offset >= size:
+            raise OSError(errno.ENXIO, "past the end of the file")
+        if self._fetch_extents is None:  # (everything is data)
+            return k.LSEEK_OUT.pack(offset if whence == os.SEEK_DATA else size)
+        for start, end in self._spans(node):
+            if end > offset:
+                if whence == os.SEEK_DATA:
+                    return k.LSEEK_OUT.pack(max(start, offset))
+                return k.LSEEK_OUT.pack(offset if start > offset else min(end, size))
+        if whence == os.SEEK_DATA:
+            raise OSError(errno.ENXIO, "no data after this offset")
+        return k.LSEEK_OUT.pack(offset)
+
     # -- directories -------------------------------------------------------------------------
 
     def opendir(self, hdr: k.Header, body: memoryview) -> bytes:
@@ -352,10 +396,17 @@ class ClientPool:
     def read(self, fid: int, offset: int, length: int) -> bytes:
         """At most ``length`` bytes of file ``fid`` at the mark; OSError(EIO) if the replica
         cannot answer (a broken connection is replaced and the read tried once more)."""
+        return self._call(lambda client: client.read(self.gseq, fid, offset, length))
+
+    def extents(self, fid: int) -> list[tuple[int, int]]:
+        """The ranges of file ``fid`` that may hold data at the mark (as `read`, EIO)."""
+        return self._call(lambda client: client.extents(self.gseq, fid))
+
+    def _call(self, ask: Callable[[HistoryClient], T]) -> T:
         for attempt in (1, 2):
             client = self._take()
             try:
-                data = client.read(self.gseq, fid, offset, length)
+                data = ask(client)
             except ReplicaRefused as exc:  # (an answer: the connection is still in step)
                 self._give(client)
                 raise OSError(errno.EIO, str(exc)) from None

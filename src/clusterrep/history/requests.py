@@ -14,7 +14,9 @@ Each request is one msgpack map on an authenticated ``client`` connection (see d
 * ``{"t": "content", "gseq", "fid"}`` -> ``{"t": "blocks", "blocks": [[index, codec, payload],
   ...], "final"}`` ...: a file's non-zero 64 KiB blocks at the mark, about 4 MiB per message;
 * ``{"t": "read", "gseq", "fid", "offset", "length"}`` -> ``{"t": "data", "data"}``: at most
-  4 MiB of a file at the mark (shorter at its end; `clusterrep mount-mark` reads this way).
+  4 MiB of a file at the mark (shorter at its end; `clusterrep mount-mark` reads this way);
+* ``{"t": "extents", "gseq", "fid"}`` -> ``{"t": "extents", "extents": [[start, end], ...]}``:
+  the ranges that may hold data at the mark (outside them: holes).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from .view import Marks, MarkView, iso, parse_time
 
 ENTRIES_PER_MESSAGE = 4096
 BLOCK_BYTES_PER_MESSAGE = 4 << 20
-KINDS = ("marks", "pin", "unpin", "resolve", "entries", "content", "read")
+KINDS = ("marks", "pin", "unpin", "resolve", "entries", "content", "read", "extents")
 MAX_READ = 4 << 20
 
 
@@ -123,6 +125,12 @@ class _Session:
         length = min(_int(msg.get("length"), "length"), MAX_READ)
         data = view.read(_int(msg.get("fid"), "fid"), _int(msg.get("offset"), "offset"), length)
         conn.send({"t": "data", "data": data})
+
+
+    def _extents(self, conn: wire.Connection, msg: dict[str, Any]) -> None:
+        view = self._view(msg.get("gseq"))
+        spans = view.extents(_int(msg.get("fid"), "fid"))
+        conn.send({"t": "extents", "extents": [list(s) for s in spans]})
 
 
 def session(recorder: Recorder | None) -> _Session:

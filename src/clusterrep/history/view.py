@@ -333,6 +333,30 @@ class MarkView:
                 self._sizes[fid] = self._size_at(fid)
         return self._sizes[fid]
 
+    def extents(self, fid: int) -> list[tuple[int, int]]:
+        """``(start, end)`` byte ranges of file ``fid`` that may hold data at the mark, in order;
+        everything outside them was zeros (a hole) at the mark. A superset: a range may hold
+        zeros (as a file system's SEEK_DATA may say)."""
+        size = self.size(fid)
+        with self.rec.lock:
+            fd = self._open_now(fid)
+        try:
+            return self._spans(fid, fd, size)
+        finally:
+            os.close(fd)
+
+    def _spans(self, fid: int, fd: int, size: int) -> list[tuple[int, int]]:
+        """The file's data now, and every range an undo row after the mark holds, merged."""
+        found = Ranges()
+        for a, b in data_extents(fd, min(os.fstat(fd).st_size, size)):
+            found.add(a, b)
+        with self.rec.lock:
+            for off, n in self.db.execute(
+                    "SELECT off, len FROM undo WHERE fid=? AND k > ? AND pos >= 0 AND off < ?",
+                    (fid, self.mark, size)):
+                found.add(off, min(off + n, size))
+        return list(zip(found.starts, found.ends, strict=True))
+
     def blocks(self, fid: int) -> Iterator[tuple[int, bytes]]:
         """``(index, data)`` of each block of file ``fid`` at the mark that is not all zeros."""
         size = self.size(fid)
@@ -340,11 +364,7 @@ class MarkView:
             fd = self._open_now(fid)
         try:
             now = os.fstat(fd).st_size
-            spans = list(data_extents(fd, min(now, size)))
-            with self.rec.lock:
-                spans += [(off, off + n) for off, n in self.db.execute(
-                    "SELECT off, len FROM undo WHERE fid=? AND k > ? AND pos >= 0 AND off < ?",
-                    (fid, self.mark, size))]
+            spans = self._spans(fid, fd, size)
             windows = sorted({w for a, b in spans for w in range(a - a % WINDOW, min(b, size), WINDOW)})
             for w in windows:  # (elsewhere the file was a hole at the mark: see the module doc)
                 n = min(WINDOW, size - w)
