@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import stat
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
+from ..durable import atomic_write
+from ..errors import ClusterrepError, ConfigError
+from ..history.client import HistoryClient
+from ..history.failback import report_lines, save_unreplicated
 from ..replica.server import ReplicaServer
 from ..replica.service import HistoryOptions, ReplicaService
 from .common import (
@@ -16,6 +23,7 @@ from .common import (
     auth,
     parse_duration,
     parse_size,
+    peer_address,
     serve_until_signalled,
     setup_logging,
     state_dir,
@@ -55,6 +63,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="the history never takes more than SIZE (512M, 20G) on disk: the oldest "
                         "restore points go first, pinned ones too (with an alarm in the status). "
                         "Alone, it keeps as many restore points as fit")
+    f = p.add_argument_group(
+        "failback (docs/operations.md, \"Failover and failback\")",
+        "The old site's volume comes back after a failover: adopt it as this replica's target "
+        "(--adopt-target) so that only what differs from the new volume moves. Before anything "
+        "in it is overwritten, what it wrote after the failover mark that never reached the "
+        "old replica is found (compared with that mark on the old replica) and saved aside.")
+    f.add_argument("--failback-from", type=peer_address, metavar="HOST:PORT",
+                   help="the old replica (the one the failover restored from), still keeping history")
+    f.add_argument("--failback-mark", type=int, metavar="GSEQ",
+                   help="the mark the failover restored (what the new volume started from)")
+    f.add_argument("--save-aside", metavar="DIR",
+                   help="where to keep what the old site wrote after the mark (default: "
+                        "--state/failback-saved); listed in DIR/failback.json and the log")
+    f.add_argument("--discard-old-changes", action="store_true",
+                   help="do not keep them (they are still listed): the failback overwrites them")
     add_auth(p)
     add_verbose(p)
     p.set_defaults(func=main)
@@ -69,6 +92,8 @@ def main(args: argparse.Namespace) -> int:
         target.mkdir(mode=0o700)
         os.chmod(target, 0o700)  # (whatever the umask)
     warn_if_exposed(target)
+    if args.failback_from is not None or args.failback_mark is not None:
+        _failback(args, creds, target, state)
     history = None
     if args.retain is not None or args.retain_size is not None:
         history = HistoryOptions(retain=args.retain, retain_size=args.retain_size)
@@ -102,3 +127,32 @@ def _duration(seconds: float | None) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{seconds // size:.0f}{unit}"
     return f"{seconds:g}s"
+
+
+def _failback(args: argparse.Namespace, creds: Any, target: Path, state: Path) -> None:
+    """Keep what the old site wrote after the failover mark, once, before the replica starts."""
+    if not args.adopt_target or args.failback_from is None or args.failback_mark is None:
+        raise ConfigError("--failback-from and --failback-mark go together, with --adopt-target",
+                          hint="see docs/operations.md, \"Failover and failback\"")
+    done = state / "failback.json"
+    if done.exists():
+        log.info("failback: what the old site wrote after the mark was kept before (%s)", done)
+        return
+    save_to = None if args.discard_old_changes else Path(args.save_aside or state / "failback-saved")
+    if save_to is not None and save_to.exists() and any(save_to.iterdir()):
+        raise ConfigError(f"{save_to} is not empty", hint="pick an empty --save-aside directory")
+    try:
+        with HistoryClient(args.failback_from, creds) as client:
+            report = save_unreplicated(target, client, args.failback_mark, save_to)
+    except ClusterrepError as exc:
+        raise ClusterrepError(f"failback: cannot compare {target} with mark g{args.failback_mark} on "
+                              f"{args.failback_from}: {exc}",
+                              hint="the old replica must be running (with its history); or pass "
+                                   "--discard-old-changes to overwrite what the old site wrote after "
+                                   "the mark without keeping it") from None
+    for line in report_lines(report):
+        log.warning("failback: %s", line)
+    where = f"kept in {save_to}" if save_to is not None else "NOT kept (--discard-old-changes)"
+    log.warning("failback: the old site holds %s; %s", report.summary(), where)
+    state.mkdir(parents=True, exist_ok=True)
+    atomic_write(done, json.dumps(asdict(report), indent=1).encode())

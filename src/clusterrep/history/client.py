@@ -93,6 +93,11 @@ class HistoryClient:
             if reply.get("final"):
                 return
 
+    def digests(self, gseq: int, fid: int) -> dict[int, bytes]:
+        """BLAKE3 of each 64 KiB block of file ``fid`` at mark ``gseq`` that is not all zeros."""
+        reply = self.ask({"t": "digests", "gseq": gseq, "fid": fid}, "digests")
+        return {int(i): bytes(d) for i, d in reply["digests"]}
+
     def extents(self, gseq: int, fid: int) -> list[tuple[int, int]]:
         """The byte ranges of file ``fid`` that may hold data at mark ``gseq`` (holes elsewhere)."""
         reply = self.ask({"t": "extents", "gseq": gseq, "fid": fid}, "extents")

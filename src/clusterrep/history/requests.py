@@ -15,6 +15,9 @@ Each request is one msgpack map on an authenticated ``client`` connection (see d
   ...], "final"}`` ...: a file's non-zero 64 KiB blocks at the mark, about 4 MiB per message;
 * ``{"t": "read", "gseq", "fid", "offset", "length"}`` -> ``{"t": "data", "data"}``: at most
   4 MiB of a file at the mark (shorter at its end; `clusterrep mount-mark` reads this way);
+* ``{"t": "digests", "gseq", "fid"}`` -> ``{"t": "digests", "digests": [[index, blake3], ...]}``:
+  the BLAKE3 digest of each 64 KiB block of a file at the mark that is not all zeros (a failback
+  compares the old site's copy with it);
 * ``{"t": "extents", "gseq", "fid"}`` -> ``{"t": "extents", "extents": [[start, end], ...]}``:
   the ranges that may hold data at the mark (outside them: holes).
 """
@@ -24,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import wire
-from ..blocks import Codec, compress
+from ..blocks import Codec, compress, hash_block
 from ..errors import ClusterrepError
 from ..syncwire import encode_entries
 from .recorder import Recorder
@@ -32,7 +35,7 @@ from .view import Marks, MarkView, iso, parse_time
 
 ENTRIES_PER_MESSAGE = 4096
 BLOCK_BYTES_PER_MESSAGE = 4 << 20
-KINDS = ("marks", "pin", "unpin", "resolve", "entries", "content", "read", "extents")
+KINDS = ("marks", "pin", "unpin", "resolve", "entries", "content", "read", "extents", "digests")
 MAX_READ = 4 << 20
 
 
@@ -131,6 +134,12 @@ class _Session:
         view = self._view(msg.get("gseq"))
         spans = view.extents(_int(msg.get("fid"), "fid"))
         conn.send({"t": "extents", "extents": [list(s) for s in spans]})
+
+
+    def _digests(self, conn: wire.Connection, msg: dict[str, Any]) -> None:
+        view = self._view(msg.get("gseq"))
+        digests = [[index, hash_block(data)] for index, data in view.blocks(_int(msg.get("fid"), "fid"))]
+        conn.send({"t": "digests", "digests": digests})
 
 
 def session(recorder: Recorder | None) -> _Session:
