@@ -12,8 +12,13 @@
    of throughputs on / off (goal >= 0.7). Printed too, not in the last line: the same with a
    metadata event (a mark) every 1000 writes.
 
+3. ``failback_bytes_ratio``: a cluster replicated with history loses its site; the latest restore
+   point becomes a new volume and cluster; 512 scattered 4 KiB blocks are rewritten there; the
+   old site's volume is adopted by the new cluster's replica (``--failback-from``): bytes the
+   failback moved against the distinct 4 KiB blocks changed since the failover (goal <= 1.1).
+
 The last line is machine-readable:
-``restore_vs_cp=<f> history_apply_ratio=<f>`` (the failback figure comes with failover).
+``restore_vs_cp=<f> history_apply_ratio=<f> failback_bytes_ratio=<f>``.
 """
 
 from __future__ import annotations
@@ -182,6 +187,46 @@ def bench_history(work: Path, writes: int, rounds: int, mark_every: int = 0) -> 
     return statistics.median(on), statistics.median(off)
 
 
+def bench_failback(work: Path) -> tuple[int, int, float]:
+    """(bytes moved by the failback, bytes of the distinct 4 KiB blocks changed since the
+    failover, seconds from site lost to the new cluster running)."""
+    a = LocalCluster(work / "site-a", replica_args=["--retain", "1h"])
+    (work / "site-b").mkdir()
+    b = None
+    try:
+        a.start()
+        (a.mount("h1") / "vm.img").write_bytes(random.Random(7).randbytes(64 * MIB))
+        ok, why, _ = a.wait(600)
+        assert ok, why
+        lost = time.perf_counter()
+        for name in ("h1", "h2", "coordinator"):
+            a.stop_process(name)
+        shutil.copy(a.token_file, work / "site-b" / "token")
+        b = LocalCluster(work / "site-b")
+        out = _cli(a, "restore", "--latest", "--quiet", "--to", str(b.volume))
+        mark = int(out.split()[1].removeprefix("g"))
+        b.target = a.volume
+        b.replica_args = ["--adopt-target", "--failback-from", a.replica_addr, "--failback-mark", str(mark)]
+        b.start_coordinator()
+        for node in b.nodes:
+            b.start_node(node)
+        rto = time.perf_counter() - lost
+        rng = random.Random(8)
+        blocks = rng.sample(range(64 * MIB // BLOCK), 512)
+        with open(b.mount("h1") / "vm.img", "r+b") as f:
+            for blk in blocks:
+                f.seek(blk * BLOCK)
+                f.write(rng.randbytes(BLOCK))
+        b.start_replica()
+        ok, why, st = b.wait(600)
+        assert ok, why
+        return int(st["last_sync"]["bytes"]), len(blocks) * BLOCK, rto
+    finally:
+        if b is not None:
+            b.stop()
+        a.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--volume-mib", type=int, default=1024, help="volume size for the restore (1024)")
@@ -202,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"restore of {args.volume_mib} MiB at a mark before a 25% rewrite: {t_restore:.2f} s "
               f"({args.volume_mib / t_restore:.0f} MiB/s); cp -a: {t_cp:.2f} s "
               f"({args.volume_mib / t_cp:.0f} MiB/s)")
-        print(f"restore_vs_cp={t_cp / t_restore:.3f} history_apply_ratio={off / on:.3f}")
+        moved, changed, rto = bench_failback(work)
+        print(f"failback moved {moved} bytes for {changed} bytes of 4 KiB blocks changed since the "
+              f"failover; site lost to new cluster running: {rto:.1f} s")
+        print(f"restore_vs_cp={t_cp / t_restore:.3f} history_apply_ratio={off / on:.3f} "
+              f"failback_bytes_ratio={moved / changed:.3f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
