@@ -183,6 +183,11 @@ def test_restore_refuses_what_it_cannot_do_and_changes_nothing(
     assert r.returncode == 1 and "ISO 8601" in r.stderr and not out.exists()
     r = cli(c, "restore", "--name", "nope", "--to", str(out), check=False)
     assert r.returncode == 1 and "pinned" in r.stderr and not out.exists()
+    for bad in (["--time", ""], ["--name", " "], ["--mark", str(2**70)], ["--mark", "-3"]):
+        r = cli(c, "restore", *bad, "--to", str(out), check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and not out.exists(), (bad, r.stderr)
+    r = cli(c, "restore", "--latest", "--to", "/proc/1/cannot/be/made", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
     cli(c, "marks", "--pin", str(newest), "--name", "before-upgrade")
     assert [m.get("pin") for m in marks(c) if m["gseq"] == newest] == ["before-upgrade"]
     cli(c, "restore", "--name", "before-upgrade", "--to", str(out), "--quiet")

@@ -142,3 +142,21 @@ def parse_duration(text: str) -> float:
     if not 0 < value < 100 * 365 * 86400:
         raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 and less than 100 years")
     return value
+
+
+def gseq(text: str) -> int:
+    """A mark's gseq: a whole number from 1 to 2**63-1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a mark (a gseq: a whole number)") from None
+    if not 1 <= value < 1 << 63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a mark: a gseq is 1 or more, below 2**63")
+    return value
+
+
+def nonempty(text: str) -> str:
+    """A value that must not be empty (argparse type)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text

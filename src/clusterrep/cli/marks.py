@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from ..history.client import HistoryClient
-from .common import add_auth, auth, peer_address
+from .common import add_auth, auth, gseq, peer_address
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--limit", type=int, metavar="N", help="at most N marks (the oldest)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of objects (gseq, kind, paths, origin, received_at)")
-    p.add_argument("--pin", type=int, metavar="GSEQ",
+    p.add_argument("--pin", type=gseq, metavar="GSEQ",
                    help="keep restore point GSEQ past the retention window (with --name)")
     p.add_argument("--name", metavar="NAME", help="the pin's name (restore it with --name NAME)")
     p.add_argument("--unpin", metavar="NAME", help="let the pinned restore point NAME go")

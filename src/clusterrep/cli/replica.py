@@ -21,6 +21,7 @@ from .common import (
     add_auth,
     add_verbose,
     auth,
+    gseq,
     parse_duration,
     parse_size,
     peer_address,
@@ -71,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "old replica is found (compared with that mark on the old replica) and saved aside.")
     f.add_argument("--failback-from", type=peer_address, metavar="HOST:PORT",
                    help="the old replica (the one the failover restored from), still keeping history")
-    f.add_argument("--failback-mark", type=int, metavar="GSEQ",
+    f.add_argument("--failback-mark", type=gseq, metavar="GSEQ",
                    help="the mark the failover restored (what the new volume started from)")
     f.add_argument("--save-aside", metavar="DIR",
                    help="where to keep what the old site wrote after the mark (default: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from ..errors import ClusterrepError
 from ..history.client import PREFETCH_FROM, HistoryClient, prefetched
 from ..history.restore import write_tree
 from ..snapshot import Entry, Kind
-from .common import add_auth, auth, peer_address
+from .common import add_auth, auth, gseq, nonempty, peer_address
 
 
 class RestoreRefused(ClusterrepError):
@@ -35,12 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--replica", required=True, type=peer_address, metavar="HOST:PORT")
     add_auth(p)
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--mark", type=int, metavar="GSEQ", help="the restore point with this gseq")
-    which.add_argument("--time", metavar="ISO8601",
+    which.add_argument("--mark", type=gseq, metavar="GSEQ", help="the restore point with this gseq")
+    which.add_argument("--time", type=nonempty, metavar="ISO8601",
                        help="the newest restore point the replica received at or before this "
                             "time (its clock; e.g. 2026-11-30T14:05:00Z)")
     which.add_argument("--latest", action="store_true", help="the newest restore point")
-    which.add_argument("--name", metavar="NAME", help="the restore point pinned as NAME")
+    which.add_argument("--name", type=nonempty, metavar="NAME", help="the restore point pinned as NAME")
     p.add_argument("--to", required=True, metavar="DIR", help="where to write (empty or missing)")
     p.add_argument("--path", action="append", metavar="P",
                    help="restore only P (a file, or a directory and everything under it, as it "
@@ -63,22 +64,39 @@ def _check_dest(dest: Path) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _incomplete_on_failure(dest: Path) -> Iterator[None]:
+    """A restore that fails half way says that what it left is incomplete."""
+    try:
+        yield
+    except ClusterrepError as exc:
+        raise ClusterrepError(f"{exc}; the restore into {dest} is INCOMPLETE",
+                              hint="remove it and run the restore again") from None
+    except OSError as exc:
+        raise ClusterrepError(f"writing {dest} failed: {exc}; the restore is INCOMPLETE",
+                              hint="remove it and run the restore again (free space?)") from None
+
+
 def main(args: argparse.Namespace) -> int:
     dest = Path(args.to)
     create = _check_dest(dest)
     paths = None if not args.path else [p.strip("/") for p in args.path]
-    how = ({"mark": args.mark} if args.mark is not None else {"time": args.time} if args.time
-           else {"name": args.name} if args.name else {"latest": True})
+    how = ({"mark": args.mark} if args.mark is not None else {"time": args.time} if args.time is not None
+           else {"name": args.name} if args.name is not None else {"latest": True})
     started = time.monotonic()
     with HistoryClient(args.replica, auth(args)) as client:
         gseq, received_at = client.resolve(**how)
         entries = client.entries(gseq, paths)
         total = sum(e.size for e in entries if e.kind is Kind.FILE)
         if create:
-            dest.mkdir(mode=0o700)
+            try:
+                dest.mkdir(mode=0o700)
+            except OSError as exc:
+                raise RestoreRefused(f"cannot create {dest}: {exc.strerror}",
+                                     hint="pick a directory you may create") from None
         progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                             TransferSpeedColumn(), TimeRemainingColumn(), disable=args.quiet)
-        with progress:
+        with progress, _incomplete_on_failure(dest):
             task = progress.add_task(f"restoring g{gseq}", total=total)
             def blocks_of(e: Entry) -> Iterator[tuple[int, bytes]]:
                 it = client.blocks(gseq, e.inode[1], e.size)

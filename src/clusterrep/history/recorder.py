@@ -28,6 +28,7 @@ back by the history; the gap is logged, kept in ``gaps`` and shown in the status
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -75,7 +76,7 @@ from ..replica.position import Position
 from ..snapshot import Kind
 from ..syncwire import decode_blocks
 from .ranges import MAX_ROW, Ranges, Touched, capture, copy_sparse
-from .store import ALIVE, Store
+from .store import ALIVE, Pruned, Store
 from .versions import Versions
 
 log = logging.getLogger("clusterrep.history")
@@ -142,6 +143,8 @@ class Recorder:
         self._era_ranges: dict[int, Ranges] = {}
         self._usage_at = 0.0
         self._maintained = 0.0
+        self._live: Position | None = None  # the applier's position (between events, under lock)
+        self._to_drop: list[Pruned] = []  # prunes whose files go once committed
         # per event source, the highest seq an undo row names (a crash may have left rows of
         # events the applier re-applies: only those can have rows already)
         self._captured_upto: dict[str, int] = dict(
@@ -246,6 +249,7 @@ class Recorder:
 
     def commit_staged(self, position: Position) -> None:
         """Make the staged group's undo durable (before the caller applies the group)."""
+        self._live = position
         self._touched.clear()
         if not self._rows:
             return
@@ -270,7 +274,10 @@ class Recorder:
         self._commit(position)
 
     def _append(self, blob: bytearray, max_k: int) -> tuple[int, int]:
-        """Append undo bytes; on a full disk, prune the oldest history and try again."""
+        """Append undo bytes, first pruning the oldest history as far as ``retain_size`` needs;
+        on a full disk, prune the oldest and try again."""
+        self._bound(len(blob))
+        self.usage += len(blob)
         while True:
             try:
                 return self.store.append(blob, max_k)
@@ -282,8 +289,18 @@ class Recorder:
                 self._raise_alarm(f"history disk full: the oldest restore points were pruned early "
                                   f"({exc.strerror})")
 
+    def _bound(self, more: int) -> None:
+        """Keep the history within ``retain_size`` with ``more`` bytes to come: prune the
+        oldest restore points (never past the newest durable one) while it would not fit."""
+        if self.retain_size is None or self.usage + more <= self.retain_size:
+            return
+        self.usage = self.store.usage()  # (the running estimate drifts: measure before pruning)
+        while self.usage + more > self.retain_size and self._prune_oldest(limit=self.durable):
+            self.usage = self.store.usage()
+
     def after_data(self, ev: DataEvent, position: Position) -> None:
         """Record what an applied data event changed in the attributes (a ``Stamp``'s time)."""
+        self._live = position
         if type(ev) is not Stamp or not self.active:
             return
         if self._in_db(ev, position):
@@ -306,6 +323,10 @@ class Recorder:
 
     def before_meta(self, ev: MetaEvent, position: Position, replaying: bool) -> None:
         """Keep what ``ev`` is about to destroy (bytes cut, files losing their last name)."""
+        self._live = position
+        self._current = ev.gseq
+        if ev.gseq <= self.db_position.gseq and self.active:
+            return  # recorded before a crash (its effect and what it destroyed are kept)
         if isinstance(ev, SyncStart) and ev.gseq == position.floor:
             self._restart_for_sync(ev)
             return
@@ -355,6 +376,7 @@ class Recorder:
 
     def after_meta(self, ev: MetaEvent, position: Position, replaying: bool) -> None:
         """Version the names and attributes ``ev`` changed; record its mark."""
+        self._live = position
         if not self.active:
             if (isinstance(ev, SyncEnd) and self.syncing) or not self.syncing:
                 self._start(ev, position, "synchronisation ended" if self.syncing else "start")
@@ -414,6 +436,9 @@ class Recorder:
                 raise
             copy_sparse(self.target.file_fd(path), self.store.objects_fd, str(fid))
         self.db.execute("UPDATE files SET object=1 WHERE fid=?", (fid,))
+        with contextlib.suppress(OSError):
+            self.usage += os.stat(str(fid), dir_fd=self.store.objects_fd).st_blocks * 512
+        self._bound(0)
 
     def before_removal(self, path: str) -> None:
         """A synchronisation is about to remove name ``path`` from the target (the
@@ -430,7 +455,7 @@ class Recorder:
                 if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
                     self._keep_if_last(path)
                 self.v.unname(path, self._current)
-                self.store.commit()
+                self.commit()
             except HISTORY_FAULTS as exc:
                 self.broken(exc)
 
@@ -459,7 +484,7 @@ class Recorder:
                      ev.gseq, alarm=False)
         self.syncing = True
         self.store.put("syncing", True)
-        self.store.commit()
+        self.commit()
 
     def gap(self, why: str, at: int, *, alarm: bool = True) -> None:
         """Drop the whole history (restore points before ``at`` are gone) and say so."""
@@ -473,7 +498,7 @@ class Recorder:
         self.store.put("gaps", self.gaps)
         if alarm:
             self._raise_alarm(why)
-        self.store.commit()
+        self.commit()
 
     def broken(self, exc: BaseException) -> None:
         """A fault of the history's own: drop it (the target goes on), start again later."""
@@ -494,13 +519,23 @@ class Recorder:
 
     # -- commits, checkpoints, retention -----------------------------------------------------
 
+    def commit(self) -> None:
+        """Commit now (a pin, a prune, a sync's removal), with the position the database holds:
+        the applier's, between two events (the caller holds `lock`)."""
+        self._commit(self._live if self._live is not None else self.db_position)
+
     def _commit(self, position: Position) -> None:
+        """The one way the database is committed: always with the position its rows reach."""
+        self._live = position
         if position.applied < self.db_position.applied:
             position = self.db_position  # (a replay's checkpoint: the database is further on)
         self.store.put("position", position.to_json())
         self.store.put("last_received", self.last_received)
         self.store.commit()
         self.db_position = position.copy()
+        for pruned in self._to_drop:
+            self.store.drop(pruned)
+        self._to_drop.clear()
 
     def checkpoint(self, position: Position) -> None:
         """The target is durable at ``position``: its marks may be listed; prune what the
@@ -549,14 +584,16 @@ class Recorder:
                 self.usage = self.store.usage()
 
     def _prune(self, window: int) -> None:
-        freed = self.store.prune(window)
+        """Move the window to ``window``; committed with the next commit, files removed then."""
+        pruned = self.store.prune(window)
         dropped = self.db.execute("DELETE FROM pins WHERE gseq < ?", (window,)).rowcount
         if dropped:
             self._raise_alarm(f"{dropped} pinned restore point(s) before g{window} were pruned to "
                               "keep the history within --retain-size")
-        self.store.commit()
+        self._to_drop.append(pruned)
         self.window = window
-        log.info("history: restore points before g%d pruned (%d undo bytes freed)", window, freed)
+        self.usage -= pruned.bytes
+        log.info("history: restore points before g%d pruned (%d undo bytes freed)", window, pruned.bytes)
 
     def _prune_oldest(self, limit: int | None = None) -> bool:
         """Move the window past the oldest undo segment or kept file; False if nothing is left."""

@@ -24,6 +24,8 @@ Each request is one msgpack map on an authenticated ``client`` connection (see d
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from typing import Any
 
 from .. import wire
@@ -35,6 +37,7 @@ from .view import Marks, MarkView, iso, parse_time
 
 ENTRIES_PER_MESSAGE = 4096
 BLOCK_BYTES_PER_MESSAGE = 4 << 20
+log = logging.getLogger("clusterrep.history")
 KINDS = ("marks", "pin", "unpin", "resolve", "entries", "content", "read", "extents", "digests")
 MAX_READ = 4 << 20
 
@@ -62,6 +65,9 @@ class _Session:
             getattr(self, "_" + msg["t"])(conn, msg)
         except ClusterrepError as exc:
             conn.send({"t": "error", "message": str(exc), "code": exc.exit_code})
+        except (OSError, sqlite3.Error, OverflowError, ValueError) as exc:  # (the replica goes on)
+            log.error("history request %s failed: %r", msg.get("t"), exc)
+            conn.send({"t": "error", "message": f"the replica could not answer: {exc}", "code": 2})
 
     def _marks(self, conn: wire.Connection, msg: dict[str, Any]) -> None:
         rec = self._recorder()
@@ -147,6 +153,6 @@ def session(recorder: Recorder | None) -> _Session:
 
 
 def _int(value: Any, what: str) -> int:
-    if type(value) is not int or value < 0:
-        raise ClusterrepError(f"{what} must be a non-negative integer, not {value!r:.40}")
+    if type(value) is not int or not 0 <= value < 1 << 63:
+        raise ClusterrepError(f"{what} must be an integer from 0 to 2**63-1, not {value!r:.40}")
     return value

@@ -40,6 +40,7 @@ import logging
 import os
 import shutil
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,15 @@ CREATE TABLE IF NOT EXISTS marks(gseq INTEGER PRIMARY KEY, kind TEXT NOT NULL, p
     origin TEXT NOT NULL, received_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS pins(name TEXT PRIMARY KEY, gseq INTEGER NOT NULL);
 """
+
+
+@dataclass
+class Pruned:
+    """What a prune let go: kept files (fids) and undo segments to remove once committed."""
+
+    objects: list[int]
+    segments: list[int]
+    bytes: int
 
 
 class Store:
@@ -216,8 +226,9 @@ class Store:
                 total += os.stat(self.root / f"history.db{suffix}").st_size
         return total
 
-    def prune(self, window: int) -> int:
-        """Forget what only restores marks before ``window``; the number of undo bytes freed."""
+    def prune(self, window: int) -> Pruned:
+        """Forget what only restores marks before ``window`` (not committed: the caller commits,
+        then `drop`s the files the returned `Pruned` names)."""
         db = self.db
         db.execute("DELETE FROM undo WHERE k <= ?", (window,))
         db.execute("DELETE FROM names WHERE died <= ?", (window,))
@@ -233,17 +244,19 @@ class Store:
             "SELECT seg, bytes FROM segments WHERE max_k <= ? AND seg < ?", (window, self._seg))]
         db.executemany("DELETE FROM segments WHERE seg=?", ((s,) for s, _ in segs))
         self.put("window", window)
-        db.commit()
-        for fid in kept:
+        return Pruned(kept, [s for s, _ in segs], sum(b for _, b in segs))
+
+    def drop(self, pruned: Pruned) -> None:
+        """Remove the files of a committed prune (a crash before leaves them to `_recover`)."""
+        for fid in pruned.objects:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(str(fid), dir_fd=self.objects_fd)
-        for seg, _ in segs:
+        for seg in pruned.segments:
             fd = self._read_fds.pop(seg, None)
             if fd is not None:
                 os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 (self.undo_dir / f"{seg:08d}.undo").unlink()
-        return sum(b for _, b in segs)
 
     def clear(self) -> None:
         """Forget the whole history (tables, segments, kept files)."""

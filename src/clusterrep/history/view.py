@@ -89,26 +89,29 @@ class Marks:
 
     def list(self, *, path: str | None = None, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
         """Restore points oldest first (``gseq > after``), at most ``limit``."""
-        with self.rec.lock:
-            low, high = self._bounds()
-            rows = self.rec.db.execute(
-                "SELECT gseq, kind, paths, origin, received_at FROM marks WHERE gseq >= ? AND gseq <= ? "
-                "AND gseq > ? ORDER BY gseq LIMIT ?", (low, high, after, limit if path is None else
-                                                      max(limit, 10000))).fetchall()
-            pins = dict(self.rec.db.execute("SELECT gseq, name FROM pins"))
-        out = []
-        for gseq, kind, paths, origin, received_at in rows:
-            names = json.loads(paths)
-            if path is not None and not any(p == path or p.startswith(path + "/") or path == ""
-                                            for p in names):
-                continue
-            item = {"gseq": gseq, "kind": kind, "paths": names, "origin": origin,
-                    "received_at": iso(received_at)}
-            if gseq in pins:
-                item["pin"] = pins[gseq]
-            out.append(item)
-            if len(out) >= limit:
-                break
+        out: list[dict[str, Any]] = []
+        while len(out) < limit:
+            with self.rec.lock:
+                low, high = self._bounds()
+                rows = self.rec.db.execute(
+                    "SELECT gseq, kind, paths, origin, received_at FROM marks WHERE gseq >= ? AND "
+                    "gseq <= ? AND gseq > ? ORDER BY gseq LIMIT ?", (low, high, after, 10000)).fetchall()
+                pins = dict(self.rec.db.execute("SELECT gseq, name FROM pins"))
+            if not rows:
+                return out
+            after = rows[-1][0]
+            for gseq, kind, paths, origin, received_at in rows:
+                names = json.loads(paths)
+                if path is not None and path != "" and not any(
+                        p == path or p.startswith(path + "/") for p in names):
+                    continue
+                item = {"gseq": gseq, "kind": kind, "paths": names, "origin": origin,
+                        "received_at": iso(received_at)}
+                if gseq in pins:
+                    item["pin"] = pins[gseq]
+                out.append(item)
+                if len(out) >= limit:
+                    break
         return out
 
     def check(self, gseq: int) -> int:
@@ -147,13 +150,14 @@ class Marks:
         row = self.rec.db.execute("SELECT gseq FROM pins WHERE name=?", (name,)).fetchone()
         if row is None:
             raise MarkNotRestorable(f"no restore point is pinned as {name!r}",
-                                    hint="`clusterrep marks --json` shows the pins")
+                                    hint="`clusterrep marks` shows the pins ([pinned: NAME])")
         return self.check(int(row[0]))
 
     def pin(self, gseq: int, name: str) -> None:
         """Keep restore point ``gseq`` past the retention window, as ``name``."""
         if not name or len(name) > 200 or not name.isprintable():
-            raise MarkNotRestorable(f"pin name {name!r} must be 1..200 printable characters")
+            raise MarkNotRestorable(f"pin name {name!r} must be 1..200 printable characters",
+                                    hint="name it like before-upgrade-2026-11-30")
         with self.rec.lock:
             self.check(gseq)
             taken = self.rec.db.execute("SELECT gseq FROM pins WHERE name=?", (name,)).fetchone()
@@ -161,15 +165,16 @@ class Marks:
                 raise MarkNotRestorable(f"pin {name!r} already keeps g{taken[0]}",
                                         hint="unpin it first, or choose another name")
             self.rec.db.execute("INSERT OR REPLACE INTO pins(name, gseq) VALUES(?, ?)", (name, gseq))
-            self.rec.store.commit()
+            self.rec.commit()
 
     def unpin(self, name: str) -> int:
         with self.rec.lock:
             gseq = self.rec.db.execute("SELECT gseq FROM pins WHERE name=?", (name,)).fetchone()
             if gseq is None:
-                raise MarkNotRestorable(f"no restore point is pinned as {name!r}")
+                raise MarkNotRestorable(f"no restore point is pinned as {name!r}",
+                                        hint="`clusterrep marks` shows the pins ([pinned: NAME])")
             self.rec.db.execute("DELETE FROM pins WHERE name=?", (name,))
-            self.rec.store.commit()
+            self.rec.commit()
         return int(gseq[0])
 
 
