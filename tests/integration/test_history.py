@@ -300,3 +300,41 @@ def test_retention_by_size_prunes_the_oldest_and_a_replica_killed_meanwhile_rest
     gone = points["m0"]["gseq"]
     r = cli(c, "restore", "--mark", str(gone), "--to", str(workdir / "gone"), check=False)
     assert r.returncode == 1 and "window" in r.stderr
+
+
+def test_a_full_history_disk_prunes_the_oldest_raises_an_alarm_and_applying_goes_on(
+        workdir: Path, clusters: list[LocalCluster]) -> None:
+    state = workdir / "replica-state"
+    (state / "history").mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=14m", "tmpfs", str(state / "history")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, f"cannot mount a small tmpfs (needs root): {r.stderr}"
+    try:
+        c = LocalCluster(workdir / "c", replica_args=["--retain", "1h"], replica_state=state)
+        clusters.append(c)
+        c.start()
+        mnt = c.mount("h1")
+        (mnt / "markers").mkdir()
+        (mnt / "disk.img").write_bytes(os.urandom(16 * MIB))
+        refs = workdir / "refs"
+        points = {}
+        for i in range(4):  # each round's undo is 4 MiB: the fourth cannot fit beside the first
+            points[f"m{i}"] = quiet_point(c, f"m{i}", refs)
+            with open(mnt / "disk.img", "r+b") as f:
+                f.seek(i * 4 * MIB)
+                f.write(os.urandom(4 * MIB))
+        points["m4"] = quiet_point(c, "m4", refs)
+        assert rsync_differences(c.volume, c.target) == ""  # applying went on
+        status = json.loads(subprocess.run(
+            [sys.executable, "-m", "clusterrep", "status", "--json", "--replica", c.replica_addr,
+             "--token-file", str(c.token_file)], capture_output=True, text=True, check=True).stdout)
+        assert "history disk full" in (status["history"]["alarm"] or "")
+        listed = {m["gseq"] for m in marks(c)}
+        assert points["m0"]["gseq"] not in listed and points["m4"]["gseq"] in listed
+        for name in ("m3", "m4"):
+            out = workdir / f"restored-{name}"
+            cli(c, "restore", "--mark", str(points[name]["gseq"]), "--to", str(out), "--quiet")
+            same(refs / name, out)
+        c.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(state / "history")], check=False)

@@ -123,6 +123,7 @@ class Recorder:
         pos = store.get("position")
         self.db_position = Position.from_json(pos) if pos else Position()
         self.syncing = bool(store.get("syncing", False))  # inside a sync this replica needed
+        self.off: str | None = None  # why recording stopped for this process's life
         self.in_sync: int | None = store.get("in_sync")  # gseq of an open sync the history spans
         self.sync_mode: str | None = store.get("sync_mode")  # its mode (sync, verify, repair, files)
         self._current = 0  # key of the metadata event being applied
@@ -286,8 +287,11 @@ class Recorder:
                     raise
                 if not self._prune_oldest():
                     raise
+                self.store.release_reserve()  # (room for the commit that frees the room)
+                self.commit()  # (the pruned files go now: their space is what this needs)
+                self.store.make_reserve()
                 self._raise_alarm(f"history disk full: the oldest restore points were pruned early "
-                                  f"({exc.strerror})")
+                                  f"({exc.strerror}); restore points from g{self.window} on remain")
 
     def _bound(self, more: int) -> None:
         """Keep the history within ``retain_size`` with ``more`` bytes to come: prune the
@@ -378,7 +382,7 @@ class Recorder:
         """Version the names and attributes ``ev`` changed; record its mark."""
         self._live = position
         if not self.active:
-            if (isinstance(ev, SyncEnd) and self.syncing) or not self.syncing:
+            if self.off is None and ((isinstance(ev, SyncEnd) and self.syncing) or not self.syncing):
                 self._start(ev, position, "synchronisation ended" if self.syncing else "start")
             return
         if self._in_db(ev, position):
@@ -499,19 +503,21 @@ class Recorder:
         if alarm:
             self._raise_alarm(why)
         self.commit()
+        self.store.make_reserve()
 
     def broken(self, exc: BaseException) -> None:
         """A fault of the history's own: drop it (the target goes on), start again later."""
         at = self.db_position.gseq
         try:
             self.db.rollback()
+            self.store.release_reserve()  # (dropping the history needs a little room: a full disk)
             self.gap(f"recording failed ({exc}); restore points before this were dropped and a new "
                      "history starts at the next mark", at)
         except HISTORY_FAULTS as again:
             log.critical("history: cannot even drop the history after a fault (%s); it stays "
                          "off until the replica restarts: %s", exc, again)
             self.base = None
-            self.syncing = True  # (nothing starts it again in this process)
+            self.off = f"off after a fault it could not recover from: {again}"
 
     def _raise_alarm(self, why: str) -> None:
         self.alarm = why

@@ -51,6 +51,7 @@ log = logging.getLogger("clusterrep.history")
 
 ALIVE = 1 << 62
 SEGMENT_BYTES = 64 << 20
+RESERVE = 1 << 20  # bytes kept free for the commit of a prune on a full disk
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -126,6 +127,7 @@ class Store:
         self._seg_bytes = 0
         self._read_fds: dict[int, int] = {}
         self._recover()
+        self.make_reserve()
 
     # -- meta --------------------------------------------------------------------------------
 
@@ -200,6 +202,25 @@ class Store:
         if len(data) != length:
             raise HistoryError(f"undo segment {seg} is shorter than its rows say ({pos}+{length})")
         return data
+
+    # -- room for the commit that frees room --------------------------------------------------
+
+    def make_reserve(self) -> None:
+        """Keep ``RESERVE`` bytes of the disk in a file, so that on a full disk the commit of a
+        prune (which needs room in the database's log before it frees any) can still be made."""
+        path = self.root / "reserve"
+        if path.exists():
+            return
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.pwrite(fd, bytes(RESERVE), 0)
+            finally:
+                os.close(fd)
+
+    def release_reserve(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / "reserve").unlink()
 
     # -- objects -----------------------------------------------------------------------------
 

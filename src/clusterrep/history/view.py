@@ -80,7 +80,8 @@ class Marks:
     def _bounds(self) -> tuple[int, int]:
         rec = self.rec
         if not rec.active:
-            why = ("a synchronisation this replica needed is running; restore points start when it "
+            why = (f"the history is {rec.off} (see the replica's log)" if rec.off else
+                   "a synchronisation this replica needed is running; restore points start when it "
                    "ends" if rec.syncing else "the replica keeps no history (start it with --retain)"
                    if rec.retain is None and rec.retain_size is None else
                    "the history starts at the next mark")

@@ -99,8 +99,11 @@ class ReplicaService:
         self.applier.sync = self.sync
         self.history: Recorder | None = None
         if history is not None:
-            segment = SEGMENT_BYTES if history.retain_size is None else \
-                max(1 << 20, min(SEGMENT_BYTES, history.retain_size // 16))
+            # undo segments are pruned whole: a small bound or a small disk wants small ones
+            (self.state / "history").mkdir(parents=True, exist_ok=True)
+            room = os.statvfs(self.state / "history")
+            bound = min(history.retain_size or 1 << 62, room.f_blocks * room.f_frsize)
+            segment = max(1 << 20, min(SEGMENT_BYTES, bound // 16))
             self.history = Recorder(Store(self.state / "history", segment_bytes=segment), self.applier.target,
                                     retain=history.retain, retain_size=history.retain_size)
             self.applier.history = self.history
