@@ -15,30 +15,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from test_sync import MIB, rsync_differences, settled
 
-from clusterrep.capture.check import check_fuse
 from clusterrep.errors import ClusterrepError
 from clusterrep.localcluster import LocalCluster
 from clusterrep.timing import pause
-
-
-@pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    check_fuse()
-    return tmp_path
-
-
-@pytest.fixture
-def clusters() -> Iterator[list[LocalCluster]]:
-    made: list[LocalCluster] = []
-    yield made
-    for c in made:
-        c.stop()
 
 
 def test_members_of_an_older_generation_are_refused(workdir: Path, clusters: list[LocalCluster]) -> None:

@@ -16,29 +16,12 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from test_sync import MIB, populate, rsync_differences, settled
 
-from clusterrep.capture.check import check_fuse
 from clusterrep.localcluster import LocalCluster
 from clusterrep.verify import compare_trees
-
-
-@pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    check_fuse()
-    return tmp_path
-
-
-@pytest.fixture
-def clusters() -> Iterator[list[LocalCluster]]:
-    made: list[LocalCluster] = []
-    yield made
-    for c in made:
-        c.stop()
 
 
 def cli(c: LocalCluster, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

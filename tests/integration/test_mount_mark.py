@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -20,26 +19,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_sync import MIB, populate, rsync_differences, settled
+from test_history import cli, marks, quiet_point, same
+from test_sync import MIB, populate, settled
 
-from clusterrep.capture.check import check_fuse, mounted_here
+from clusterrep.capture.check import mounted_here
 from clusterrep.localcluster import LocalCluster, free_port
 from clusterrep.timing import pause
 from clusterrep.verify import compare_trees
-
-
-@pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    check_fuse()
-    return tmp_path
-
-
-@pytest.fixture
-def clusters() -> Iterator[list[LocalCluster]]:
-    made: list[LocalCluster] = []
-    yield made
-    for c in made:
-        c.stop()
 
 
 @pytest.fixture
@@ -58,43 +44,6 @@ def mounts() -> Iterator[list[tuple[subprocess.Popen[bytes], Path]]]:
                 proc.wait(timeout=30)
         if mounted_here(str(mnt)) is not None:
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, capture_output=True)
-
-
-def cli(c: LocalCluster, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([sys.executable, "-m", "clusterrep", *args, "--replica", c.replica_addr,
-                        "--token-file", str(c.token_file)], capture_output=True, text=True, timeout=300)
-    if check:
-        assert r.returncode == 0, f"clusterrep {' '.join(args)}: {r.returncode}\n{r.stdout}\n{r.stderr}"
-    return r
-
-
-def marks(c: LocalCluster, *args: str) -> list[dict]:
-    return json.loads(cli(c, "marks", "--json", *args).stdout)
-
-
-def mark_of(c: LocalCluster, marker: str) -> dict:
-    found = [m for m in marks(c, "--path", marker) if m["kind"] == "create"]
-    assert len(found) == 1, found
-    return found[0]
-
-
-def quiet_point(c: LocalCluster, name: str, refs: Path) -> dict:
-    """Everyone is quiet: create a marker, let the replica catch up, copy the volume aside."""
-    settled(c)
-    (c.mount("h1") / "markers" / name).write_text("")
-    settled(c)
-    ref = refs / name
-    refs.mkdir(exist_ok=True)
-    subprocess.run(["cp", "-a", "--sparse=always", f"{c.volume}/.", f"{ref}/"], check=True)
-    return mark_of(c, f"markers/{name}")
-
-
-def same(ref: Path, out: Path) -> None:
-    """``out`` is ``ref``: rsync's judgement (names, owners, modes, xattrs, links, times) and
-    every byte (rsync's quick check looks at sizes and times only)."""
-    assert rsync_differences(ref, out) == ""
-    diffs = list(compare_trees(ref, out))
-    assert not diffs, "\n".join(map(str, diffs[:20]))
 
 
 def wait_for(what: str, done: Callable[[], bool], timeout: float = 60) -> None:

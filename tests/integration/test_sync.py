@@ -22,12 +22,10 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from clusterrep.capture.check import check_fuse
 from clusterrep.localcluster import LocalCluster
 from clusterrep.timing import pause
 
@@ -80,20 +78,6 @@ def settled(c: LocalCluster, timeout: float = 180) -> dict:
     diffs = c.verify()
     assert not diffs, "\n".join(map(str, diffs[:20]))
     return status
-
-
-@pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    check_fuse()
-    return tmp_path
-
-
-@pytest.fixture
-def clusters() -> Iterator[list[LocalCluster]]:
-    made: list[LocalCluster] = []
-    yield made
-    for c in made:
-        c.stop()
 
 
 def test_a_coordinator_started_on_a_populated_volume_fills_an_empty_replica(
