@@ -195,11 +195,7 @@ class Applier:
                 self.checkpoint()
             if self.fault is not None:
                 self.fault(ev)
-            try:
-                self._apply_one(ev)
-            except OSError as exc:
-                raise ApplyError(f"applying {describe(ev)} failed: {exc}",
-                                 errno=exc.errno or 5) from None
+            self._apply_checked(ev)
             position.advance(ev)
             self._since += 1
             if barrier or self._since >= self.checkpoint_every:
@@ -257,11 +253,7 @@ class Applier:
             for ev in staged:
                 if self.fault is not None:
                     self.fault(ev)
-                try:
-                    self._apply_one(ev)
-                except OSError as exc:
-                    raise ApplyError(f"applying {describe(ev)} failed: {exc}",
-                                     errno=exc.errno or 5) from None
+                self._apply_checked(ev)
                 position.advance(ev)
                 if history.active:
                     try:
@@ -287,11 +279,7 @@ class Applier:
                 history.before_meta(ev, position, self.replaying)
             except HISTORY_FAULTS as exc:
                 history.broken(exc)
-            try:
-                self._apply_one(ev)
-            except OSError as exc:
-                raise ApplyError(f"applying {describe(ev)} failed: {exc}",
-                                 errno=exc.errno or 5) from None
+            self._apply_checked(ev)
             position.advance(ev)
             try:
                 history.after_meta(ev, position, self.replaying)
@@ -302,6 +290,13 @@ class Applier:
             self.checkpoint()
         if barrier:
             self.replaying = False
+
+    def _apply_checked(self, ev: Event) -> None:
+        """`_apply_one`, a failure of the target raised as `ApplyError` naming the event."""
+        try:
+            self._apply_one(ev)
+        except OSError as exc:
+            raise ApplyError(f"applying {describe(ev)} failed: {exc}", errno=exc.errno or 5) from None
 
     def _apply_one(self, ev: Event) -> None:
         t = self.target
