@@ -272,9 +272,7 @@ def test_retention_by_size_prunes_the_oldest_and_a_replica_killed_meanwhile_rest
     listed = {m["gseq"] for m in marks(c)}
     kept = [name for name, m in points.items() if m["gseq"] in listed]
     assert "m0" not in kept and "m7" in kept, kept  # the oldest went first
-    status = json.loads(subprocess.run(
-        [sys.executable, "-m", "clusterrep", "status", "--json", "--replica", c.replica_addr,
-         "--token-file", str(c.token_file)], capture_output=True, text=True, check=True).stdout)
+    status = c.status()
     assert status["history"]["bytes"] <= 24 * MIB
     for name in kept:
         out = workdir / f"restored-{name}"
@@ -308,9 +306,7 @@ def test_a_full_history_disk_prunes_the_oldest_raises_an_alarm_and_applying_goes
                 f.write(os.urandom(4 * MIB))
         points["m4"] = quiet_point(c, "m4", refs)
         assert rsync_differences(c.volume, c.target) == ""  # applying went on
-        status = json.loads(subprocess.run(
-            [sys.executable, "-m", "clusterrep", "status", "--json", "--replica", c.replica_addr,
-             "--token-file", str(c.token_file)], capture_output=True, text=True, check=True).stdout)
+        status = c.status()
         assert "history disk full" in (status["history"]["alarm"] or "")
         listed = {m["gseq"] for m in marks(c)}
         assert points["m0"]["gseq"] not in listed and points["m4"]["gseq"] in listed

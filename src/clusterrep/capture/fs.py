@@ -344,22 +344,12 @@ class CaptureFS:
         size, _ = k.GETXATTR_IN.unpack_from(body)
         name = k.names(body[k.GETXATTR_IN.size:], 1)[0]
         value = os.getxattr(self.inodes.get(hdr.nodeid).proc, name)  # (the inode itself)
-        return self._sized(value, size)
+        return k.xattr_reply(value, size)
 
     def listxattr(self, hdr: k.Header, body: memoryview) -> bytes:
         size, _ = k.GETXATTR_IN.unpack_from(body)
         names = os.listxattr(self.inodes.get(hdr.nodeid).proc)
-        return self._sized(b"".join(os.fsencode(n) + b"\0" for n in names), size)
-
-    @staticmethod
-    def _sized(value: bytes, size: int) -> bytes:
-        """A getxattr/listxattr answer: the size alone when asked with size 0, else the value
-        (ERANGE if it does not fit)."""
-        if size == 0:
-            return k.GETXATTR_OUT.pack(len(value), 0)
-        if len(value) > size:
-            raise OSError(errno.ERANGE, "buffer too small")
-        return value
+        return k.xattr_reply(b"".join(os.fsencode(n) + b"\0" for n in names), size)
 
     # -- files -------------------------------------------------------------------------------
 

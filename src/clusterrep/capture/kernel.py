@@ -9,6 +9,7 @@ by the reply struct. Node ids are the kernel's handles for inodes; 1 is the root
 
 from __future__ import annotations
 
+import errno
 import struct
 from typing import NamedTuple
 
@@ -149,3 +150,13 @@ def pack_dirent(ino: int, off: int, name: bytes, dtype: int) -> bytes:
     """One ``fuse_dirent`` record, padded to 8 bytes; ``off`` is where the next read resumes."""
     rec = DIRENT.pack(ino, off, len(name), dtype) + name
     return rec + b"\0" * (-len(rec) % 8)
+
+
+def xattr_reply(value: bytes, size: int) -> bytes:
+    """A getxattr/listxattr answer: the size alone when asked with size 0, else the value
+    (``ERANGE`` if it does not fit in ``size``)."""
+    if size == 0:
+        return GETXATTR_OUT.pack(len(value), 0)
+    if len(value) > size:
+        raise OSError(errno.ERANGE, "buffer too small")
+    return value

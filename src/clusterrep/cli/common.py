@@ -160,3 +160,25 @@ def nonempty(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
     return text
+
+
+def add_mark_choice(p: argparse.ArgumentParser) -> None:
+    """--mark | --time | --latest | --name: which restore point (one is required)."""
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--mark", type=gseq, metavar="GSEQ", help="the restore point with this gseq")
+    which.add_argument("--time", type=nonempty, metavar="ISO8601",
+                       help="the newest restore point the replica received at or before this "
+                            "time (its clock; e.g. 2026-11-30T14:05:00Z)")
+    which.add_argument("--latest", action="store_true", help="the newest restore point")
+    which.add_argument("--name", type=nonempty, metavar="NAME", help="the restore point pinned as NAME")
+
+
+def mark_choice(args: argparse.Namespace) -> dict[str, Any]:
+    """The chosen restore point as the replica's ``resolve`` request takes it."""
+    if args.mark is not None:
+        return {"mark": args.mark}
+    if args.time is not None:
+        return {"time": args.time}
+    if args.name is not None:
+        return {"name": args.name}
+    return {"latest": True}

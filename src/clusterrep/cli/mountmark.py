@@ -8,7 +8,7 @@ import argparse
 from ..capture.check import check_fuse
 from ..history.client import HistoryClient
 from ..history.mount import ClientPool, MarkFS, check_mountpoint, serve
-from .common import add_auth, add_verbose, auth, gseq, nonempty, peer_address, setup_logging
+from .common import add_auth, add_mark_choice, add_verbose, auth, mark_choice, peer_address, setup_logging
 
 DESCRIPTION = """\
 Mount the volume as it was right after a mark at MOUNTPOINT (an empty directory),
@@ -42,13 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description=DESCRIPTION)
     p.add_argument("--replica", required=True, type=peer_address, metavar="HOST:PORT")
     add_auth(p)
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--mark", type=gseq, metavar="GSEQ", help="the restore point with this gseq")
-    which.add_argument("--time", type=nonempty, metavar="ISO8601",
-                       help="the newest restore point the replica received at or before this "
-                            "time (its clock; e.g. 2026-11-30T14:05:00Z)")
-    which.add_argument("--latest", action="store_true", help="the newest restore point")
-    which.add_argument("--name", type=nonempty, metavar="NAME", help="the restore point pinned as NAME")
+    add_mark_choice(p)
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory to mount it at")
     add_verbose(p)
     p.set_defaults(func=main)
@@ -57,8 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def main(args: argparse.Namespace) -> int:
     check_fuse()
     check_mountpoint(args.mountpoint)
-    how = ({"mark": args.mark} if args.mark is not None else {"time": args.time} if args.time is not None
-           else {"name": args.name} if args.name is not None else {"latest": True})
+    how = mark_choice(args)
     creds = auth(args)
     setup_logging(args.verbose)
     first = HistoryClient(args.replica, creds)

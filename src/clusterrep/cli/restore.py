@@ -15,7 +15,7 @@ from ..errors import ClusterrepError
 from ..history.client import PREFETCH_FROM, HistoryClient, prefetched
 from ..history.restore import write_tree
 from ..snapshot import Entry, Kind
-from .common import add_auth, auth, gseq, nonempty, peer_address
+from .common import add_auth, add_mark_choice, auth, mark_choice, peer_address
 
 
 class RestoreRefused(ClusterrepError):
@@ -35,13 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     "keeps applying meanwhile. --to must be empty or not exist.")
     p.add_argument("--replica", required=True, type=peer_address, metavar="HOST:PORT")
     add_auth(p)
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--mark", type=gseq, metavar="GSEQ", help="the restore point with this gseq")
-    which.add_argument("--time", type=nonempty, metavar="ISO8601",
-                       help="the newest restore point the replica received at or before this "
-                            "time (its clock; e.g. 2026-11-30T14:05:00Z)")
-    which.add_argument("--latest", action="store_true", help="the newest restore point")
-    which.add_argument("--name", type=nonempty, metavar="NAME", help="the restore point pinned as NAME")
+    add_mark_choice(p)
     p.add_argument("--to", required=True, metavar="DIR", help="where to write (empty or missing)")
     p.add_argument("--path", action="append", metavar="P",
                    help="restore only P (a file, or a directory and everything under it, as it "
@@ -81,8 +75,7 @@ def main(args: argparse.Namespace) -> int:
     dest = Path(args.to)
     create = _check_dest(dest)
     paths = None if not args.path else [p.strip("/") for p in args.path]
-    how = ({"mark": args.mark} if args.mark is not None else {"time": args.time} if args.time is not None
-           else {"name": args.name} if args.name is not None else {"latest": True})
+    how = mark_choice(args)
     started = time.monotonic()
     with HistoryClient(args.replica, auth(args)) as client:
         gseq, received_at = client.resolve(**how)

@@ -159,16 +159,6 @@ def pack_attr(node: Node, data: int | None = None) -> bytes:
                        e.uid, e.gid, rdev, BLOCK, 0)
 
 
-def _sized(value: bytes, size: int) -> bytes:
-    """A getxattr/listxattr answer: the size alone when asked with size 0, else the value
-    (ERANGE if it does not fit)."""
-    if size == 0:
-        return k.GETXATTR_OUT.pack(len(value), 0)
-    if len(value) > size:
-        raise OSError(errno.ERANGE, "buffer too small")
-    return value
-
-
 def _read_only(hdr: k.Header, body: memoryview) -> None:
     raise OSError(errno.EROFS, "a restore point is read-only")
 
@@ -293,13 +283,13 @@ class MarkFS:
         name = os.fsdecode(k.names(body[k.GETXATTR_IN.size:], 1)[0])
         for key, value in self.node(hdr.nodeid).entry.xattrs:
             if key == name:
-                return _sized(value, size)
+                return k.xattr_reply(value, size)
         raise OSError(errno.ENODATA, "no such attribute")
 
     def listxattr(self, hdr: k.Header, body: memoryview) -> bytes:
         size, _ = k.GETXATTR_IN.unpack_from(body)
         names = b"".join(os.fsencode(key) + b"\0" for key, _ in self.node(hdr.nodeid).entry.xattrs)
-        return _sized(names, size)
+        return k.xattr_reply(names, size)
 
     # -- files -------------------------------------------------------------------------------
 
